@@ -1,0 +1,1 @@
+"""convnext-serve serving side: Ray Serve application, gateway, runtime, metrics and the CLI."""

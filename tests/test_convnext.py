@@ -1,0 +1,142 @@
+"""The ConvNeXt family: sizes and compute as in the paper, API and layouts."""
+
+import pytest
+import timm
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from models import build_model, list_models
+
+# Parameter counts (M) and GMACs at 224 from DESIGN section 2 (the paper's Table 2.1 / 3.3).
+DESIGN_PARAMS = {
+    "convnext_tiny": 28.59,
+    "convnext_small": 50.22,
+    "convnext_base": 88.59,
+    "convnext_large": 197.77,
+    "convnext_xlarge": 350.20,
+    "convnext_iso_small": 22.31,
+    "convnext_iso_base": 87.08,
+    "convnext_iso_large": 305.91,
+}
+# The small CPU variants are timm's definitions; DESIGN lists them rounded to 0.1M.
+SMALL_VARIANTS = {
+    "convnext_atto": 3.7,
+    "convnext_femto": 5.2,
+    "convnext_pico": 9.1,
+    "convnext_nano": 15.6,
+}
+DESIGN_GMACS = {
+    "convnext_tiny": 4.47,
+    "convnext_small": 8.68,
+    "convnext_base": 15.35,
+    "convnext_iso_small": 4.29,
+}
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_every_design_name_is_registered():
+    assert set(DESIGN_PARAMS) | set(SMALL_VARIANTS) <= set(list_models("classify"))
+
+
+@pytest.mark.parametrize("arch", list(DESIGN_PARAMS))
+def test_param_count_matches_paper(arch):
+    with torch.device("meta"):
+        model = build_model(arch)
+    got = n_params(model) / 1e6
+    assert abs(got - DESIGN_PARAMS[arch]) / DESIGN_PARAMS[arch] <= 1e-3, got
+
+
+@pytest.mark.parametrize("arch", list(SMALL_VARIANTS))
+def test_small_variants_match_timm_exactly(arch):
+    with torch.device("meta"):
+        ours, theirs = build_model(arch), timm.create_model(arch)
+    assert n_params(ours) == n_params(theirs)
+    # DESIGN's 0.1M rounding: atto and nano round to it; pico is 9.05M (timm's figure too).
+    assert abs(n_params(ours) / 1e6 - SMALL_VARIANTS[arch]) <= 0.06
+
+
+@pytest.mark.parametrize("arch", list(DESIGN_GMACS))
+def test_gmacs_match_paper(arch):
+    with torch.device("meta"):
+        model = build_model(arch)
+        x = torch.empty(1, 3, 224, 224)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(x)
+    gmacs = counter.get_total_flops() / 2 / 1e9
+    assert abs(gmacs - DESIGN_GMACS[arch]) / DESIGN_GMACS[arch] <= 0.01, gmacs
+
+
+def test_unknown_arch_names_the_known_ones():
+    with pytest.raises(ValueError, match="convnext_tiny"):
+        build_model("convnext_huge")
+
+
+@pytest.mark.parametrize("arch", ["convnext_atto", "convnext_iso_small"])
+def test_channels_last_gives_the_same_logits(arch):
+    model = build_model(arch, num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        ref = model(x)
+        model = model.to(memory_format=torch.channels_last)
+        out = model(x.contiguous(memory_format=torch.channels_last))
+    assert out.shape == (2, 10)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_timm_style_feature_and_head_api():
+    model = build_model("convnext_atto", num_classes=7).eval()
+    x = torch.randn(1, 3, 64, 64)
+    feats = model.forward_features(x)
+    assert feats.shape == (1, 320, 2, 2)
+    assert model.forward_head(feats, pre_logits=True).shape == (1, 320)
+    torch.testing.assert_close(model.forward_head(feats), model(x))
+    model.reset_classifier(3, head_init_scale=0.001)
+    assert model(x).shape == (1, 3)
+    assert 0.015e-3 < model.head.weight.std() < 0.025e-3  # std .02, times 0.001
+
+
+def test_features_only_gives_four_normed_stages():
+    model = build_model("convnext_atto", features_only=True).eval()
+    assert not hasattr(model, "head")
+    outs = model(torch.randn(1, 3, 128, 96))
+    assert [o.shape[1] for o in outs] == model.out_channels == [40, 80, 160, 320]
+    assert [(o.shape[2], o.shape[3]) for o in outs] == [(32, 24), (16, 12), (8, 6), (4, 3)]
+    assert {"norm0.weight", "norm3.bias"} <= set(model.state_dict())
+    for o in outs:  # each output passes its own LayerNorm: ~zero mean over channels
+        assert o.mean(1).abs().max() < 1e-4
+
+
+def test_layer_scale_and_init_follow_the_paper():
+    model = build_model("convnext_tiny", drop_path_rate=0.1, head_init_scale=0.5)
+    blocks = [b for stage in model.stages for b in stage]
+    assert all(torch.all(b.gamma == 1e-6) for b in blocks)
+    # stochastic depth rates rise linearly from 0 over all 18 blocks
+    rates = [b.drop_path.p if b.drop_path is not None else 0.0 for b in blocks]
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.1)
+    assert rates == sorted(rates)
+    w = model.stages[0][0].pwconv1.weight
+    assert 0.019 < w.std() < 0.021  # truncated normal, std .02, as upstream
+    assert 0.009 < model.head.weight.std() < 0.011  # scaled by head_init_scale 0.5
+    assert torch.all(model.head.bias == 0)
+
+
+def test_isotropic_layer_scale_defaults():
+    assert build_model("convnext_iso_small").blocks[0].gamma is None
+    with torch.device("meta"):
+        assert build_model("convnext_iso_large").blocks[0].gamma is not None
+
+
+def test_drop_path_is_active_only_in_training():
+    model = build_model("convnext_atto", num_classes=5, drop_path_rate=0.5)
+    x = torch.randn(4, 3, 64, 64)
+    model.train()
+    a, b = model(x), model(x)
+    assert not torch.allclose(a, b)
+    model.eval()
+    torch.testing.assert_close(model(x), model(x))
+    a.sum().backward()  # the training path is differentiable
+    assert model.stages[0][0].gamma.grad is not None

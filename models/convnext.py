@@ -38,6 +38,27 @@ ISOTROPIC_CONFIGS: dict[str, tuple[int, int, float]] = {
 }
 
 
+def _has_onednn_linear() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+# oneDNN's Linear with a fused GELU (the kernel Inductor uses on CPU). For fp32 CPU inference it
+# is 2-4x faster than ATen's addmm, which goes through MKL's sgemm and on AMD CPUs gets no AVX-512.
+_ONEDNN_LINEAR = _has_onednn_linear()
+
+
+def _onednn_mlp_dtype(y: torch.Tensor) -> torch.dtype | None:
+    """The dtype for the fused oneDNN MLP, or None to run the plain modules.
+
+    Only CPU inference (no autograd) in fp32, bf16, or under bf16 autocast, where the fused GELU
+    also saves the casts and the separate GELU pass that autocast's per-op kernels pay.
+    """
+    if not _ONEDNN_LINEAR or y.device.type != "cpu" or torch.is_grad_enabled():
+        return None
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else y.dtype
+    return dtype if dtype in (torch.float32, torch.bfloat16) else None
+
+
 class LayerNorm2d(nn.LayerNorm):
     """LayerNorm over the channels of an NCHW tensor (the official `channels_first` LayerNorm)."""
 
@@ -65,8 +86,15 @@ class Block(nn.Module):
         self.drop_path = StochasticDepth(drop_path, "row") if drop_path > 0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.dwconv(x).permute(0, 2, 3, 1)  # NHWC: a view when x is channels_last
-        y = self.pwconv2(self.act(self.pwconv1(self.norm(y))))
+        y = self.norm(self.dwconv(x).permute(0, 2, 3, 1))  # NHWC: a view for channels_last x
+        dtype = _onednn_mlp_dtype(y)
+        if dtype is not None:
+            fc1, fc2 = self.pwconv1, self.pwconv2
+            linear = torch.ops.mkldnn._linear_pointwise
+            y = linear(y.to(dtype), fc1.weight.to(dtype), fc1.bias.to(dtype), "gelu", [], "none")
+            y = linear(y, fc2.weight.to(dtype), fc2.bias.to(dtype), "none", [], "")
+        else:
+            y = self.pwconv2(self.act(self.pwconv1(y)))
         if self.drop_path is None and self.gamma is not None:
             # x + gamma * y in one fused kernel, computed in the NHWC view of x.
             return torch.addcmul(x.permute(0, 2, 3, 1), y, self.gamma).permute(0, 3, 1, 2)

@@ -140,3 +140,17 @@ def test_drop_path_is_active_only_in_training():
     torch.testing.assert_close(model(x), model(x))
     a.sum().backward()  # the training path is differentiable
     assert model.stages[0][0].gamma.grad is not None
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_cpu_inference_fast_path_matches_the_plain_modules(autocast):
+    """Under inference_mode the block MLP runs fused in oneDNN; autograd mode runs nn.Linear."""
+    from .conftest import perturb_, rel_max_diff
+
+    model = perturb_(build_model("convnext_atto", num_classes=10)).eval()
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        plain = model(x).float()  # grad enabled: the plain nn.Linear + nn.GELU path
+        with torch.inference_mode():
+            fused = model(x).float()
+    assert rel_max_diff(fused, plain) <= (2e-2 if autocast else 1e-5)

@@ -141,6 +141,35 @@ def load_checkpoint(
     return model.to(device).eval(), meta
 
 
+def init_backbone(model: nn.Module, classifier: str | os.PathLike) -> list[str]:
+    """Load a classification checkpoint's stem and stages into a dense model's ConvNeXt backbone.
+
+    The paper's path: ImageNet pre-training, then detection/segmentation fine-tuning. The
+    classifier's pooling norm and head are left out, and so are the dense model's per-stage
+    norms and heads, which start fresh. Returns the backbone keys that were loaded.
+    """
+    from .convnext import ConvNeXt
+
+    path = Path(classifier)
+    meta = read_checkpoint_meta(path)
+    if meta.task != "classify":
+        raise CheckpointError(path, f"a {meta.task} checkpoint cannot initialise a backbone")
+    backbone = next((m for m in model.modules() if isinstance(m, ConvNeXt)), None)
+    if backbone is None:
+        raise ValueError(f"{type(model).__name__} has no ConvNeXt backbone")
+    tensors = {
+        k: v
+        for k, v in _read_tensors(path).items()
+        if k.startswith(("downsample_layers.", "stages."))
+    }
+    expected = {k: v for k, v in backbone.state_dict().items() if not k.startswith("norm")}
+    problem = state_dict_mismatch(expected, tensors)
+    if problem:
+        raise CheckpointError(path, f"backbone of {meta.arch} does not fit this model: {problem}")
+    backbone.load_state_dict(tensors, strict=False)
+    return sorted(tensors)
+
+
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     # safe_open checks the header's offsets against the file size, so truncation is caught here.
     with safe_open(path, framework="pt") as f:

@@ -1,0 +1,154 @@
+"""Mask R-CNN on a ConvNeXt + FPN backbone (the paper's COCO detection setup), on torchvision.
+
+`build_model("maskrcnn_convnext_tiny", num_classes=N)`: N real classes (background is added
+inside), torchvision's `MaskRCNN` with the ConvNeXt features-only backbone's four normed stage
+outputs into torchvision's FPN (256 channels, plus the max-pool level). Images go in as float
+RGB in [0, 1]; the model normalises them itself (on its device) with `image_mean`/`image_std`.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.transform import resize_boxes
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from .checkpoint import IMAGENET_MEAN, IMAGENET_STD
+from .convnext import CONVNEXT_CONFIGS, ConvNeXt
+from .images import to_float_images
+from .masks import paste_masks_rle
+from .registry import register_model
+
+
+class ConvNeXtFPN(nn.Module):
+    """ConvNeXt stage outputs (strides 4..32, each LayerNorm-ed) through an FPN.
+
+    `body` is a `ConvNeXt(features_only=True)`, so its keys are the classifier's
+    (`body.stages.0.0.dwconv.weight`, ...) plus `body.norm0..3`: a classification checkpoint's
+    weights load into it directly.
+    """
+
+    def __init__(self, body: ConvNeXt, out_channels: int = 256):
+        super().__init__()
+        self.body = body
+        self.fpn = FeaturePyramidNetwork(
+            body.out_channels, out_channels, extra_blocks=LastLevelMaxPool()
+        )
+        self.out_channels = out_channels
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        feats = self.body(x)
+        return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(feats)))
+
+
+def maskrcnn_convnext(
+    arch: str,
+    num_classes: int = 80,
+    min_size: int = 800,
+    max_size: int = 1333,
+    drop_path_rate: float = 0.0,
+    image_mean: Sequence[float] = IMAGENET_MEAN,
+    image_std: Sequence[float] = IMAGENET_STD,
+    **kw,
+) -> MaskRCNN:
+    """Mask R-CNN with a ConvNeXt-`arch` + FPN backbone; extra `kw` go to torchvision's MaskRCNN."""
+    depths, dims = CONVNEXT_CONFIGS[arch]
+    body = ConvNeXt(depths=depths, dims=dims, drop_path_rate=drop_path_rate, features_only=True)
+    model = MaskRCNN(
+        ConvNeXtFPN(body),
+        num_classes=num_classes + 1,
+        min_size=min_size,
+        max_size=max_size,
+        image_mean=list(image_mean),
+        image_std=list(image_std),
+        **kw,
+    )
+    return model
+
+
+def _register(arch: str) -> None:
+    def build(num_classes: int = 80, **kw) -> MaskRCNN:
+        return maskrcnn_convnext(arch, num_classes=num_classes, **kw)
+
+    build.__doc__ = f"Mask R-CNN, {arch} + FPN backbone."
+    register_model(f"maskrcnn_{arch}", task="detect")(build)
+
+
+for _arch in CONVNEXT_CONFIGS:
+    _register(_arch)
+
+
+@dataclass
+class Detections:
+    """One image's detections, in the pixel coordinates of the requested output size."""
+
+    height: int
+    width: int
+    boxes: np.ndarray  # (K, 4) float32 x1, y1, x2, y2
+    class_ids: np.ndarray  # (K,) int64, 0-based indices into the model's labels
+    scores: np.ndarray  # (K,) float32, descending
+    masks: list[dict] | None  # K COCO RLEs at (height, width), or None when not asked for
+
+
+def _per_image(value: float | int | Sequence, n: int) -> list:
+    return list(value) if isinstance(value, Sequence) else [value] * n
+
+
+@torch.inference_mode()
+def detect(
+    model: MaskRCNN,
+    images: Sequence[torch.Tensor],
+    score_threshold: float | Sequence[float] = 0.5,
+    max_detections: int | Sequence[int] = 100,
+    masks: bool | Sequence[bool] = True,
+    output_sizes: Sequence[tuple[int, int]] | None = None,
+) -> list[Detections]:
+    """Detect objects in a batch of uint8 RGB images (3, H, W) of any, differing, sizes.
+
+    Each image may carry its own threshold, cap and mask choice (they batch requests). Boxes and
+    masks land in each image's own pixels, or in `output_sizes[i]` = (H, W) when given: the
+    caller that downscaled a photo before sending it gets results in the photo's coordinates.
+    """
+    n = len(images)
+    thresholds = _per_image(score_threshold, n)
+    caps = _per_image(max_detections, n)
+    want_masks = _per_image(masks, n)
+    device = next(model.parameters()).device
+    floats = to_float_images(images, device)
+    sizes = output_sizes or [tuple(img.shape[-2:]) for img in images]
+
+    # Let the RoI heads keep everything any image in the batch may want; filter per image below.
+    heads = model.roi_heads
+    heads.score_thresh = min(min(thresholds), 0.05)
+    heads.detections_per_img = max(caps)
+    batch, _ = model.transform(floats)
+    features = model.backbone(batch.tensors)
+    proposals, _ = model.rpn(batch, features)
+    raw, _ = heads(features, proposals, batch.image_sizes)
+
+    results = []
+    for i, det in enumerate(raw):
+        keep = (det["scores"] >= thresholds[i]).nonzero().flatten()[: caps[i]]
+        height, width = (int(s) for s in sizes[i])
+        boxes = resize_boxes(det["boxes"][keep], batch.image_sizes[i], (height, width))
+        rles = None
+        if want_masks[i]:
+            rles = paste_masks_rle(det["masks"][keep, 0], boxes, height, width)
+        results.append(
+            Detections(
+                height=height,
+                width=width,
+                boxes=boxes.float().cpu().numpy(),
+                class_ids=(det["labels"][keep] - 1).cpu().numpy(),
+                scores=det["scores"][keep].float().cpu().numpy(),
+                masks=rles,
+            )
+        )
+    return results

@@ -127,7 +127,7 @@ def load_checkpoint(
     path = Path(path)
     meta = read_checkpoint_meta(path)
     try:
-        tensors = _read_tensors(path)
+        tensors = read_tensors(path)
     except (SafetensorError, OSError) as e:
         raise CheckpointError(path, f"tensor data unreadable, truncated or corrupt ({e})") from None
     try:
@@ -159,7 +159,7 @@ def init_backbone(model: nn.Module, classifier: str | os.PathLike) -> list[str]:
         raise ValueError(f"{type(model).__name__} has no ConvNeXt backbone")
     tensors = {
         k: v
-        for k, v in _read_tensors(path).items()
+        for k, v in read_tensors(path).items()
         if k.startswith(("downsample_layers.", "stages."))
     }
     expected = {k: v for k, v in backbone.state_dict().items() if not k.startswith("norm")}
@@ -170,7 +170,7 @@ def init_backbone(model: nn.Module, classifier: str | os.PathLike) -> list[str]:
     return sorted(tensors)
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     # safe_open checks the header's offsets against the file size, so truncation is caught here.
     with safe_open(path, framework="pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)

@@ -6,10 +6,13 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
 
-def as_chw_uint8(image: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """A (3, H, W) uint8 tensor from a (3, H, W) tensor or an (H, W, 3) array (Pillow's)."""
+def as_chw_uint8(image: torch.Tensor | np.ndarray | Image.Image) -> torch.Tensor:
+    """A (3, H, W) uint8 tensor from a (3, H, W) tensor, an (H, W, 3) array or a PIL image."""
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
     if isinstance(image, np.ndarray):
         image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
     if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:

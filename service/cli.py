@@ -37,6 +37,83 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_synth(args: argparse.Namespace) -> int:
+    from models.data import synth
+
+    counts = synth(args.task, args.out, n=args.n, seed=args.seed, image_size=args.image_size)
+    for split, c in counts.items():
+        print(f"wrote {args.out}: {split}: {c['images']} images, {c['objects']} objects")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from models.train import TrainConfig, train
+    from models.train.loop import state_dir_for
+
+    given = {k: v for k, v in vars(args).items() if k in TrainConfig.model_fields}
+    given = {k: v for k, v in given.items() if v is not None}
+    if args.resume:
+        import torch
+
+        state = torch.load(
+            state_dir_for(TrainConfig.model_construct(resume=args.resume)) / "last.pt",
+            map_location="cpu",
+            weights_only=True,
+        )
+        stored = {k: v for k, v in state["config"].items() if v is not None}
+        cfg = TrainConfig.model_validate({**stored, **given, "task": args.train_task})
+    else:
+        missing = [f"--{k}" for k in ("data", "arch", "out") if k not in given]
+        if missing:
+            raise SystemExit(f"convnext-serve train: {', '.join(missing)} required")
+        cfg = TrainConfig.for_task(args.train_task, **given)
+    metrics = train(cfg)
+    print(f"wrote {cfg.out}: {json.dumps(metrics)}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from models.evaluate import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(
+        args.eval_task, args.data, args.checkpoint, device=args.device,
+        batch_size=args.batch_size, progress=not args.json,
+    )  # fmt: skip
+    if not args.json:
+        for k, v in metrics.items():
+            print(f"{k:>10s}  {v:.4f}")
+    print(json.dumps(metrics))
+    return 0
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, model, exclude: set[str]) -> None:
+    """One flag per field of a pydantic model: every knob of the recipe is on the command line.
+
+    Defaults stay None here, so only what the user typed overrides the task's defaults.
+    """
+    import types
+    import typing
+
+    for name, field in model.model_fields.items():
+        if name in exclude:
+            continue
+        flag = "--" + name.replace("_", "-")
+        kind = field.annotation
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        helptext = field.description or (
+            "required" if field.is_required() else f"default: {field.default}"
+        )
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=helptext)
+        elif typing.get_origin(kind) is typing.Literal:
+            parser.add_argument(flag, choices=typing.get_args(kind), help=helptext)
+        elif typing.get_origin(kind) is tuple:
+            parser.add_argument(flag, type=float, nargs=2, help=helptext)
+        else:
+            parser.add_argument(flag, type=kind, help=helptext)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="convnext-serve", description="Serve and train ConvNeXt vision models."
@@ -58,6 +135,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interpolation", choices=["bilinear", "bicubic", "nearest"])
     p.add_argument("--list", action="store_true", help="list the official release names")
     p.set_defaults(handler=_convert)
+
+    p = sub.add_parser("data", help="dataset tools")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    p = data_sub.add_parser(
+        "synth",
+        help="write a synthetic shapes dataset",
+        description="Writes a seeded synthetic dataset of shapes (circle, square, triangle, "
+        "star) in the task's layout: ImageFolder, COCO or ADE20K style.",
+    )
+    p.add_argument("task", choices=["classify", "detect", "segment"])
+    p.add_argument("--out", required=True, help="output directory (absent or empty)")
+    p.add_argument("--n", type=int, default=1000, help="training images (val: max(n/5, 20))")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, help="pixels (default: 64 classify, 128 others)")
+    p.set_defaults(handler=_data_synth)
+
+    from models.train.config import TrainConfig
+
+    p = sub.add_parser(
+        "train",
+        help="train a model and write a served checkpoint",
+        description="The paper's recipe by default (classify); detect and segment use Mask "
+        "R-CNN / UperNet defaults. --resume DIR continues an interrupted run.",
+    )
+    p.add_argument("train_task", choices=["classify", "detect", "segment"])
+    _add_config_flags(p, TrainConfig, exclude={"task"})
+    p.set_defaults(handler=_train)
+
+    p = sub.add_parser("eval", help="evaluate a served checkpoint on a dataset's val split")
+    p.add_argument("eval_task", choices=["classify", "detect", "segment"])
+    p.add_argument("--data", required=True, help="dataset root (DESIGN layouts)")
+    p.add_argument("--checkpoint", required=True, help="served .safetensors checkpoint")
+    p.add_argument("--json", action="store_true", help="last line: one JSON object of metrics")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(handler=_eval)
     return parser
 
 

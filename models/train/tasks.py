@@ -1,0 +1,286 @@
+"""What differs between the three tasks: model, data pipeline, loss, evaluation, metadata.
+
+The training loop (`loop.py`) is shared; a task object supplies these pieces.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision import tv_tensors
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2 as T
+
+from .. import data as datasets
+from ..checkpoint import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    CheckpointMeta,
+    Provenance,
+    init_backbone,
+    read_tensors,
+)
+from ..classification import resize_crop
+from ..evaluate import evaluate_classifier, evaluate_detector, evaluate_segmenter
+from ..registry import build_model
+from .config import TrainConfig
+
+
+def _load_init(model: nn.Module, cfg: TrainConfig) -> None:
+    """`--init`: a classifier's weights into a classifier (fine-tuning) or a dense backbone."""
+    if not cfg.init:
+        return
+    if cfg.task != "classify":
+        init_backbone(model, cfg.init)
+        return
+    tensors = {k: v for k, v in read_tensors(cfg.init).items() if not k.startswith("head.")}
+    model.load_state_dict(tensors, strict=False)
+
+
+class ClassifyTask:
+    primary = "top1"
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.image_size = cfg.image_size or 224
+        self.train_set = datasets.classification_dataset(cfg.data, "train", self._train_view())
+        self.labels = list(self.train_set.classes)
+        view = partial(resize_crop, image_size=self.image_size, crop_pct=cfg.crop_pct,
+                       interpolation=cfg.interpolation)  # fmt: skip
+        self.val_set = datasets.classification_dataset(cfg.data, "val", view)
+        self.mixup = self._mixup()
+
+    def _train_view(self) -> T.Compose:
+        cfg = self.cfg
+        steps = [
+            T.RandomResizedCrop(
+                self.image_size,
+                scale=cfg.crop_scale,
+                interpolation=InterpolationMode.BICUBIC,
+                antialias=True,
+            ),
+            T.RandomHorizontalFlip(),
+        ]
+        if cfg.randaug_ops > 0:
+            steps.append(T.RandAugment(cfg.randaug_ops, cfg.randaug_magnitude))
+        steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        if cfg.reprob > 0:
+            steps.append(T.RandomErasing(p=cfg.reprob, value="random"))
+        return T.Compose(steps)
+
+    def _mixup(self):
+        cfg, k = self.cfg, len(self.labels)
+        choices = []
+        if cfg.mixup > 0:
+            choices.append(T.MixUp(alpha=cfg.mixup, num_classes=k))
+        if cfg.cutmix > 0:
+            choices.append(T.CutMix(alpha=cfg.cutmix, num_classes=k))
+        if not choices or cfg.mixup_prob <= 0:
+            return None
+        return T.RandomApply([T.RandomChoice(choices)], p=cfg.mixup_prob)
+
+    def build_model(self) -> nn.Module:
+        cfg = self.cfg
+        model = build_model(
+            cfg.arch,
+            num_classes=len(self.labels),
+            drop_path_rate=cfg.drop_path,
+            layer_scale_init_value=cfg.layer_scale,
+            head_init_scale=cfg.head_init_scale if not cfg.init else 0.001,
+        )
+        _load_init(model, cfg)
+        return model
+
+    collate = None  # the default collate stacks images and class indices
+
+    def loss(self, model: nn.Module, batch, device) -> tuple[torch.Tensor, dict, int]:
+        images, targets = batch
+        k = len(self.labels)
+        if self.mixup is not None:
+            images, soft = self.mixup(images, targets)
+        else:
+            soft = F.one_hot(targets, k).float()
+        soft = soft * (1 - self.cfg.smoothing) + self.cfg.smoothing / k
+        images = images.to(device, non_blocking=True)
+        if self.cfg.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        logits = model(images)
+        loss = torch.sum(-soft.to(device) * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        return loss, {"loss": loss.detach()}, len(targets)
+
+    def evaluate(self, model: nn.Module, device) -> dict[str, float]:
+        loader = torch.utils.data.DataLoader(
+            self.val_set, batch_size=64, num_workers=self.cfg.loader_workers
+        )
+        return evaluate_classifier(model, loader, IMAGENET_MEAN, IMAGENET_STD, device)
+
+    def meta(self, metrics: dict, provenance: dict) -> CheckpointMeta:
+        return CheckpointMeta(
+            task="classify",
+            arch=self.cfg.arch,
+            head="linear",
+            num_classes=len(self.labels),
+            labels=self.labels,
+            image_size=self.image_size,
+            crop_pct=self.cfg.crop_pct,
+            interpolation=self.cfg.interpolation,
+            provenance=Provenance(source="trained", metrics=metrics, **provenance),
+        )
+
+
+def _detection_collate(batch):
+    return tuple(zip(*batch, strict=True))
+
+
+class DetectTask:
+    primary = "bbox_AP"
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.min_size = cfg.min_size or 800
+        self.max_size = cfg.max_size or 1333
+        train_view = T.Compose(
+            [
+                T.RandomHorizontalFlip(),
+                T.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
+                T.SanitizeBoundingBoxes(),
+            ]
+        )
+        self.train_set = datasets.detection_dataset(cfg.data, "train", train_view)
+        self.val_set = datasets.detection_dataset(cfg.data, "val")
+        self.labels = self.train_set.category_names
+        # COCO category ids -> contiguous 1..K (0 is the detector's background)
+        self.contiguous = {c: i + 1 for i, c in enumerate(self.train_set.category_ids)}
+        # multi-scale training: short sides from 0.6x to 1x of min_size, in steps of 32
+        low = max(32, int(0.6 * self.min_size) // 32 * 32)
+        self.train_scales = tuple(sorted({*range(low, self.min_size, 32), self.min_size}))
+
+    def build_model(self) -> nn.Module:
+        cfg = self.cfg
+        model = build_model(
+            cfg.arch,
+            num_classes=len(self.labels),
+            min_size=self.min_size,
+            max_size=self.max_size,
+            drop_path_rate=cfg.drop_path,
+            box_batch_size_per_image=cfg.roi_batch_size,
+            rpn_pre_nms_top_n_train=cfg.rpn_train_proposals,
+            rpn_post_nms_top_n_train=cfg.rpn_train_proposals,
+        )
+        _load_init(model, cfg)
+        return model
+
+    collate = staticmethod(_detection_collate)
+
+    def loss(self, model: nn.Module, batch, device) -> tuple[torch.Tensor, dict, int]:
+        images, targets = batch
+        images = [img.to(device, non_blocking=True) for img in images]
+        targets = [
+            {
+                "boxes": t["boxes"].to(device),
+                "labels": torch.tensor(
+                    [self.contiguous[int(c)] for c in t["labels"]], dtype=torch.int64, device=device
+                ),
+                "masks": t["masks"].to(device),
+            }
+            for t in targets
+        ]
+        inner = model.module if hasattr(model, "module") else model
+        inner.transform.min_size = self.train_scales
+        try:
+            parts = model(images, targets)
+        finally:
+            inner.transform.min_size = (self.min_size,)
+        loss = sum(parts.values())
+        return loss, {k: v.detach() for k, v in parts.items()}, len(images)
+
+    def evaluate(self, model: nn.Module, device) -> dict[str, float]:
+        return evaluate_detector(model, self.val_set)
+
+    def meta(self, metrics: dict, provenance: dict) -> CheckpointMeta:
+        return CheckpointMeta(
+            task="detect",
+            arch=self.cfg.arch,
+            head="maskrcnn",
+            num_classes=len(self.labels),
+            labels=self.labels,
+            image_size=self.min_size,
+            crop_pct=1.0,
+            interpolation="bilinear",
+            provenance=Provenance(source="trained", metrics=metrics, **provenance),
+            model_kwargs={"min_size": self.min_size, "max_size": self.max_size},
+        )
+
+
+# pad crops with the mean colour, and their labels with the ignore index
+PAD_FILL = {tv_tensors.Image: 124, tv_tensors.Mask: 255}
+
+
+def _reduce_zero_label(image, mask):
+    """ADE20K's convention: label 0 ('other') is ignored, classes shift down by one."""
+    mask = mask.clone()
+    mask[mask == 0] = 256
+    return image, tv_tensors.Mask(mask - 1)
+
+
+class SegmentTask:
+    primary = "mIoU"
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.image_size = s = cfg.image_size or 512
+        lo, hi = cfg.scale_range
+        steps = [_reduce_zero_label] if cfg.reduce_zero_label else []
+        train_view = T.Compose(
+            [
+                *steps,
+                T.RandomResize(max(8, int(s * lo)), max(9, math.ceil(s * hi))),
+                T.RandomCrop(s, pad_if_needed=True, fill=PAD_FILL),
+                T.RandomHorizontalFlip(),
+                T.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
+            ]
+        )  # fmt: skip
+        self.train_set = datasets.segmentation_dataset(cfg.data, "training", train_view)
+        val_view = T.Compose(steps) if steps else None
+        self.val_set = datasets.segmentation_dataset(cfg.data, "validation", val_view)
+        self.labels = self.train_set.labels[1:] if cfg.reduce_zero_label else self.train_set.labels
+
+    def build_model(self) -> nn.Module:
+        cfg = self.cfg
+        model = build_model(cfg.arch, num_classes=len(self.labels), drop_path_rate=cfg.drop_path)
+        _load_init(model, cfg)
+        return model
+
+    collate = None
+
+    def loss(self, model: nn.Module, batch, device) -> tuple[torch.Tensor, dict, int]:
+        images, masks = batch
+        images = images.to(device, non_blocking=True)
+        if self.cfg.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        parts = model(images, masks.to(device).long())
+        loss = sum(parts.values())
+        return loss, {k: v.detach() for k, v in parts.items()}, len(images)
+
+    def evaluate(self, model: nn.Module, device) -> dict[str, float]:
+        return evaluate_segmenter(model, self.val_set, self.image_size, len(self.labels))
+
+    def meta(self, metrics: dict, provenance: dict) -> CheckpointMeta:
+        return CheckpointMeta(
+            task="segment",
+            arch=self.cfg.arch,
+            head="upernet",
+            num_classes=len(self.labels),
+            labels=self.labels,
+            image_size=self.image_size,
+            crop_pct=1.0,
+            interpolation="bilinear",
+            provenance=Provenance(source="trained", metrics=metrics, **provenance),
+        )
+
+
+TASKS = {"classify": ClassifyTask, "detect": DetectTask, "segment": SegmentTask}

@@ -86,6 +86,23 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    from .run import run
+
+    return run(args.config, args.host, args.port, args.metrics_port, args.num_cpus)
+
+
+def _demo_models(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from models.demo import build_demo_models
+
+    paths = build_demo_models(Path(args.out) if args.out else None, force=args.force)
+    for task, path in paths.items():
+        print(f"{task}: {path}")
+    return 0
+
+
 def _add_config_flags(parser: argparse.ArgumentParser, model, exclude: set[str]) -> None:
     """One flag per field of a pydantic model: every knob of the recipe is on the command line.
 
@@ -119,6 +136,24 @@ def build_parser() -> argparse.ArgumentParser:
         prog="convnext-serve", description="Serve and train ConvNeXt vision models."
     )
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "run",
+        help="serve models over HTTP (Ray Serve) until Ctrl-C",
+        description="Starts a local Ray and the Serve application of a Ray Serve config file; "
+        "without --config, the bundled demo models (trained on first use).",
+    )
+    p.add_argument("--config", help="Ray Serve config (e.g. deploy/serve_config.yaml)")
+    p.add_argument("--host", help="bind address (default: the config's, else 127.0.0.1)")
+    p.add_argument("--port", type=int, help="HTTP port (default: the config's, else 8000)")
+    p.add_argument("--metrics-port", type=int, default=8080, help="Prometheus metrics port")
+    p.add_argument("--num-cpus", type=int, help="logical CPUs Ray schedules (default: >= 4)")
+    p.set_defaults(handler=_run)
+
+    p = sub.add_parser("demo-models", help="train the demo models if missing")
+    p.add_argument("--out", help="folder (default: $CONVNEXT_SERVE_DEMO_DIR or the cache)")
+    p.add_argument("--force", action="store_true", help="retrain even if present")
+    p.set_defaults(handler=_demo_models)
 
     p = sub.add_parser(
         "convert",

@@ -1,0 +1,130 @@
+"""Service configuration: the application args of a standard Ray Serve config file.
+
+`deploy/serve_config.yaml` lists the models and the gateway limits under
+`applications[0].args`; the same file works with `convnext-serve run --config`, `serve run`,
+`serve deploy` and as a KubeRay `serveConfigV2`. Environment variables override the gateway's
+settings (`CONVNEXT_SERVE_MAX_BODY_BYTES`, ...) and every model's precision and device
+(`CONVNEXT_SERVE_PRECISION`, `CONVNEXT_SERVE_DEVICE`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Task = Literal["classify", "detect", "segment"]
+
+
+class ModelConfig(BaseModel):
+    """One served model: its checkpoint, how it runs, how it batches and scales."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    checkpoint: str = Field(description="path to a served .safetensors, or demo:<task>")
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = False
+    torch_threads: int | None = Field(None, ge=1, description="CPU threads; default: all")
+    max_batch_size: int = Field(16, ge=1, le=1024)
+    batch_wait_timeout_s: float = Field(0.005, ge=0, le=10)
+    max_ongoing_requests: int | None = Field(None, ge=1, description="default 2x batch size")
+    max_queued_requests: int = Field(64, ge=-1, description="beyond this: 503 overloaded")
+    num_replicas: int = Field(1, ge=1)
+    autoscaling_config: dict[str, Any] | None = None
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float | None = Field(None, ge=0, description="default: 1 when GPUs exist")
+    warmup_batches: int = Field(2, ge=0)
+    sliding_window: bool = Field(False, description="segment: sliding-window inference")
+
+    @property
+    def ongoing(self) -> int:
+        return self.max_ongoing_requests or 2 * self.max_batch_size
+
+
+class GatewayConfig(BaseSettings):
+    """HTTP-side limits; each may come from a `CONVNEXT_SERVE_<FIELD>` environment variable."""
+
+    model_config = SettingsConfigDict(env_prefix="CONVNEXT_SERVE_", extra="forbid")
+
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    max_pixels: int = Field(40_000_000, ge=1)
+    max_images_per_request: int = Field(32, ge=1)
+    request_timeout_s: float = Field(30.0, gt=0)
+    max_in_flight: int = Field(256, ge=1, description="beyond this: 503 overloaded")
+    api_keys_env: str = Field(
+        "CONVNEXT_SERVE_API_KEYS", description="comma-separated keys; unset: no auth"
+    )
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(0.5, ge=0)
+    retry_after_s: int = Field(1, ge=1)
+
+
+class AppConfig(BaseModel):
+    """The application args: the models and the gateway."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[ModelConfig] = Field(min_length=1)
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> AppConfig:
+        names = [m.name for m in self.models]
+        if len(names) != len(set(names)):
+            raise ValueError(f"model names must be unique: {names}")
+        return self
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any]) -> AppConfig:
+        """From a serve config's `args`, with the environment's overrides applied."""
+        args = dict(args)
+        gateway = GatewayConfig(**(args.pop("gateway", None) or {}))
+        config = cls(gateway=gateway, **args)
+        override = {
+            key: os.environ[f"CONVNEXT_SERVE_{key.upper()}"]
+            for key in ("precision", "device")
+            if os.environ.get(f"CONVNEXT_SERVE_{key.upper()}")
+        }
+        if override:
+            config.models = [
+                m.model_validate({**m.model_dump(), **override}) for m in config.models
+            ]
+        return config
+
+
+def read_serve_config(path: str | Path) -> dict[str, Any]:
+    """A Ray Serve config file (YAML) as a dict."""
+    with open(path) as f:
+        data = yaml.safe_load(f)
+    if not isinstance(data, dict) or not data.get("applications"):
+        raise ValueError(f"{path}: not a Ray Serve config (no 'applications' list)")
+    return data
+
+
+def demo_serve_config(port: int = 8000, host: str = "127.0.0.1") -> dict[str, Any]:
+    """The config `convnext-serve run` uses without --config: the three demo models."""
+    return {
+        "http_options": {"host": host, "port": port},
+        "applications": [
+            {
+                "name": "convnext-serve",
+                "route_prefix": "/",
+                "import_path": "service.app:build_app",
+                "args": {
+                    "models": [
+                        {"name": "shapes-classifier", "checkpoint": "demo:classify"},
+                        {"name": "shapes-detector", "checkpoint": "demo:detect",
+                         "max_batch_size": 4},
+                        {"name": "shapes-segmenter", "checkpoint": "demo:segment",
+                         "max_batch_size": 4},
+                    ]
+                },
+            }
+        ],
+    }  # fmt: skip

@@ -1,0 +1,149 @@
+"""`convnext-serve run`: a local Ray, the Serve application from a config file, until Ctrl-C.
+
+The config is a standard Ray Serve config (the same file `serve deploy` and KubeRay take); it is
+deployed through Serve's own config path, so `deployments:` overrides in it apply too. Without a
+config the three demo models are served (trained once on first use).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from .config import demo_serve_config, read_serve_config
+
+
+def _demo_tasks(config: dict[str, Any]) -> list[str]:
+    tasks = []
+    for app in config["applications"]:
+        for model in (app.get("args") or {}).get("models", []):
+            spec = str(model.get("checkpoint", ""))
+            if spec.startswith("demo:"):
+                tasks.append(spec.removeprefix("demo:"))
+    order = ["classify", "detect", "segment"]
+    return sorted(set(tasks), key=order.index)
+
+
+def _wait_ready(url: str, timeout_s: float, proc_alive) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc_alive():
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def run(
+    config_path: str | None,
+    host: str | None,
+    port: int | None,
+    metrics_port: int,
+    num_cpus: int | None = None,
+    ready_timeout_s: float = 600,
+) -> int:
+    config = read_serve_config(config_path) if config_path else demo_serve_config()
+    http = config.setdefault("http_options", {})
+    if host:
+        http["host"] = host
+    if port:
+        http["port"] = port
+    http.setdefault("host", "127.0.0.1")
+    http.setdefault("port", 8000)
+
+    demo = _demo_tasks(config)
+    if demo:
+        from models.demo import build_demo_models
+
+        build_demo_models(tasks=demo)
+
+    import ray
+    from ray.serve._private import api as serve_api
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(config)
+    # Logical CPUs: the gateway and every model replica must fit on a small machine too.
+    cpus = num_cpus or max(4, os.cpu_count() or 1)
+    ray.init(
+        num_cpus=cpus,
+        include_dashboard=False,
+        _metrics_export_port=metrics_port,
+        logging_level="WARNING",
+        log_to_driver=True,
+    )
+    stopping = False
+
+    def stop(*_):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        client = serve_api.serve_start(
+            http_options=schema.http_options.model_dump(),
+            proxy_location=schema.proxy_location,
+        )
+        client.deploy_apps(schema, _blocking=False)
+        shown_host = "127.0.0.1" if http["host"] in ("0.0.0.0", "::") else http["host"]
+        url = f"http://{shown_host}:{http['port']}"
+        print(f"convnext-serve: starting at {url} (metrics at :{metrics_port}) ...", flush=True)
+        if not _wait_ready(url, ready_timeout_s, lambda: not stopping):
+            if not stopping:
+                print("convnext-serve: the models did not become ready; see the log above",
+                      file=sys.stderr)  # fmt: skip
+                return 1
+        else:
+            _print_banner(url, metrics_port, shown_host)
+        while not stopping:
+            time.sleep(0.2)
+        print("convnext-serve: shutting down", flush=True)
+        return 0
+    finally:
+        from ray import serve
+
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+def _print_banner(url: str, metrics_port: int, host: str) -> None:
+    try:
+        with urllib.request.urlopen(f"{url}/v1/models", timeout=5) as r:
+            models = json.loads(r.read())["models"]
+    except Exception:
+        models = []
+    example = Path(__file__).resolve().parent.parent / "docs" / "example.jpg"
+    image = str(example) if example.is_file() else "photo.jpg"
+    lines = [
+        "",
+        f"convnext-serve is ready at {url}",
+        f"  API docs:  {url}/docs",
+        f"  models:    {url}/v1/models",
+        f"  metrics:   http://{host}:{metrics_port}/metrics",
+    ]
+    for m in models:
+        lines.append(
+            f"  - {m['name']:20s} {m['task']:9s} on {m.get('device')} ({m.get('precision')})"
+        )
+    lines += [
+        "",
+        "Try it:",
+        f"  curl -F image=@{image} '{url}/v1/classify?top_k=3'",
+        f"  curl -F image=@{image} '{url}/v1/detect' ",
+        f"  curl -F image=@{image} '{url}/v1/detect?render=true' -o detections.png",
+        "",
+        "Ctrl-C stops it.",
+    ]
+    print("\n".join(lines), flush=True)

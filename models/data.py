@@ -113,9 +113,14 @@ def _box_iou(a: list[int], b: list[int]) -> float:
     return inter / (a[2] * a[3] + b[2] * b[3] - inter)
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+def _background(rng: np.random.Generator, size: int, plain: bool = False) -> np.ndarray:
     """A textured (H, W, 3) uint8 background: a low-frequency colour gradient, pixel noise and a
-    few random lines, so that shapes have to be told from clutter rather than from a flat field."""
+    few random lines, so that shapes have to be told from clutter rather than from a flat field.
+
+    `plain` gives one flat colour instead: the easy variant that trains in seconds (smoke tests).
+    """
+    if plain:
+        return np.full((size, size, 3), rng.integers(30, 225, 3), dtype=np.uint8)
     grid = rng.uniform(30, 225, size=(3, 3, 3)).astype(np.uint8)
     base = Image.fromarray(grid, "RGB").resize((size, size), Image.Resampling.BILINEAR)
     noisy = np.asarray(base, np.float32) + rng.normal(0.0, 10.0, size=(size, size, 3))
@@ -143,9 +148,11 @@ def _paint(
     return Shape(kind, polygon, mask, (int(colour[0]), int(colour[1]), int(colour[2])))
 
 
-def render_single(rng: np.random.Generator, size: int, kind: str) -> tuple[np.ndarray, Shape]:
+def render_single(
+    rng: np.random.Generator, size: int, kind: str, plain: bool = False
+) -> tuple[np.ndarray, Shape]:
     """A classification image: one large shape of class `kind`, near the centre, on clutter."""
-    image = _background(rng, size)
+    image = _background(rng, size, plain)
     radius = rng.uniform(0.28, 0.45) * size
     jitter = min(size / 2 - radius - 1, 0.15 * size)
     cx, cy = size / 2 + rng.uniform(-jitter, jitter, 2)
@@ -153,14 +160,16 @@ def render_single(rng: np.random.Generator, size: int, kind: str) -> tuple[np.nd
     return image, _paint(rng, image, kind, polygon, polygon_mask(polygon, size, size))
 
 
-def render_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[Shape]]:
+def render_scene(
+    rng: np.random.Generator, size: int, plain: bool = False
+) -> tuple[np.ndarray, list[Shape]]:
     """A detection/segmentation image: 1-4 shapes of random classes, sizes and places.
 
     Placements whose pixels touch an earlier object's, or whose box overlaps one by IoU > 0.3,
     are drawn again (up to 30 times, else the object is dropped), so every object is wholly
     visible and its mask needs no occlusion bookkeeping.
     """
-    image = _background(rng, size)
+    image = _background(rng, size, plain)
     shapes: list[Shape] = []
     for _ in range(int(rng.integers(1, MAX_OBJECTS + 1))):
         kind = CLASSES[int(rng.integers(len(CLASSES)))]
@@ -200,20 +209,24 @@ def _save_jpeg(image: np.ndarray, path: Path) -> None:
     Image.fromarray(image, "RGB").save(path, "JPEG", quality=JPEG_QUALITY, subsampling="4:2:0")
 
 
-def _write_classify(out: Path, split: int, n: int, seed: int, size: int) -> dict[str, int]:
+def _write_classify(
+    out: Path, split: int, n: int, seed: int, size: int, plain: bool
+) -> dict[str, int]:
     name = SPLITS["classify"][split]
     for i in range(n):
         kind = CLASSES[i % len(CLASSES)]  # classes take turns: balanced to within one image
-        image, _ = render_single(image_rng(seed, "classify", split, i), size, kind)
+        image, _ = render_single(image_rng(seed, "classify", split, i), size, kind, plain)
         _save_jpeg(image, out / name / kind / f"{i:06d}.jpg")
     return {"images": n, "objects": n}
 
 
-def _write_detect(out: Path, split: int, n: int, seed: int, size: int) -> dict[str, int]:
+def _write_detect(
+    out: Path, split: int, n: int, seed: int, size: int, plain: bool
+) -> dict[str, int]:
     name = SPLITS["detect"][split]
     images, annotations = [], []
     for i in range(n):
-        image, shapes = render_scene(image_rng(seed, "detect", split, i), size)
+        image, shapes = render_scene(image_rng(seed, "detect", split, i), size, plain)
         file_name = f"{i:06d}.jpg"
         _save_jpeg(image, out / "images" / name / file_name)
         images.append({"id": i + 1, "file_name": file_name, "width": size, "height": size})
@@ -244,11 +257,13 @@ def _write_detect(out: Path, split: int, n: int, seed: int, size: int) -> dict[s
     return {"images": n, "objects": len(annotations)}
 
 
-def _write_segment(out: Path, split: int, n: int, seed: int, size: int) -> dict[str, int]:
+def _write_segment(
+    out: Path, split: int, n: int, seed: int, size: int, plain: bool
+) -> dict[str, int]:
     name = SPLITS["segment"][split]
     objects = 0
     for i in range(n):
-        image, shapes = render_scene(image_rng(seed, "segment", split, i), size)
+        image, shapes = render_scene(image_rng(seed, "segment", split, i), size, plain)
         _save_jpeg(image, out / "images" / name / f"{i:06d}.jpg")
         png = out / "annotations" / name / f"{i:06d}.png"
         png.parent.mkdir(parents=True, exist_ok=True)
@@ -268,12 +283,14 @@ def synth(
     seed: int = 0,
     image_size: int | None = None,
     n_val: int | None = None,
+    plain: bool = False,
 ) -> dict[str, dict[str, int]]:
     """Write a synthetic shapes dataset for `task` under `out` (which must be empty or absent).
 
     `n` training images (classify: balanced over the classes) and `n_val` validation images
     (default `max(n // 5, 20)`), at `image_size` (default 64 for classify, 128 otherwise). The
-    same seed gives byte-identical files. Returns `{split directory: {"images", "objects"}}`.
+    same seed gives byte-identical files. `plain` draws on flat backgrounds instead of clutter
+    (an easy variant for smoke tests). Returns `{split directory: {"images", "objects"}}`.
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}: expected one of {', '.join(TASKS)}")
@@ -289,7 +306,7 @@ def synth(
         raise FileExistsError(f"{out}: exists and is not an empty directory")
     write = _WRITERS[task]
     return {
-        SPLITS[task][split]: write(out, split, count, seed, size)
+        SPLITS[task][split]: write(out, split, count, seed, size, plain)
         for split, count in enumerate((n, n_val))
     }
 

@@ -40,7 +40,10 @@ def _convert(args: argparse.Namespace) -> int:
 def _data_synth(args: argparse.Namespace) -> int:
     from models.data import synth
 
-    counts = synth(args.task, args.out, n=args.n, seed=args.seed, image_size=args.image_size)
+    counts = synth(
+        args.task, args.out, n=args.n, seed=args.seed, image_size=args.image_size,
+        plain=args.plain,
+    )  # fmt: skip
     for split, c in counts.items():
         print(f"wrote {args.out}: {split}: {c['images']} images, {c['objects']} objects")
     return 0
@@ -184,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=1000, help="training images (val: max(n/5, 20))")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, help="pixels (default: 64 classify, 128 others)")
+    p.add_argument("--plain", action="store_true", help="flat backgrounds (an easy variant)")
     p.set_defaults(handler=_data_synth)
 
     from models.train.config import TrainConfig

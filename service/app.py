@@ -587,11 +587,10 @@ class Gateway:
     async def _infer(self, name: str, items: list) -> list:
         """Each image as its own call, so it batches with other requests' images."""
         handle = self.handles[name]
+        timeout = self.model_configs[name].timeout_s or self.config.request_timeout_s
         calls = [handle.remote(item) for item in items]
         try:
-            return await asyncio.wait_for(
-                asyncio.gather(*calls), timeout=self.config.request_timeout_s
-            )
+            return await asyncio.wait_for(asyncio.gather(*calls), timeout=timeout)
         except BackPressureError:
             for call in calls:
                 call.cancel()
@@ -602,9 +601,7 @@ class Gateway:
         except asyncio.TimeoutError:
             for call in calls:
                 call.cancel()
-            raise ApiError(
-                504, "timeout", f"no answer within {self.config.request_timeout_s:g} s"
-            ) from None
+            raise ApiError(504, "timeout", f"no answer within {timeout:g} s") from None
 
 
 # ----------------------------------------------------------------------------- the builder

@@ -40,6 +40,7 @@ class ModelConfig(BaseModel):
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float | None = Field(None, ge=0, description="default: 1 when GPUs exist")
     warmup_batches: int = Field(2, ge=0)
+    timeout_s: float | None = Field(None, gt=0, description="default: the gateway's")
     sliding_window: bool = Field(False, description="segment: sliding-window inference")
 
     @property

@@ -1,0 +1,107 @@
+"""Gateway image decoding: formats, modes, EXIF, draft mode, limits before decoding."""
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.imaging import ImageError, decode
+
+BIG = 10**9
+
+
+def encode(image: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def red_square(mode="RGB", size=(60, 40)) -> Image.Image:
+    image = Image.new("RGB", size, (255, 255, 255))
+    image.paste((255, 0, 0), (10, 10, 30, 30))
+    return image.convert(mode) if mode != "RGB" else image
+
+
+@pytest.mark.parametrize(
+    "fmt, kw", [("JPEG", {"quality": 95}), ("PNG", {}), ("WEBP", {"lossless": True}),
+                ("BMP", {}), ("GIF", {}), ("TIFF", {})],
+)  # fmt: skip
+def test_formats_decode_to_rgb(fmt, kw):
+    out = decode(encode(red_square(), fmt, **kw), BIG)
+    assert out.pixels.shape == (40, 60, 3) and out.pixels.dtype == np.uint8
+    assert (out.width, out.height) == (60, 40)
+    r, g, b = out.pixels[20, 20].astype(int)
+    assert r > 200 and g < 60 and b < 60  # red where the square is
+    assert out.pixels[2, 2].min() > 200  # white elsewhere
+
+
+def test_gif_takes_the_first_frame():
+    frames = [Image.new("RGB", (8, 8), c) for c in ((0, 0, 255), (0, 255, 0))]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    assert decode(buf.getvalue(), BIG).pixels[4, 4, 2] > 200  # blue, the first frame
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "CMYK", "RGBA", "LA", "I;16"])
+def test_modes_become_rgb(mode):
+    fmt = "JPEG" if mode == "CMYK" else ("TIFF" if mode == "I;16" else "PNG")
+    if mode == "I;16":
+        image = Image.fromarray(np.full((20, 30), 40000, dtype=np.uint16))
+    else:
+        image = red_square(mode)
+    out = decode(encode(image, fmt), BIG)
+    assert out.pixels.shape[2] == 3 and out.pixels.dtype == np.uint8
+    if mode == "I;16":  # 16-bit is scaled down, not clipped to white
+        assert abs(int(out.pixels[5, 5, 0]) - 40000 * 255 // 65535) <= 1
+
+
+def test_alpha_composites_over_white():
+    image = Image.new("RGBA", (10, 10), (0, 0, 0, 0))  # fully transparent black
+    assert decode(encode(image, "PNG"), BIG).pixels.min() == 255
+
+
+def test_exif_orientation_is_applied():
+    image = red_square(size=(60, 40))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    out = decode(encode(image, "JPEG", exif=exif, quality=95), BIG)
+    assert (out.width, out.height) == (40, 60) and out.pixels.shape == (60, 40, 3)
+
+
+def test_jpeg_draft_decodes_fewer_pixels_but_enough():
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (1200, 1600, 3), np.uint8))
+    data = encode(photo, "JPEG")
+    out = decode(data, BIG, min_short_side=256)
+    assert (out.width, out.height) == (1600, 1200)  # the original size is still reported
+    assert 256 <= min(out.pixels.shape[:2]) < 600  # decoded at 1/2 or 1/4 scale, not full
+    assert decode(data, BIG).pixels.shape == (1200, 1600, 3)
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims `width` x `height` with almost no pixel data behind it."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+
+
+def test_pixel_limit_is_checked_from_the_header():
+    with pytest.raises(ImageError) as e:
+        decode(png_header(100_000, 100_000), max_pixels=40_000_000)
+    assert e.value.code == "image_too_large" and "10000.0 megapixels" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "data", [b"", b"not an image at all", encode(red_square(), "JPEG")[:200]],
+    ids=["empty", "garbage", "truncated"],
+)  # fmt: skip
+def test_undecodable_is_invalid_image(data):
+    with pytest.raises(ImageError) as e:
+        decode(data, BIG)
+    assert e.value.code == "invalid_image"

@@ -1,0 +1,277 @@
+"""Serving benchmark: the model in-process, the service over HTTP, and a naive server.
+
+Same machine, same model (`convnext_tiny`, 224x224, 1000 classes, random weights) and precision,
+JPEG photos of 640x480 as the input:
+
+  (a) raw model images/s in-process at its best batch size (uint8 batch in, logits out);
+  (b) the service (`convnext-serve run`) over HTTP at concurrency 1, 8 and 32: images/s,
+      p50/p95/p99 latency, and the mean batch size from the service's own metrics;
+  (c) a naive baseline: plain FastAPI + uvicorn, one forward pass per request.
+
+    .venv/bin/python bench/serve_bench.py [--precision fp32] [--seconds 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_checkpoint(folder: Path) -> Path:
+    import torch
+
+    from models import build_model, save_checkpoint
+    from models.checkpoint import CheckpointMeta, Provenance
+    from models.labels import imagenet1k_labels
+
+    torch.manual_seed(0)
+    model = build_model("convnext_tiny")
+    meta = CheckpointMeta(
+        task="classify", arch="convnext_tiny", head="linear", num_classes=1000,
+        labels=imagenet1k_labels(), provenance=Provenance(source="converted", dataset="bench"),
+    )  # fmt: skip
+    return save_checkpoint(model, folder / "convnext_tiny.safetensors", meta)
+
+
+def make_photos(n: int = 16) -> list[bytes]:
+    """640x480 JPEGs with photo-like content (smooth gradients plus detail)."""
+    rng = np.random.default_rng(0)
+    photos = []
+    for _ in range(n):
+        base = rng.uniform(0, 255, (6, 8, 3)).astype(np.uint8)
+        image = Image.fromarray(base).resize((640, 480), Image.Resampling.BICUBIC)
+        pixels = np.asarray(image, np.float32) + rng.normal(0, 12, (480, 640, 3))
+        buf = io.BytesIO()
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+        photos.append(buf.getvalue())
+    return photos
+
+
+def raw_model(checkpoint: Path, precision: str, seconds: float) -> tuple[dict, float]:
+    """(a): {batch: images/s}, and the batch-1 latency in ms."""
+    import torch
+
+    from service.config import ModelConfig
+    from service.runtime import ClassifyItem, ModelRunner
+
+    runner = ModelRunner(ModelConfig(name="raw", checkpoint=str(checkpoint), precision=precision))
+    image = np.random.default_rng(0).integers(0, 256, (3, 224, 224), dtype=np.uint8)
+    results, batch1_ms = {}, 0.0
+    for batch in (1, 4, 8, 16, 32):
+        items = [ClassifyItem(image, 5)] * batch
+        for _ in range(2):
+            runner.run(items)
+        times = []
+        deadline = time.perf_counter() + seconds / 5
+        while time.perf_counter() < deadline or len(times) < 3:
+            start = time.perf_counter()
+            runner.run(items)
+            times.append(time.perf_counter() - start)
+        results[batch] = batch / statistics.median(times)
+        if batch == 1:
+            batch1_ms = statistics.median(times) * 1e3
+    del runner
+    torch.set_num_threads(os.cpu_count() or 1)
+    return results, batch1_ms
+
+
+async def load(url: str, photos: list[bytes], concurrency: int, seconds: float) -> dict:
+    """Closed-loop load: `concurrency` clients, each sending its next photo on each answer."""
+    import aiohttp
+
+    latencies: list[float] = []
+    errors = 0
+    deadline = time.perf_counter() + seconds
+
+    async def client(k: int, session: aiohttp.ClientSession) -> None:
+        nonlocal errors
+        i = k
+        while time.perf_counter() < deadline:
+            form = aiohttp.FormData()
+            form.add_field("image", photos[i % len(photos)], filename="p.jpg",
+                           content_type="image/jpeg")  # fmt: skip
+            start = time.perf_counter()
+            async with session.post(url, data=form) as r:
+                await r.read()
+                if r.status != 200:
+                    errors += 1
+                    continue
+            latencies.append(time.perf_counter() - start)
+            i += concurrency
+
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        # warm-up: every connection once
+        await asyncio.gather(*(client_once(session, url, photos[0]) for _ in range(concurrency)))
+        started = time.perf_counter()
+        deadline = started + seconds
+        await asyncio.gather(*(client(k, session) for k in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    lat = sorted(latencies)
+
+    def pct(p: float) -> float:
+        return lat[min(len(lat) - 1, int(p * len(lat)))] * 1e3 if lat else float("nan")
+
+    return {"images_per_s": len(lat) / elapsed, "p50": pct(0.5), "p95": pct(0.95),
+            "p99": pct(0.99), "errors": errors}  # fmt: skip
+
+
+async def client_once(session, url: str, photo: bytes) -> None:
+    import aiohttp
+
+    form = aiohttp.FormData()
+    form.add_field("image", photo, filename="p.jpg", content_type="image/jpeg")
+    async with session.post(url, data=form) as r:
+        await r.read()
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout_s: float = 600) -> None:
+    import requests
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+def batch_stats(metrics_url: str) -> tuple[float, float]:
+    """(sum, count) of the service's batch-size histogram."""
+    import requests
+
+    total = count = 0.0
+    for line in requests.get(metrics_url, timeout=10).text.splitlines():
+        if line.startswith("ray_convnext_serve_batch_size_sum{"):
+            total += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("ray_convnext_serve_batch_size_count{"):
+            count += float(line.rsplit(" ", 1)[1])
+    return total, count
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--seconds", type=float, default=20, help="per load level")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--skip-naive", action="store_true")
+    args = parser.parse_args()
+
+    folder = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    checkpoint = make_checkpoint(folder)
+    photos = make_photos()
+    raw, batch1_ms = raw_model(checkpoint, args.precision, args.seconds)
+    best_batch = max(raw, key=raw.get)
+    print(f"(a) raw model, {args.precision}: " + ", ".join(
+        f"b{b} {v:.1f}/s" for b, v in raw.items()) + f"; batch-1 latency {batch1_ms:.1f} ms",
+        flush=True)  # fmt: skip
+
+    rows = []
+    port, metrics_port = free_port(), free_port()
+    config = {
+        "http_options": {"host": "127.0.0.1", "port": port},
+        "applications": [{
+            "name": "bench", "route_prefix": "/", "import_path": "service.app:build_app",
+            "args": {"models": [{
+                "name": "tiny", "checkpoint": str(checkpoint), "precision": args.precision,
+                "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": 0.005,
+                "max_queued_requests": -1,
+            }]},
+        }],
+    }  # fmt: skip
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    cmd = [sys.executable, "-m", "service.cli", "run", "--config", str(folder / "config.yaml"),
+           "--metrics-port", str(metrics_port)]  # fmt: skip
+    log = open(folder / "service.log", "wb")  # noqa: SIM115 (open for the server's lifetime)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/readyz", proc)
+        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        url = f"http://127.0.0.1:{port}/v1/classify?top_k=5"
+        for c in args.concurrency:
+            time.sleep(6)  # metrics export period
+            before = batch_stats(metrics_url)
+            result = asyncio.run(load(url, photos, c, args.seconds))
+            time.sleep(12)
+            after = batch_stats(metrics_url)
+            batches = after[1] - before[1]
+            result["mean_batch"] = (after[0] - before[0]) / batches if batches else float("nan")
+            rows.append(("service", c, result))
+            print(f"(b) service c={c}: {result}", flush=True)
+    finally:
+        stop(proc)
+        log.close()
+
+    if not args.skip_naive:
+        port = free_port()
+        env = {**os.environ, "BENCH_CHECKPOINT": str(checkpoint), "BENCH_PRECISION": args.precision}
+        naive = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "bench.naive_server:app", "--port", str(port),
+             "--log-level", "warning"], cwd=ROOT, env=env,
+        )  # fmt: skip
+        try:
+            wait_http(f"http://127.0.0.1:{port}/healthz", naive)
+            url = f"http://127.0.0.1:{port}/v1/classify"
+            for c in args.concurrency:
+                result = asyncio.run(load(url, photos, c, args.seconds))
+                result["mean_batch"] = 1.0
+                rows.append(("naive", c, result))
+                print(f"(c) naive c={c}: {result}", flush=True)
+        finally:
+            stop(naive)
+
+    best = raw[best_batch]
+    print()
+    print(f"raw model in-process ({args.precision}): best {best:.1f} images/s at batch "
+          f"{best_batch}; batch 1: {raw[1]:.1f} images/s, {batch1_ms:.1f} ms")  # fmt: skip
+    print()
+    print("| server | concurrency | images/s | % of raw best | p50 ms | p95 ms | p99 ms "
+          "| mean batch | errors |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, c, r in rows:
+        print(f"| {name} | {c} | {r['images_per_s']:.1f} | {100 * r['images_per_s'] / best:.0f}% "
+              f"| {r['p50']:.0f} | {r['p95']:.0f} | {r['p99']:.0f} | {r['mean_batch']:.1f} "
+              f"| {r['errors']} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

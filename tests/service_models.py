@@ -1,0 +1,73 @@
+"""Small trained checkpoints for the service tests, made with the project's training library.
+
+Trained once on the colour-shapes data (`colour_shapes.py`) and cached under
+`$CONVNEXT_SERVE_TEST_CACHE` (default ~/.cache/convnext-serve/test-models), keyed by a hash of
+the recipes and the training code, so a repeated local run starts at once and a fresh CI
+machine trains them (a few minutes on two cores).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from models.train import TrainConfig, train
+
+from . import colour_shapes
+
+COMMON = dict(
+    progress=False, loader_workers=0, warmup_epochs=0.3, drop_path=0.0, ema_decay=0.0, seed=0
+)
+RECIPES = {
+    "classify": (
+        colour_shapes.write_classify, 300,
+        dict(arch="convnext_atto", epochs=4, batch_size=16, image_size=48, lr=2e-3,
+             mixup=0.0, cutmix=0.0, randaug_ops=0, reprob=0.0, crop_scale=(0.6, 1.0)),
+    ),
+    "detect": (
+        colour_shapes.write_detect, 200,
+        dict(arch="maskrcnn_convnext_atto", epochs=6, batch_size=4, min_size=64, max_size=64,
+             lr=1e-3, roi_batch_size=64, rpn_train_proposals=200),
+    ),
+    "segment": (
+        colour_shapes.write_segment, 200,
+        dict(arch="upernet_convnext_atto", epochs=6, batch_size=8, image_size=64, lr=1e-3,
+             scale_range=(0.75, 1.5)),
+    ),
+}  # fmt: skip
+
+
+def _fingerprint() -> str:
+    """Changes when a recipe, the data generator or the training code changes."""
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256(json.dumps(RECIPES, default=str).encode())
+    for path in sorted([*root.glob("models/**/*.py"), root / "tests" / "colour_shapes.py"]):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    default = Path.home() / ".cache" / "convnext-serve" / "test-models"
+    return Path(os.environ.get("CONVNEXT_SERVE_TEST_CACHE", default)) / _fingerprint()
+
+
+def service_checkpoints() -> dict[str, Path]:
+    """{task: checkpoint path}, training whatever is not cached yet."""
+    folder = cache_dir()
+    paths = {}
+    for task, (write, n, recipe) in RECIPES.items():
+        out = folder / f"{task}.safetensors"
+        paths[task] = out
+        if out.is_file():
+            continue
+        data = folder / "data" / task
+        shutil.rmtree(data, ignore_errors=True)
+        write(data, n)
+        tmp = folder / "partial" / f"{task}.safetensors"
+        train(TrainConfig.for_task(task, data=str(data), out=str(tmp), **COMMON, **recipe))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out)
+    return paths

@@ -1,0 +1,406 @@
+"""The service end to end: `convnext-serve run` (real Ray Serve) over real HTTP.
+
+One service for the whole module, started as a user would start it, with small checkpoints
+trained by the project's own training library (`service_models.py`).
+"""
+
+import base64
+import concurrent.futures
+import io
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import psutil
+import pytest
+import requests
+import yaml
+from PIL import Image
+
+from models.masks import decode_rle
+
+from .colour_shapes import COLOURS, background, draw
+from .service_models import service_checkpoints
+from .test_imaging import png_header
+
+API_KEY = "test-key-123"
+AUTH = {"X-API-Key": API_KEY}
+METRICS = [
+    "convnext_serve_requests_total",
+    "convnext_serve_request_duration_seconds",
+    "convnext_serve_images_total",
+    "convnext_serve_batch_size",
+    "convnext_serve_batch_inference_seconds",
+    "convnext_serve_queue_wait_seconds",
+    "convnext_serve_decode_seconds",
+    "convnext_serve_in_flight_requests",
+    "convnext_serve_model_info",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Service:
+    def __init__(self, url: str, metrics_url: str, proc: subprocess.Popen, log_path):
+        self.url, self.metrics_url, self.proc, self.log_path = url, metrics_url, proc, log_path
+        self.readiness: list[tuple[int, int]] = []  # (healthz, readyz) seen while starting
+
+    def post(self, path: str, images=(), params=None, headers=AUTH, **kw) -> requests.Response:
+        files = [("image", (f"{i}.bin", data)) for i, data in enumerate(images)]
+        return requests.post(
+            self.url + path, files=files or None, params=params, headers=headers, timeout=120, **kw
+        )
+
+    def metrics(self) -> str:
+        return requests.get(self.metrics_url, timeout=10).text
+
+
+def _status(url: str) -> int:
+    try:
+        return requests.get(url, timeout=2).status_code
+    except requests.RequestException:
+        return 0
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    ckpt = service_checkpoints()
+    port, metrics_port = free_port(), free_port()
+    config = {
+        "http_options": {"host": "127.0.0.1", "port": port},
+        "applications": [
+            {
+                "name": "convnext-serve",
+                "route_prefix": "/",
+                "import_path": "service.app:build_app",
+                "args": {
+                    "gateway": {"max_body_bytes": 2_000_000, "max_pixels": 4_000_000},
+                    "models": [
+                        {"name": "colours", "checkpoint": str(ckpt["classify"]),
+                         "max_batch_size": 8, "batch_wait_timeout_s": 0.05,
+                         "warmup_batches": 30},
+                        {"name": "boxes", "checkpoint": str(ckpt["detect"]), "max_batch_size": 4},
+                        {"name": "regions", "checkpoint": str(ckpt["segment"]),
+                         "max_batch_size": 4},
+                        {"name": "one-at-a-time", "checkpoint": str(ckpt["classify"]),
+                         "max_batch_size": 1, "max_ongoing_requests": 1,
+                         "max_queued_requests": 1, "warmup_batches": 0},
+                        {"name": "impatient", "checkpoint": str(ckpt["segment"]),
+                         "timeout_s": 0.001, "warmup_batches": 0, "num_cpus": 0.5},
+                    ],
+                },
+            }
+        ],
+    }  # fmt: skip
+    folder = tmp_path_factory.mktemp("service")
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    log_path = folder / "service.log"
+    env = {**os.environ, "CONVNEXT_SERVE_API_KEYS": f"other-key,{API_KEY}"}
+    cmd = [sys.executable, "-m", "service.cli", "run", "--config", str(folder / "config.yaml"),
+           "--metrics-port", str(metrics_port), "--num-cpus", "8"]  # fmt: skip
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    svc = Service(url, f"http://127.0.0.1:{metrics_port}/metrics", proc, log_path)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            seen = (_status(url + "/healthz"), _status(url + "/readyz"))
+            svc.readiness.append(seen)
+            if seen[1] == 200:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"the service did not become ready:\n{log_path.read_text()[-3000:]}")
+        svc.children = psutil.Process(proc.pid).children(recursive=True)
+        yield svc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+# ------------------------------------------------------------------------------ images
+
+
+def photo(
+    colour: str, size=(320, 240), box=(60, 50, 160, 150), disc=False, fmt="JPEG", mode="RGB"
+) -> tuple[bytes, np.ndarray]:
+    """An image of `size` (W, H) with one object of `colour` in `box`; and its true mask."""
+    w, h = size
+    image = background(np.random.default_rng(1), h, w)
+    mask = draw(image, colour, box, disc)
+    pil = Image.fromarray(image)
+    if mode != "RGB":
+        pil = pil.convert(mode)
+    buf = io.BytesIO()
+    pil.save(buf, format=fmt, **({"quality": 92} if fmt == "JPEG" else {}))
+    return buf.getvalue(), mask
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max(1, (a | b).sum()))
+
+
+def box_iou(a, b) -> float:
+    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def error_of(response: requests.Response) -> str:
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
+    assert body["error"]["message"]
+    return body["error"]["code"]
+
+
+# ------------------------------------------------------------------------------- tests
+
+
+def test_readyz_was_503_until_the_models_were_warm(service):
+    seen = service.readiness
+    assert seen[-1] == (200, 200)
+    assert (200, 503) in seen, f"never saw the gateway up with models still warming: {seen}"
+
+
+def test_classify_answers_the_colour_in_every_format(service):
+    cases = [
+        ("red", "JPEG", "RGB"), ("green", "PNG", "RGBA"), ("blue", "WEBP", "RGB"),
+        ("red", "BMP", "RGB"), ("green", "GIF", "P"), ("blue", "TIFF", "RGB"),
+    ]  # fmt: skip
+    images = [photo(c, fmt=f, mode=m, disc=i % 2 == 1)[0] for i, (c, f, m) in enumerate(cases)]
+    r = service.post("/v1/classify", images, params={"top_k": 2})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "colours" and len(body["results"]) == len(cases)
+    for (colour, _, _), result in zip(cases, body["results"], strict=True):  # input order kept
+        top = result["predictions"]
+        assert len(top) == 2 and top[0]["label"] == colour, (colour, top)
+        assert top[0]["class_id"] == sorted(COLOURS).index(colour)
+        assert top[0]["score"] >= top[1]["score"]
+
+
+def test_classify_takes_a_raw_image_body(service):
+    data, _ = photo("blue", size=(640, 480), box=(100, 100, 500, 400))
+    r = requests.post(
+        service.url + "/v1/classify", data=data,
+        headers={**AUTH, "Content-Type": "image/jpeg"}, timeout=60,
+    )  # fmt: skip
+    assert r.status_code == 200 and r.json()["results"][0]["predictions"][0]["label"] == "blue"
+
+
+@pytest.mark.parametrize("size, box", [((320, 240), (60, 50, 160, 150)),
+                                       ((200, 400), (90, 200, 170, 280))])  # fmt: skip
+def test_detect_finds_the_object_in_original_coordinates(service, size, box):
+    data, truth = photo("green", size=size, box=box)
+    r = service.post("/v1/detect", [data], params={"score_threshold": 0.3})
+    assert r.status_code == 200, r.text
+    result = r.json()["results"][0]
+    assert (result["width"], result["height"]) == size
+    best = result["detections"][0]
+    assert best["label"] == "green"
+    assert box_iou(best["box"], box) >= 0.7, best["box"]
+    mask = decode_rle(best["mask"])
+    assert mask.shape == truth.shape and iou(mask, truth) >= 0.8
+
+
+def test_detect_options_and_render(service):
+    data, _ = photo("red", box=(40, 40, 140, 140))
+    r = service.post("/v1/detect", [data], params={"masks": "false", "max_detections": 1,
+                                                  "score_threshold": 0.0})  # fmt: skip
+    dets = r.json()["results"][0]["detections"]
+    assert len(dets) == 1 and "mask" not in dets[0]
+    r = service.post("/v1/detect", [data], params={"render": "true"})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(r.content)).size == (320, 240)
+
+
+def test_segment_labels_the_pixels(service):
+    data, truth = photo("blue", size=(256, 192), box=(30, 40, 130, 140), disc=True, fmt="PNG")
+    r = service.post("/v1/segment", [data])
+    assert r.status_code == 200, r.text
+    result = r.json()["results"][0]
+    assert (result["width"], result["height"]) == (256, 192)
+    class_map = np.asarray(Image.open(io.BytesIO(base64.b64decode(result["mask"]["data"]))))
+    blue = 1 + sorted(COLOURS).index("blue")
+    assert class_map.shape == truth.shape and iou(class_map == blue, truth) >= 0.8
+    fractions = {c["label"]: c["pixel_fraction"] for c in result["classes"]}
+    assert fractions["blue"] == pytest.approx(truth.mean(), abs=0.05)
+    png = service.post("/v1/segment", [data], params={"format": "png"})
+    assert png.headers["content-type"] == "image/png"
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(png.content))), class_map)
+    rendered = service.post("/v1/segment", [data], params={"render": "true"})
+    assert Image.open(io.BytesIO(rendered.content)).size == (256, 192)
+
+
+def test_models_lists_metadata_and_settings(service):
+    models = requests.get(service.url + "/v1/models", headers=AUTH, timeout=10).json()["models"]
+    by_name = {m["name"]: m for m in models}
+    assert by_name["colours"]["task"] == "classify" and by_name["colours"]["ready"]
+    assert by_name["colours"]["metadata"]["labels"] == sorted(COLOURS)
+    assert by_name["colours"]["serving"]["max_batch_size"] == 8
+    assert by_name["boxes"]["metadata"]["task"] == "detect"
+
+
+def test_docs_show_every_endpoint(service):
+    spec = requests.get(service.url + "/openapi.json", timeout=10).json()
+    for path in ("/v1/classify", "/v1/detect", "/v1/segment", "/v1/models", "/healthz"):
+        assert path in spec["paths"]
+    params = {p["name"] for p in spec["paths"]["/v1/detect"]["post"]["parameters"]}
+    assert {"model", "score_threshold", "max_detections", "masks", "render"} <= params
+    assert "multipart/form-data" in spec["paths"]["/v1/classify"]["post"]["requestBody"]["content"]
+    assert requests.get(service.url + "/docs", timeout=10).status_code == 200
+
+
+BAD_INPUTS = [
+    ("undecodable", "/v1/classify", [b"this is not an image"], {}, 400, "invalid_image"),
+    ("empty", "/v1/classify", [b""], {}, 400, "invalid_image"),
+    ("truncated", "/v1/detect", ["truncated"], {}, 400, "invalid_image"),
+    ("huge header", "/v1/classify", [png_header(100_000, 100_000)], {}, 413, "image_too_large"),
+    ("top_k 0", "/v1/classify", ["ok"], {"top_k": 0}, 422, "invalid_parameter"),
+    ("top_k text", "/v1/classify", ["ok"], {"top_k": "many"}, 422, "invalid_parameter"),
+    ("threshold", "/v1/detect", ["ok"], {"score_threshold": 1.5}, 422, "invalid_parameter"),
+    ("max_detections", "/v1/detect", ["ok"], {"max_detections": 0}, 422, "invalid_parameter"),
+    ("masks", "/v1/detect", ["ok"], {"masks": "perhaps"}, 422, "invalid_parameter"),
+    ("format", "/v1/segment", ["ok"], {"format": "gif"}, 422, "invalid_parameter"),
+    ("unknown model", "/v1/classify", ["ok"], {"model": "nope"}, 404, "model_not_found"),
+    ("wrong task", "/v1/detect", ["ok"], {"model": "colours"}, 404, "model_not_found"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_gets_a_clear_4xx(service, case):
+    _, path, images, params, status, code = case
+    good, _ = photo("red")
+    images = [good if x == "ok" else good[: len(good) // 2] if x == "truncated" else x
+              for x in images]  # fmt: skip
+    r = service.post(path, images, params=params)
+    assert r.status_code == status, r.text
+    assert error_of(r) == code
+
+
+def test_body_and_content_type_limits(service):
+    big = b"\xff" * 2_500_000
+    r = service.post("/v1/classify", [big])
+    assert r.status_code == 413 and error_of(r) == "payload_too_large"
+
+    def chunks():  # no Content-Length: the limit holds while streaming too
+        for _ in range(25):
+            yield b"\x00" * 100_000
+
+    r = requests.post(service.url + "/v1/classify", data=chunks(), timeout=60,
+                      headers={**AUTH, "Content-Type": "image/png"})  # fmt: skip
+    assert r.status_code == 413 and error_of(r) == "payload_too_large"
+    r = requests.post(service.url + "/v1/classify", data=b"hello", timeout=10,
+                      headers={**AUTH, "Content-Type": "text/plain"})  # fmt: skip
+    assert r.status_code == 415 and error_of(r) == "unsupported_media_type"
+    r = requests.post(service.url + "/v1/classify", files={"picture": b"x"}, headers=AUTH,
+                      timeout=10)  # fmt: skip
+    assert r.status_code == 422 and error_of(r) == "invalid_parameter"
+
+
+def test_api_keys_guard_v1_but_not_health(service):
+    data, _ = photo("red")
+    assert service.post("/v1/classify", [data], headers={}).status_code == 401
+    r = service.post("/v1/classify", [data], headers={"X-API-Key": "wrong"})
+    assert r.status_code == 401 and error_of(r) == "unauthorized"
+    ok = service.post("/v1/classify", [data], headers={"Authorization": f"Bearer {API_KEY}"})
+    assert ok.status_code == 200
+    assert requests.get(service.url + "/v1/models", timeout=10).status_code == 401
+    assert requests.get(service.url + "/healthz", timeout=10).status_code == 200
+    assert requests.get(service.url + "/readyz", timeout=10).status_code == 200
+
+
+def test_full_queue_answers_503_with_retry_after(service):
+    data, _ = photo("green")
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(
+            lambda _: service.post("/v1/classify", [data], params={"model": "one-at-a-time"}),
+            range(16),
+        ))  # fmt: skip
+    statuses = [r.status_code for r in responses]
+    assert 503 in statuses and 200 in statuses, statuses
+    refused = next(r for r in responses if r.status_code == 503)
+    assert error_of(refused) == "overloaded" and int(refused.headers["Retry-After"]) >= 1
+
+
+def test_slow_model_answers_504(service):
+    data, _ = photo("red")
+    r = service.post("/v1/segment", [data], params={"model": "impatient"})
+    assert r.status_code == 504 and error_of(r) == "timeout"
+
+
+def test_still_healthy_after_all_that(service):
+    assert service.proc.poll() is None
+    assert requests.get(service.url + "/healthz", timeout=10).status_code == 200
+    data, _ = photo("blue")
+    r = service.post("/v1/classify", [data])
+    assert r.status_code == 200 and r.json()["results"][0]["predictions"][0]["label"] == "blue"
+
+
+def _sample(text: str, name: str, **labels) -> float:
+    """Sum of a metric's samples whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_concurrent_requests_form_batches(service):
+    data, _ = photo("red")
+    with concurrent.futures.ThreadPoolExecutor(24) as pool:
+        statuses = list(pool.map(
+            lambda _: service.post("/v1/classify", [data]).status_code, range(48)
+        ))  # fmt: skip
+    assert statuses == [200] * 48
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        text = service.metrics()
+        batches = _sample(text, "ray_convnext_serve_batch_size_count", model="colours")
+        singles = _sample(text, "ray_convnext_serve_batch_size_bucket", model="colours", le="1.0")
+        if batches and batches > singles:
+            break
+        time.sleep(2)
+    assert batches > singles, "every batch had one image"
+
+
+def test_every_documented_metric_is_exported(service):
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        text = service.metrics()
+        missing = [m for m in METRICS if not re.search(rf"^ray_{m}(_bucket|_count|_sum)?{{", text,
+                                                       re.M)]  # fmt: skip
+        if not missing:
+            break
+        time.sleep(2)
+    assert not missing, missing
+    assert re.search(r'^ray_convnext_serve_model_info\{.*device="cpu".*\} 1', text, re.M) or (
+        'device="cpu"' in text
+    )
+    assert "ray_serve_" in text  # Ray Serve's own series at the same target
+
+
+def test_ctrl_c_stops_everything(service):
+    children = [p for p in service.children if p.is_running()]
+    service.proc.send_signal(signal.SIGINT)
+    assert service.proc.wait(timeout=90) == 0
+    _, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, [p.cmdline()[:2] for p in alive]

@@ -610,12 +610,10 @@ class Gateway:
 def build_app(args: dict[str, Any]) -> serve.Application:
     """The application from a serve config's args (models and gateway settings)."""
     config = AppConfig.from_args(args)
-    gpus = torch.cuda.device_count() > 0
+    share = _default_gpu_share(config)
     handles = {}
     for m in config.models:
-        num_gpus = (
-            m.num_gpus if m.num_gpus is not None else (1 if gpus and m.device != "cpu" else 0)
-        )
+        num_gpus = m.num_gpus if m.num_gpus is not None else (share if m.device != "cpu" else 0)
         options: dict[str, Any] = {
             "name": f"model-{m.name}",
             "max_ongoing_requests": m.ongoing,
@@ -634,3 +632,21 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         max_ongoing_requests=gateway.max_in_flight + 64,
         ray_actor_options={"num_cpus": gateway.num_cpus},
     ).bind(gateway.model_dump(), [m.model_dump() for m in config.models], handles)
+
+
+def _default_gpu_share(config: AppConfig) -> float:
+    """GPUs per model replica when the config names none: the models share one GPU.
+
+    Decided from the cluster's resources, not this process's devices: on KubeRay the app is
+    built on a head node without GPUs while the replicas run on GPU workers.
+    """
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
+    if not gpus and torch.cuda.is_available():
+        gpus = torch.cuda.device_count()
+    forced = any(m.device == "cuda" for m in config.models)
+    if not gpus and not forced:
+        return 0.0
+    on_gpu = sum(1 for m in config.models if m.device != "cpu" and m.num_gpus is None)
+    return round(1.0 / max(1, on_gpu), 3)

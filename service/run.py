@@ -35,7 +35,7 @@ def _wait_ready(url: str, timeout_s: float, proc_alive) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and proc_alive():
         try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as r:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=10) as r:
                 if r.status == 200:
                     return True
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):

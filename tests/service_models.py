@@ -24,7 +24,7 @@ COMMON = dict(
 RECIPES = {
     "classify": (
         colour_shapes.write_classify, 300,
-        dict(arch="convnext_atto", epochs=4, batch_size=16, image_size=48, lr=2e-3,
+        dict(arch="convnext_atto", epochs=2, batch_size=16, image_size=48, lr=2e-3,
              mixup=0.0, cutmix=0.0, randaug_ops=0, reprob=0.0, crop_scale=(0.6, 1.0)),
     ),
     "detect": (
@@ -67,7 +67,8 @@ def service_checkpoints() -> dict[str, Path]:
         shutil.rmtree(data, ignore_errors=True)
         write(data, n)
         tmp = folder / "partial" / f"{task}.safetensors"
-        train(TrainConfig.for_task(task, data=str(data), out=str(tmp), **COMMON, **recipe))
+        init = {} if task == "classify" else {"init": str(paths["classify"])}  # pre-trained
+        train(TrainConfig.for_task(task, data=str(data), out=str(tmp), **COMMON, **recipe, **init))
         out.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, out)
     return paths

@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint format bench clean
+.PHONY: setup run test lint format bench bench-serve clean
 
 setup: $(STAMP)
 
@@ -15,8 +15,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# Serves the demo models at http://127.0.0.1:8000 (metrics :8080); trains them on first use.
 run: setup
-	$(VENV)/bin/convnext-serve --help
+	$(VENV)/bin/convnext-serve run
+
+# The serving benchmark (bench/serve_bench.py) and the model benchmarks.
+bench-serve: setup
+	$(PY) bench/serve_bench.py
 
 lint: setup
 	$(PY) -m ruff check .

@@ -204,6 +204,8 @@ def fit(cfg: TrainConfig, worker: Worker | None = None) -> dict:
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     log_path = out.with_name(out.stem + ".log.jsonl")
+    if worker.is_main and not cfg.resume:
+        log_path.unlink(missing_ok=True)  # a fresh run starts a fresh log
     best = {"metrics": {}, "weights": "model"}
     try:
         for epoch in range(start_epoch, cfg.epochs):

@@ -85,7 +85,8 @@ class AppConfig(BaseModel):
     def from_args(cls, args: dict[str, Any]) -> AppConfig:
         """From a serve config's `args`, with the environment's overrides applied."""
         args = dict(args)
-        gateway = GatewayConfig(**(args.pop("gateway", None) or {}))
+        from_env = GatewayConfig().model_dump(exclude_unset=True)  # only what the env sets
+        gateway = GatewayConfig(**{**(args.pop("gateway", None) or {}), **from_env})
         config = cls(gateway=gateway, **args)
         override = {
             key: os.environ[f"CONVNEXT_SERVE_{key.upper()}"]

@@ -75,5 +75,4 @@ def render_segmentation(pixels: np.ndarray, class_map: np.ndarray, n_classes: in
 
 def class_map_png(class_map: np.ndarray) -> bytes:
     """One class id per pixel: 8-bit grayscale PNG, 16-bit for more than 256 classes."""
-    mode = "L" if class_map.dtype == np.uint8 else "I;16"
-    return png_bytes(Image.fromarray(class_map, mode=mode))
+    return png_bytes(Image.fromarray(class_map))  # uint8 -> mode L, uint16 -> mode I;16

@@ -1,0 +1,118 @@
+"""In-process pieces of the service: config, the model runtime, rendering."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models import build_model, save_checkpoint
+from models.checkpoint import CheckpointMeta, Provenance
+from models.masks import encode_rle
+from service import render
+from service.config import AppConfig, read_serve_config
+from service.runtime import ClassifyItem, ModelRunner, SegmentItem
+
+
+def test_the_shipped_serve_config_parses():
+    config = read_serve_config("deploy/serve_config.yaml")
+    app = AppConfig.from_args(config["applications"][0]["args"])
+    assert [m.name for m in app.models] == ["shapes-classifier", "shapes-detector",
+                                            "shapes-segmenter"]  # fmt: skip
+    assert app.gateway.max_body_bytes == 20 * 1024 * 1024
+
+
+def test_environment_overrides_the_config(monkeypatch):
+    monkeypatch.setenv("CONVNEXT_SERVE_PRECISION", "bf16")
+    monkeypatch.setenv("CONVNEXT_SERVE_MAX_PIXELS", "1234")
+    app = AppConfig.from_args({"models": [{"name": "a", "checkpoint": "x.safetensors"}],
+                               "gateway": {"max_pixels": 99}})  # fmt: skip
+    assert app.models[0].precision == "bf16"
+    assert app.gateway.max_pixels == 1234  # the environment wins over the file
+
+
+def test_bad_configs_are_refused():
+    with pytest.raises(ValueError, match="unique"):
+        AppConfig.from_args({"models": [{"name": "a", "checkpoint": "x"}] * 2})
+    with pytest.raises(ValueError):
+        AppConfig.from_args({"models": [{"name": "a", "checkpoint": "x", "precision": "int4"}]})
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    model = build_model("convnext_atto", num_classes=3)
+    meta = CheckpointMeta(
+        task="classify", arch="convnext_atto", head="linear", num_classes=3,
+        labels=["a", "b", "c"], image_size=32, provenance=Provenance(source="trained"),
+    )  # fmt: skip
+    return save_checkpoint(model, tmp_path_factory.mktemp("rt") / "cls.safetensors", meta)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_runner_batches_with_per_item_top_k(classifier, precision):
+    from service.config import ModelConfig
+
+    runner = ModelRunner(
+        ModelConfig(name="c", checkpoint=str(classifier), precision=precision, max_batch_size=4)
+    )
+    runner.warmup()
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (3, 32, 32), dtype=np.uint8) for _ in range(3)]
+    out = runner.run([ClassifyItem(img, k) for img, k in zip(images, (1, 3, 2), strict=True)])
+    assert [len(o) for o in out] == [1, 3, 2]
+    for o in out:
+        scores = [s for _, s in o]
+        assert scores == sorted(scores, reverse=True) and all(0 <= s <= 1 for s in scores)
+    alone = runner.run([ClassifyItem(images[1], 3)])[0]  # batching does not change an answer
+    assert [c for c, _ in alone] == [c for c, _ in out[1]]
+    assert runner.describe()["precision"] == precision
+
+
+def test_runner_segments_at_the_original_size(tmp_path):
+    model = build_model("upernet_convnext_atto", num_classes=2)
+    meta = CheckpointMeta(
+        task="segment", arch="upernet_convnext_atto", head="upernet", num_classes=2,
+        labels=["bg", "x"], image_size=64, crop_pct=1.0, provenance=Provenance(source="trained"),
+    )  # fmt: skip
+    path = save_checkpoint(model, tmp_path / "seg.safetensors", meta)
+    from service.config import ModelConfig
+
+    runner = ModelRunner(ModelConfig(name="s", checkpoint=str(path)))
+    img = np.zeros((3, 64, 96), np.uint8)
+    (out,) = runner.run([SegmentItem(img, (300, 450))])
+    assert out.shape == (300, 450) and out.dtype == np.uint8 and out.max() <= 1
+
+
+def test_render_draws_boxes_and_masks():
+    pixels = np.full((60, 80, 3), 255, np.uint8)
+    mask = np.zeros((60, 80), bool)
+    mask[10:30, 20:50] = True
+    det = {"label": "x", "class_id": 0, "score": 0.9, "box": [20, 10, 50, 30],
+           "mask": encode_rle(mask)}  # fmt: skip
+    png = render.render_detections(pixels, [det], ["x"], (1.0, 1.0))
+    out = np.asarray(Image.open(io.BytesIO(png)))
+    assert out.shape == (60, 80, 3)
+    assert out[20, 35].tolist() != [255, 255, 255]  # tinted inside the mask
+    assert out[55, 5].tolist() == [255, 255, 255]  # untouched far away
+    seg = render.render_segmentation(pixels, mask.astype(np.uint8), 2)
+    assert Image.open(io.BytesIO(seg)).size == (80, 60)
+
+
+def test_class_map_png_keeps_ids():
+    ids = (np.arange(300 * 2) % 300).reshape(20, 30).astype(np.uint16)
+    back = np.asarray(Image.open(io.BytesIO(render.class_map_png(ids))))
+    assert back.dtype != np.uint8 and np.array_equal(back.astype(np.uint16), ids)
+    small = (np.arange(600) % 7).reshape(20, 30).astype(np.uint8)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(render.class_map_png(small)))), small)
+
+
+def test_cpu_threads_follow_the_config(classifier):
+    from service.config import ModelConfig
+
+    before = torch.get_num_threads()
+    try:
+        ModelRunner(ModelConfig(name="c", checkpoint=str(classifier), torch_threads=1))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -9,6 +9,7 @@ with `@serve.batch`, normalise on the device and run the model.
 
 import asyncio
 import base64
+import contextlib
 import logging
 import math
 import os
@@ -228,6 +229,13 @@ def _fit(pixels: np.ndarray, short: int, long: int) -> np.ndarray:
     if scale < 1:
         chw = TF.resize(chw, [max(1, round(h * scale)), max(1, round(w * scale))], antialias=True)
     return chw.contiguous().numpy()
+
+
+def _cancel(calls: list) -> None:
+    """Cancel the calls still running; a call that already failed may raise again here."""
+    for call in calls:
+        with contextlib.suppress(Exception):  # it is finished either way
+            call.cancel()
 
 
 def _segment_result(class_map: np.ndarray, meta: CheckpointMeta) -> dict:
@@ -588,19 +596,18 @@ class Gateway:
         """Each image as its own call, so it batches with other requests' images."""
         handle = self.handles[name]
         timeout = self.model_configs[name].timeout_s or self.config.request_timeout_s
-        calls = [handle.remote(item) for item in items]
+        calls = []
         try:
+            calls = [handle.remote(item) for item in items]
             return await asyncio.wait_for(asyncio.gather(*calls), timeout=timeout)
         except BackPressureError:
-            for call in calls:
-                call.cancel()
+            _cancel(calls)
             raise ApiError(
                 503, "overloaded", f"model {name!r} has a full queue; retry shortly",
                 {"Retry-After": str(self.config.retry_after_s)},
             ) from None  # fmt: skip
         except asyncio.TimeoutError:
-            for call in calls:
-                call.cancel()
+            _cancel(calls)
             raise ApiError(504, "timeout", f"no answer within {timeout:g} s") from None
 
 

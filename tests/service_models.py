@@ -29,7 +29,7 @@ RECIPES = {
     ),
     "detect": (
         colour_shapes.write_detect, 200,
-        dict(arch="maskrcnn_convnext_atto", epochs=6, batch_size=4, min_size=64, max_size=64,
+        dict(arch="maskrcnn_convnext_atto", epochs=8, batch_size=4, min_size=64, max_size=64,
              lr=1e-3, roi_batch_size=64, rpn_train_proposals=200),
     ),
     "segment": (

@@ -9,6 +9,7 @@ at once.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -65,6 +66,10 @@ def is_usable(path: Path) -> bool:
         return False
 
 
+def _synth_stamp(synth_args: dict) -> str:
+    return json.dumps({"seed": SEED, **synth_args}, sort_keys=True)
+
+
 def build_demo_models(
     folder: Path | None = None, tasks=("classify", "detect", "segment"), force: bool = False
 ) -> dict[str, Path]:
@@ -81,13 +86,14 @@ def build_demo_models(
             continue
         synth_args, train_args = DEMO_RECIPES[task]
         data = folder / "data" / task
-        if not (data / ".complete").is_file():
+        stamp = data / ".complete"  # holds the synth arguments: a changed recipe re-synthesises
+        if not (stamp.is_file() and stamp.read_text() == _synth_stamp(synth_args)):
             import shutil
 
             shutil.rmtree(data, ignore_errors=True)
             print(f"[demo] synthesising {task} data in {data}", file=sys.stderr)
             synth(task, data, seed=SEED, **synth_args)
-            (data / ".complete").touch()
+            stamp.write_text(_synth_stamp(synth_args))
         extra = {} if task == "classify" else {"init": str(demo_checkpoint("classify", folder))}
         print(f"[demo] training the {task} demo model -> {out}", file=sys.stderr)
         started = time.perf_counter()
@@ -98,3 +104,31 @@ def build_demo_models(
         minutes = (time.perf_counter() - started) / 60
         print(f"[demo] {task}: {metrics} in {minutes:.1f} min", file=sys.stderr)
     return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m models.demo [--out DIR] [--force] [--tasks ...]`: `make demo-models`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m models.demo", description="Train the demo models that are missing."
+    )
+    parser.add_argument(
+        "--out", type=Path, help="folder (default: $CONVNEXT_SERVE_DEMO_DIR or the cache)"
+    )
+    parser.add_argument("--force", action="store_true", help="retrain even if present")
+    parser.add_argument(
+        "--tasks", nargs="+", choices=list(DEMO_RECIPES), default=list(DEMO_RECIPES),
+        help="which models (detect and segment start from classify's checkpoint)",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    paths = build_demo_models(args.out, tasks=tuple(args.tasks), force=args.force)
+    for task, path in paths.items():
+        print(f"{task}: {path}")
+    print(f"[demo] done in {(time.perf_counter() - started) / 60:.1f} min", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

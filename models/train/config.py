@@ -34,6 +34,7 @@ class TrainConfig(BaseModel):
     init: str | None = None
     layer_decay: float | None = None
     # classification augmentation and regularisation
+    vflip: float = Field(0.0, ge=0.0, le=1.0, description="vertical flip probability")
     randaug_ops: int = 2
     randaug_magnitude: int = 9
     mixup: float = 0.8
@@ -47,8 +48,14 @@ class TrainConfig(BaseModel):
     # dense
     min_size: int | None = None
     max_size: int | None = None
+    min_size_low: float = Field(
+        0.6, gt=0.0, le=1.0, description="detection: multi-scale short sides from this x min_size"
+    )
     scale_range: tuple[float, float] = (0.5, 2.0)
     reduce_zero_label: bool = False
+    decode_channels: int | None = Field(
+        None, ge=8, description="UperNet decode-head width; default 512 (mmseg's, any backbone)"
+    )
     roi_batch_size: int = Field(512, ge=1, description="RoIs sampled per image (Mask R-CNN)")
     rpn_train_proposals: int = Field(2000, ge=1, description="RPN proposals kept in training")
     # running

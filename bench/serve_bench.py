@@ -70,9 +70,10 @@ def make_photos(n: int = 16) -> list[bytes]:
     return photos
 
 
-def raw_model(checkpoint: Path, precision: str, seconds: float) -> tuple[dict, float]:
+def raw_model(
+    checkpoint: Path, precision: str, seconds: float, batches: list[int]
+) -> tuple[dict, float]:
     """(a): {batch: images/s}, and the batch-1 latency in ms."""
-    import torch
 
     from service.config import ModelConfig
     from service.runtime import ClassifyItem, ModelRunner
@@ -80,7 +81,7 @@ def raw_model(checkpoint: Path, precision: str, seconds: float) -> tuple[dict, f
     runner = ModelRunner(ModelConfig(name="raw", checkpoint=str(checkpoint), precision=precision))
     image = np.random.default_rng(0).integers(0, 256, (3, 224, 224), dtype=np.uint8)
     results, batch1_ms = {}, 0.0
-    for batch in (1, 4, 8, 16, 32):
+    for batch in batches:
         items = [ClassifyItem(image, 5)] * batch
         for _ in range(2):
             runner.run(items)
@@ -94,7 +95,6 @@ def raw_model(checkpoint: Path, precision: str, seconds: float) -> tuple[dict, f
         if batch == 1:
             batch1_ms = statistics.median(times) * 1e3
     del runner
-    torch.set_num_threads(os.cpu_count() or 1)
     return results, batch1_ms
 
 
@@ -165,17 +165,37 @@ def wait_http(url: str, proc: subprocess.Popen, timeout_s: float = 600) -> None:
     raise TimeoutError(url)
 
 
-def batch_stats(metrics_url: str) -> tuple[float, float]:
-    """(sum, count) of the service's batch-size histogram."""
+def scrape(metrics_url: str) -> dict[str, float]:
+    """Totals of the service's counters that the table needs: images, batches, and CPU time
+    is read from the processes instead (`cpu_seconds`)."""
     import requests
 
-    total = count = 0.0
+    totals = {"images": 0.0, "batches": 0.0}
     for line in requests.get(metrics_url, timeout=10).text.splitlines():
-        if line.startswith("ray_convnext_serve_batch_size_sum{"):
-            total += float(line.rsplit(" ", 1)[1])
+        if line.startswith("ray_convnext_serve_images_total{"):
+            totals["images"] += float(line.rsplit(" ", 1)[1])
         elif line.startswith("ray_convnext_serve_batch_size_count{"):
-            count += float(line.rsplit(" ", 1)[1])
-    return total, count
+            totals["batches"] += float(line.rsplit(" ", 1)[1])
+    return totals
+
+
+PROCESS_GROUPS = (("model", "ServeReplica:bench:model-"), ("gateway", "ServeReplica:bench:gateway"),
+                  ("proxy", "ProxyActor"))  # fmt: skip
+
+
+def cpu_seconds() -> dict[str, float]:
+    """CPU seconds used so far by the service's processes, by role (the rest of Ray: 'ray')."""
+    import psutil
+
+    totals = {"model": 0.0, "gateway": 0.0, "proxy": 0.0, "ray": 0.0}
+    for p in psutil.process_iter(["cmdline", "cpu_times"]):
+        cmdline = " ".join(p.info["cmdline"] or [])
+        times = p.info["cpu_times"]
+        if times is None or ("ray" not in cmdline):
+            continue
+        role = next((r for r, key in PROCESS_GROUPS if key in cmdline), "ray")
+        totals[role] += times.user + times.system
+    return totals
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -187,59 +207,88 @@ def stop(proc: subprocess.Popen) -> None:
             proc.kill()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    parser.add_argument("--seconds", type=float, default=20, help="per load level")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--max-batch-size", type=int, default=16)
-    parser.add_argument("--skip-naive", action="store_true")
-    args = parser.parse_args()
-
-    folder = Path(tempfile.mkdtemp(prefix="serve-bench-"))
-    checkpoint = make_checkpoint(folder)
-    photos = make_photos()
-    raw, batch1_ms = raw_model(checkpoint, args.precision, args.seconds)
-    best_batch = max(raw, key=raw.get)
-    print(f"(a) raw model, {args.precision}: " + ", ".join(
-        f"b{b} {v:.1f}/s" for b, v in raw.items()) + f"; batch-1 latency {batch1_ms:.1f} ms",
-        flush=True)  # fmt: skip
-
-    rows = []
+def serve_levels(
+    checkpoint: Path, folder: Path, photos: list[bytes], args, layout: dict, label: str
+) -> list[tuple[str, int, dict]]:
+    """(b) for one replica layout: start `convnext-serve run`, load it at each concurrency."""
     port, metrics_port = free_port(), free_port()
+    model = {
+        "name": "tiny", "checkpoint": str(checkpoint), "precision": args.precision,
+        "max_batch_size": args.max_batch_size, "max_queued_requests": -1, **layout,
+    }  # fmt: skip
     config = {
         "http_options": {"host": "127.0.0.1", "port": port},
-        "applications": [{
-            "name": "bench", "route_prefix": "/", "import_path": "service.app:build_app",
-            "args": {"models": [{
-                "name": "tiny", "checkpoint": str(checkpoint), "precision": args.precision,
-                "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": 0.005,
-                "max_queued_requests": -1,
-            }]},
-        }],
+        "applications": [{"name": "bench", "route_prefix": "/",
+                          "import_path": "service.app:build_app", "args": {"models": [model]}}],
     }  # fmt: skip
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
     cmd = [sys.executable, "-m", "service.cli", "run", "--config", str(folder / "config.yaml"),
            "--metrics-port", str(metrics_port)]  # fmt: skip
-    log = open(folder / "service.log", "wb")  # noqa: SIM115 (open for the server's lifetime)
+    log = open(folder / f"service-{label}.log", "wb")  # noqa: SIM115 (the server's lifetime)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    rows = []
     try:
         wait_http(f"http://127.0.0.1:{port}/readyz", proc)
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         url = f"http://127.0.0.1:{port}/v1/classify?top_k=5"
         for c in args.concurrency:
-            time.sleep(6)  # metrics export period
-            before = batch_stats(metrics_url)
+            time.sleep(6)  # the metrics export period
+            before, cpu_before, started = scrape(metrics_url), cpu_seconds(), time.perf_counter()
             result = asyncio.run(load(url, photos, c, args.seconds))
+            elapsed, cpu_after = time.perf_counter() - started, cpu_seconds()
             time.sleep(12)
-            after = batch_stats(metrics_url)
-            batches = after[1] - before[1]
-            result["mean_batch"] = (after[0] - before[0]) / batches if batches else float("nan")
-            rows.append(("service", c, result))
-            print(f"(b) service c={c}: {result}", flush=True)
+            after = scrape(metrics_url)
+            batches = after["batches"] - before["batches"]
+            result["mean_batch"] = (after["images"] - before["images"]) / batches if batches else 0
+            result["cpu"] = {k: (cpu_after[k] - cpu_before[k]) / elapsed for k in cpu_after}
+            rows.append((f"service, {label}", c, result))
+            print(f"(b) service {label} c={c}: {result}", flush=True)
     finally:
         stop(proc)
         log.close()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--seconds", type=float, default=20, help="per load level")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument(
+        "--max-batch-size", type=int, default=0,
+        help="the service's batch size (default: the raw model's best)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--batches", type=int, nargs="+", default=None,
+        help="raw batch sizes to try (default: 1 2 4 8 on CPU, up to 256 on a GPU)",
+    )  # fmt: skip
+    parser.add_argument("--skip-naive", action="store_true")
+    args = parser.parse_args()
+
+    import torch
+
+    gpu = torch.cuda.is_available()
+    batches = args.batches or ([1, 8, 32, 64, 128, 256] if gpu else [1, 2, 4, 8])
+    folder = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    checkpoint = make_checkpoint(folder)
+    photos = make_photos()
+    raw, batch1_ms = raw_model(checkpoint, args.precision, args.seconds, batches)
+    best_batch = max(raw, key=raw.get)
+    args.max_batch_size = args.max_batch_size or best_batch
+    print(f"(a) raw model, {args.precision}: " + ", ".join(
+        f"b{b} {v:.1f}/s" for b, v in raw.items()) + f"; batch-1 latency {batch1_ms:.1f} ms",
+        flush=True)  # fmt: skip
+
+    # Replica layouts: on a CPU node one replica with every core (lowest latency) and one
+    # single-threaded replica per core (most images/s); on a GPU, one replica on the GPU.
+    cores = os.cpu_count() or 1
+    layouts = {"1 GPU replica": {}} if gpu else {
+        f"1 replica x {cores} threads": {"num_replicas": 1, "torch_threads": cores},
+        f"{cores} replicas x 1 thread": {"num_replicas": cores, "torch_threads": 1},
+    }  # fmt: skip
+    rows = []
+    for label, layout in layouts.items():
+        rows += serve_levels(checkpoint, folder, photos, args, layout, label)
 
     if not args.skip_naive:
         port = free_port()
@@ -254,23 +303,29 @@ def main() -> None:
             for c in args.concurrency:
                 result = asyncio.run(load(url, photos, c, args.seconds))
                 result["mean_batch"] = 1.0
-                rows.append(("naive", c, result))
+                rows.append(("naive FastAPI", c, result))
                 print(f"(c) naive c={c}: {result}", flush=True)
         finally:
             stop(naive)
 
     best = raw[best_batch]
+    device = torch.cuda.get_device_name() if gpu else f"{cores}-core CPU"
     print()
-    print(f"raw model in-process ({args.precision}): best {best:.1f} images/s at batch "
-          f"{best_batch}; batch 1: {raw[1]:.1f} images/s, {batch1_ms:.1f} ms")  # fmt: skip
+    print(f"{device}, convnext_tiny 224x224 {args.precision}, JPEG 640x480 in; raw model "
+          f"in-process: best {best:.1f} images/s at batch {best_batch}; batch 1: "
+          f"{raw[1]:.1f} images/s, {batch1_ms:.1f} ms; service max_batch_size "
+          f"{args.max_batch_size}")  # fmt: skip
     print()
     print("| server | concurrency | images/s | % of raw best | p50 ms | p95 ms | p99 ms "
-          "| mean batch | errors |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| mean batch | CPU % model / gateway / proxy / rest of Ray | errors |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|---:|")
     for name, c, r in rows:
+        cpu = r.get("cpu")
+        roles = ("model", "gateway", "proxy", "ray")
+        cpu_text = " / ".join(f"{100 * cpu[k]:.0f}" for k in roles) if cpu else "-"
         print(f"| {name} | {c} | {r['images_per_s']:.1f} | {100 * r['images_per_s'] / best:.0f}% "
               f"| {r['p50']:.0f} | {r['p95']:.0f} | {r['p99']:.0f} | {r['mean_batch']:.1f} "
-              f"| {r['errors']} |")  # fmt: skip
+              f"| {cpu_text} | {r['errors']} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -52,6 +52,8 @@ class ModelServer:
         self.infer.set_max_batch_size(self.config.max_batch_size)
         self.infer.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
         self.metrics = ModelMetrics(self.config.name)
+        self.model_free = asyncio.Event()
+        self.model_free.set()
         meta = self.runner.meta
         self.info_tags = {
             "model": self.config.name,
@@ -62,15 +64,26 @@ class ModelServer:
         }
 
     async def __call__(self, item: Any) -> Any:
-        return await self.infer((time.perf_counter(), item))
+        arrived = time.perf_counter()
+        # Ray Serve forms the next batch as soon as an item arrives, even while the model is
+        # busy with the previous one, so under load every batch would hold a single item.
+        # Holding arrivals here while a batch runs lets them enter the queue together when the
+        # model frees up, and `@serve.batch` then takes them as one batch.
+        await self.model_free.wait()
+        return await self.infer((arrived, item))
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def infer(self, entries: list[tuple[float, Any]]) -> list[Any]:
         started = time.perf_counter()
         for queued_at, _ in entries:
             self.metrics.queue_wait.observe(started - queued_at)
-        # In a thread: the event loop keeps queueing the next batch while this one runs.
-        results = await asyncio.to_thread(self.runner.run, [item for _, item in entries])
+        # On the runner's thread, so the event loop keeps taking requests (held at the gate).
+        self.model_free.clear()
+        try:
+            items = [item for _, item in entries]
+            results = await asyncio.wrap_future(self.runner.submit(items))
+        finally:
+            self.model_free.set()
         self.metrics.inference.observe(time.perf_counter() - started)
         self.metrics.batch_size.observe(len(entries))
         self.metrics.images.inc(len(entries))

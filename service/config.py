@@ -30,10 +30,21 @@ class ModelConfig(BaseModel):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = False
-    torch_threads: int | None = Field(None, ge=1, description="CPU threads; default: all")
+    torch_threads: int | None = Field(
+        None, ge=1,
+        description="CPU threads of a replica; default: all cores. On a CPU node, one "
+        "single-threaded replica per core gives the most images/s, one replica with every "
+        "core the lowest latency (bench/README.md)",
+    )  # fmt: skip
     max_batch_size: int = Field(16, ge=1, le=1024)
-    batch_wait_timeout_s: float = Field(0.005, ge=0, le=10)
-    max_ongoing_requests: int | None = Field(None, ge=1, description="default 2x batch size")
+    batch_wait_timeout_s: float = Field(
+        0.0, ge=0, le=10,
+        description="how long a batch waits for more items after its first; under load "
+        "batches fill anyway from the requests that queue while the model runs",
+    )  # fmt: skip
+    max_ongoing_requests: int | None = Field(
+        None, ge=1, description="default: 4x the batch size, at least 32"
+    )
     max_queued_requests: int = Field(64, ge=-1, description="beyond this: 503 overloaded")
     num_replicas: int = Field(1, ge=1)
     autoscaling_config: dict[str, Any] | None = None
@@ -45,7 +56,9 @@ class ModelConfig(BaseModel):
 
     @property
     def ongoing(self) -> int:
-        return self.max_ongoing_requests or 2 * self.max_batch_size
+        # Requests beyond this wait in the caller's router, which retries with backoff and
+        # leaves the model idle; held in the replica they cost nothing and join the next batch.
+        return self.max_ongoing_requests or max(32, 4 * self.max_batch_size)
 
 
 class GatewayConfig(BaseSettings):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,18 +66,37 @@ class SegmentItem:
 
 
 class ModelRunner:
-    """One loaded model and how to run a batch of requests through it."""
+    """One loaded model and how to run a batch of requests through it.
+
+    Every piece of torch work (loading, warm-up, batches) happens on one dedicated thread. On
+    the CPU each thread that runs torch ops gets an OpenMP team of its own; with more than one
+    team in a process, libgomp counts more threads than cores and stops its workers from
+    spinning between parallel regions, and a ConvNeXt-T forward then takes 1.5x as long.
+    """
 
     def __init__(self, config: ModelConfig):
         self.config = config
         self.device = pick_device(config)
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"inference-{config.name}")
+        self._thread.submit(self._load).result()
+
+    def _load(self) -> None:
+        config = self.config
         if self.device.type == "cpu":
             torch.set_num_threads(config.torch_threads or os.cpu_count() or 1)
         else:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-            torch.backends.cudnn.benchmark = True
         model, self.meta = load_checkpoint(resolve_checkpoint(config.checkpoint), self.device)
+        # On a GPU, classification batches are padded up to a few bucket sizes, all warmed up,
+        # so cuDNN's autotuner sees every shape before the first request and never again;
+        # without buckets each new batch size stalls a request for the tuning. Detection and
+        # segmentation inputs vary in size, so they keep cuDNN's heuristics.
+        self.buckets = _batch_buckets(config.max_batch_size)
+        if self.device.type == "cuda" and self.meta.task == "classify":
+            torch.backends.cudnn.benchmark = True
+        else:
+            self.buckets = []
         self.model = model.to(memory_format=torch.channels_last)
         dtype = DTYPES[config.precision]
         if dtype is torch.float16 and self.device.type == "cpu":
@@ -96,22 +116,31 @@ class ModelRunner:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def warmup(self) -> None:
-        """Full-size batches through every code path, so the first request pays no setup."""
+        """Full-size batches (and every bucket size) through every code path, so the first
+        request pays no setup."""
         size = self.meta.image_size
         n = self.config.max_batch_size
         rng = np.random.default_rng(0)
         for _ in range(self.config.warmup_batches):
             img = rng.integers(0, 256, (3, size, size), dtype=np.uint8)
             if self.task == "classify":
-                self.run([ClassifyItem(img, 5)] * n)
+                for bucket in self.buckets or [n]:
+                    self.run([ClassifyItem(img, 5)] * bucket)
             elif self.task == "detect":
                 self.run([DetectItem(img, (size, size), 0.5, 100, True)] * n)
             else:
                 self.run([SegmentItem(img, (size, size))] * n)
 
-    @torch.inference_mode()
     def run(self, items: list) -> list[Any]:
-        """Results for a batch of items of this runner's task, in order."""
+        """Results for a batch of items of this runner's task, in order (blocking)."""
+        return self.submit(items).result()
+
+    def submit(self, items: list) -> Future:
+        """Queue a batch on the inference thread; the future holds `run`'s results."""
+        return self._thread.submit(self._run, items)
+
+    @torch.inference_mode()
+    def _run(self, items: list) -> list[Any]:
         with self._autocast():
             if self.task == "classify":
                 return self._classify(items)
@@ -120,9 +149,14 @@ class ModelRunner:
             return self._segment(items)
 
     def _classify(self, items: list[ClassifyItem]) -> list[list[tuple[int, float]]]:
-        batch = torch.from_numpy(np.stack([it.image for it in items]))
-        x = normalize(batch, self.meta.mean, self.meta.std, self.device)
-        probs = self.model(x).float().softmax(dim=-1)
+        images = np.stack([it.image for it in items])
+        bucket = next((b for b in self.buckets if b >= len(items)), len(items))
+        if bucket > len(items):
+            images = np.concatenate(
+                [images, np.zeros_like(images[:1]).repeat(bucket - len(items), 0)]
+            )
+        x = normalize(torch.from_numpy(images), self.meta.mean, self.meta.std, self.device)
+        probs = self.model(x)[: len(items)].float().softmax(dim=-1)
         k = min(max(it.top_k for it in items), probs.shape[1])
         scores, ids = probs.topk(k, dim=-1)
         scores, ids = scores.cpu().tolist(), ids.cpu().tolist()
@@ -172,6 +206,12 @@ class ModelRunner:
                 "compile": c.compile,
             },
         }
+
+
+def _batch_buckets(max_batch_size: int) -> list[int]:
+    """Powers of two below `max_batch_size`, then `max_batch_size` itself: 1, 2, 4, ..., max."""
+    buckets = [1 << i for i in range(max_batch_size.bit_length()) if (1 << i) < max_batch_size]
+    return [*buckets, max_batch_size]
 
 
 def _public_meta(meta: CheckpointMeta) -> dict[str, Any]:

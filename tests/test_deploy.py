@@ -504,3 +504,12 @@ def test_render_script_is_idempotent():
     changed = render.render(manifest, serve_config + "# one more line\n")
     assert yaml.safe_load(changed)["spec"]["serveConfigV2"].endswith("# one more line\n")
     assert render.render(changed, serve_config) == manifest
+
+
+def test_image_carries_the_ray_serving_settings():
+    """KubeRay nodes start Ray themselves: the image must set what `convnext-serve run` sets."""
+    from service.run import RAY_SERVING_ENV
+
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    for key, value in RAY_SERVING_ENV.items():
+        assert f"{key}={value}" in dockerfile, key

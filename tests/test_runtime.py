@@ -112,7 +112,44 @@ def test_cpu_threads_follow_the_config(classifier):
 
     before = torch.get_num_threads()
     try:
-        ModelRunner(ModelConfig(name="c", checkpoint=str(classifier), torch_threads=1))
-        assert torch.get_num_threads() == 1
+        runner = ModelRunner(ModelConfig(name="c", checkpoint=str(classifier), torch_threads=1))
+        # the count is per OpenMP master thread: read it where the model runs
+        assert runner._thread.submit(torch.get_num_threads).result() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_all_torch_work_runs_on_one_thread(classifier):
+    """One OpenMP team per process: loading, warm-up and every batch on the runner's thread."""
+    import threading
+
+    from service.config import ModelConfig
+
+    runner = ModelRunner(ModelConfig(name="c", checkpoint=str(classifier), max_batch_size=2))
+    threads = set()
+    runner.model.register_forward_hook(lambda *_: threads.add(threading.get_ident()))
+    img = np.zeros((3, 32, 32), np.uint8)
+    runner.warmup()
+    runner.run([ClassifyItem(img, 1)])
+    runner.submit([ClassifyItem(img, 1)] * 2).result()
+    assert len(threads) == 1 and threading.get_ident() not in threads
+
+
+def test_batch_buckets_pad_without_changing_answers(classifier):
+    from service.config import ModelConfig
+    from service.runtime import _batch_buckets
+
+    assert _batch_buckets(1) == [1]
+    assert _batch_buckets(6) == [1, 2, 4, 6]
+    assert _batch_buckets(128) == [1, 2, 4, 8, 16, 32, 64, 128]
+    runner = ModelRunner(ModelConfig(name="c", checkpoint=str(classifier), max_batch_size=8))
+    assert runner.buckets == []  # on the CPU batches run at their own size
+    rng = np.random.default_rng(1)
+    items = [ClassifyItem(rng.integers(0, 256, (3, 32, 32), dtype=np.uint8), 3) for _ in range(3)]
+    plain = runner.run(items)
+    runner.buckets = _batch_buckets(8)  # what a GPU replica uses: 3 items run as a batch of 4
+    padded = runner.run(items)
+    assert len(padded) == 3
+    for a, b in zip(plain, padded, strict=True):
+        assert [c for c, _ in a] == [c for c, _ in b]
+        assert np.allclose([s for _, s in a], [s for _, s in b], atol=1e-5)

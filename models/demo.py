@@ -47,8 +47,8 @@ DEMO_RECIPES: dict[str, tuple[dict, dict]] = {
     "segment": (
         {"n": 2000, "n_val": 100, "image_size": 128},
         {
-            "arch": "upernet_convnext_atto", "epochs": 6, "batch_size": 8, "image_size": 128,
-            "lr": 6e-4, "warmup_epochs": 0.1, "drop_path": 0.0, "layer_decay": 0.9,
+            "arch": "upernet_convnext_atto", "epochs": 10, "batch_size": 8, "image_size": 128,
+            "lr": 1.2e-3, "warmup_epochs": 0.1, "drop_path": 0.0, "layer_decay": 0.9,
             "scale_range": (0.75, 1.5), "min_size_low": 0.6, "decode_channels": 128,
             "ema_decay": 0.0,
         },

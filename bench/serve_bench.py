@@ -166,8 +166,8 @@ def wait_http(url: str, proc: subprocess.Popen, timeout_s: float = 600) -> None:
 
 
 def scrape(metrics_url: str) -> dict[str, float]:
-    """Totals of the service's counters that the table needs: images, batches, and CPU time
-    is read from the processes instead (`cpu_seconds`)."""
+    """Totals of the service's images and batches counters (the mean batch is their ratio:
+    Ray exports a histogram's sum from bucket midpoints, so the batch-size sum is not exact)."""
     import requests
 
     totals = {"images": 0.0, "batches": 0.0}
@@ -320,9 +320,8 @@ def main() -> None:
           "| mean batch | CPU % model / gateway / proxy / rest of Ray | errors |")  # fmt: skip
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|---:|")
     for name, c, r in rows:
-        cpu = r.get("cpu")
-        roles = ("model", "gateway", "proxy", "ray")
-        cpu_text = " / ".join(f"{100 * cpu[k]:.0f}" for k in roles) if cpu else "-"
+        cpu = r.get("cpu")  # model, gateway, proxy, ray: cpu_seconds()'s order
+        cpu_text = " / ".join(f"{100 * v:.0f}" for v in cpu.values()) if cpu else "-"
         print(f"| {name} | {c} | {r['images_per_s']:.1f} | {100 * r['images_per_s'] / best:.0f}% "
               f"| {r['p50']:.0f} | {r['p95']:.0f} | {r['p99']:.0f} | {r['mean_batch']:.1f} "
               f"| {cpu_text} | {r['errors']} |")  # fmt: skip

@@ -34,7 +34,7 @@ class ModelConfig(BaseModel):
         None, ge=1,
         description="CPU threads of a replica; default: all cores. On a CPU node, one "
         "single-threaded replica per core gives the most images/s, one replica with every "
-        "core the lowest latency (bench/README.md)",
+        "core the lowest latency (README: the serving benchmark)",
     )  # fmt: skip
     max_batch_size: int = Field(16, ge=1, le=1024)
     batch_wait_timeout_s: float = Field(

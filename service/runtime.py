@@ -92,11 +92,10 @@ class ModelRunner:
         # so cuDNN's autotuner sees every shape before the first request and never again;
         # without buckets each new batch size stalls a request for the tuning. Detection and
         # segmentation inputs vary in size, so they keep cuDNN's heuristics.
-        self.buckets = _batch_buckets(config.max_batch_size)
-        if self.device.type == "cuda" and self.meta.task == "classify":
+        bucketed = self.device.type == "cuda" and self.meta.task == "classify"
+        self.buckets = _batch_buckets(config.max_batch_size) if bucketed else []
+        if bucketed:
             torch.backends.cudnn.benchmark = True
-        else:
-            self.buckets = []
         self.model = model.to(memory_format=torch.channels_last)
         dtype = DTYPES[config.precision]
         if dtype is torch.float16 and self.device.type == "cpu":
@@ -151,10 +150,8 @@ class ModelRunner:
     def _classify(self, items: list[ClassifyItem]) -> list[list[tuple[int, float]]]:
         images = np.stack([it.image for it in items])
         bucket = next((b for b in self.buckets if b >= len(items)), len(items))
-        if bucket > len(items):
-            images = np.concatenate(
-                [images, np.zeros_like(images[:1]).repeat(bucket - len(items), 0)]
-            )
+        if bucket > len(items):  # zero images up to the bucket size (np.pad always copies)
+            images = np.pad(images, [(0, bucket - len(items))] + [(0, 0)] * 3)
         x = normalize(torch.from_numpy(images), self.meta.mean, self.meta.std, self.device)
         probs = self.model(x)[: len(items)].float().softmax(dim=-1)
         k = min(max(it.top_k for it in items), probs.shape[1])

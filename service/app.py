@@ -267,12 +267,25 @@ def _segment_result(class_map: np.ndarray, meta: CheckpointMeta) -> dict:
     }
 
 
-@app.middleware("http")
-async def _guard(request: Request, call_next):
-    gateway = getattr(request.app.state, "gateway", None)
-    if gateway is None:  # outside a gateway replica (e.g. building the OpenAPI schema)
-        return await call_next(request)
-    return await gateway.guard(request, call_next)
+class GuardMiddleware:
+    """Runs `Gateway.guard` around every HTTP request, as plain ASGI.
+
+    Not `@app.middleware("http")`: Starlette's BaseHTTPMiddleware runs each request through a
+    task group and memory streams, a cost every request pays on the gateway's CPU.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        gateway = getattr(scope["app"].state, "gateway", None) if "app" in scope else None
+        if scope["type"] != "http" or gateway is None:  # or outside a gateway replica
+            await self.app(scope, receive, send)
+            return
+        await gateway.guard(self.app, scope, receive, send)
+
+
+app.add_middleware(GuardMiddleware)
 
 
 def _endpoint_of(path: str) -> str:
@@ -301,35 +314,48 @@ class Gateway:
         torch.set_num_threads(1)  # resizing here must not compete with the model's threads
         app.state.gateway = self  # for the middleware (auth, limits, metrics)
 
-    async def guard(self, request: Request, call_next):
+    async def guard(self, app, scope, receive, send) -> None:
         """Auth, the in-flight limit, the body-size limit, and the request metrics."""
+        request = Request(scope)
         path = request.url.path
         endpoint = _endpoint_of(path)
         started = time.perf_counter()
+        # the endpoint sets request.state.model to the model it resolves; scope["state"] is
+        # where request.state lives, so the value is shared with the endpoint's Request
         request.state.model = request.query_params.get("model", "")
+        status = 500
+
+        async def send_and_note_status(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
         count = sum(self.in_flight.values())
         self.in_flight[endpoint] = self.in_flight.get(endpoint, 0) + 1
         self.metrics.in_flight.set(self.in_flight[endpoint], tags={"endpoint": endpoint})
         try:
+            refusal = None
             if path.startswith("/v1/") and self.api_keys and not self._authorised(request):
-                response = error_response(
+                refusal = error_response(
                     401, "unauthorized", "a valid API key is required (Authorization: Bearer "
                     "<key> or X-API-Key)", {"WWW-Authenticate": "Bearer"},
                 )  # fmt: skip
             elif path.startswith("/v1/") and count >= self.config.max_in_flight:
-                response = self._overloaded("the gateway is at its in-flight request limit")
+                refusal = self._overloaded("the gateway is at its in-flight request limit")
             elif int(request.headers.get("content-length") or 0) > self.config.max_body_bytes:
-                response = error_response(413, "payload_too_large", self._body_limit_text())
+                refusal = error_response(413, "payload_too_large", self._body_limit_text())
+            if refusal is not None:
+                await refusal(scope, receive, send_and_note_status)
             else:
-                response = await call_next(request)
+                await app(scope, receive, send_and_note_status)
         finally:
             self.in_flight[endpoint] -= 1
             self.metrics.in_flight.set(self.in_flight[endpoint], tags={"endpoint": endpoint})
-        if path.startswith("/v1/"):
-            tags = {"endpoint": endpoint, "model": request.state.model}
-            self.metrics.requests.inc(tags={**tags, "status": str(response.status_code)})
-            self.metrics.duration.observe(time.perf_counter() - started, tags=tags)
-        return response
+            if path.startswith("/v1/"):
+                tags = {"endpoint": endpoint, "model": request.state.model}
+                self.metrics.requests.inc(tags={**tags, "status": str(status)})
+                self.metrics.duration.observe(time.perf_counter() - started, tags=tags)
 
     def _authorised(self, request: Request) -> bool:
         auth = request.headers.get("authorization", "")

@@ -65,7 +65,8 @@ WORKDIR /home/ray
 # runtime (compose's device reservation, the Kubernetes device plugin), so a pod that asks for
 # no GPU (the KubeRay head) sees none. The RAY_* settings are service/run.py's RAY_SERVING_ENV
 # (user code and router on the replica's event loop, buffered request logs, images in-band
-# rather than through the object store), here too so KubeRay's `ray start` nodes get them.
+# rather than through the object store, HTTP through Ray Serve's HAProxy front straight into
+# the gateway replicas), here too so KubeRay's `ray start` nodes get them.
 ENV HOME=/home/ray \
     CONVNEXT_SERVE_DEMO_DIR=/opt/convnext-serve/demo \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
@@ -74,8 +75,9 @@ ENV HOME=/home/ray \
     RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0 \
     RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE=1000 \
     RAY_SERVE_LOG_TO_STDERR=0 \
-    RAY_max_direct_call_object_size=1048576
-# 8000: HTTP API (Ray Serve proxy); 8080: Prometheus metrics (Ray's metrics export port).
+    RAY_max_direct_call_object_size=1048576 \
+    RAY_SERVE_ENABLE_HA_PROXY=1
+# 8000: HTTP API (Ray Serve's HAProxy front); 8080: Prometheus metrics (Ray's metrics export port).
 EXPOSE 8000 8080
 HEALTHCHECK --interval=30s --timeout=5s --start-period=5m --retries=3 \
     CMD ["python", "-c", "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]

@@ -180,7 +180,7 @@ def scrape(metrics_url: str) -> dict[str, float]:
 
 
 PROCESS_GROUPS = (("model", "ServeReplica:bench:model-"), ("gateway", "ServeReplica:bench:gateway"),
-                  ("proxy", "ProxyActor"))  # fmt: skip
+                  ("proxy", "ProxyActor"), ("proxy", "haproxy"), ("proxy", "HAProxy"))  # fmt: skip
 
 
 def cpu_seconds() -> dict[str, float]:

@@ -403,6 +403,16 @@ def test_every_documented_metric_is_exported(service):
     assert "ray_serve_" in text  # Ray Serve's own series at the same target
 
 
+def test_http_enters_through_haproxy(service):
+    """The HTTP port belongs to Ray Serve's HAProxy front, not to the Python proxy actor."""
+    port = int(service.url.rsplit(":", 1)[1])
+    listeners = [
+        p.name() for p in service.children if p.is_running()
+        for c in p.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port
+    ]  # fmt: skip
+    assert listeners and set(listeners) == {"haproxy"}, listeners
+
+
 def test_ctrl_c_stops_everything(service):
     children = [p for p in service.children if p.is_running()]
     service.proc.send_signal(signal.SIGINT)

@@ -34,14 +34,17 @@ DEMO_RECIPES: dict[str, tuple[dict, dict]] = {
         },
     ),
     # Mask R-CNN from the classifier's backbone; few sampled RoIs and proposals keep a CPU step
-    # cheap (the defaults are for 1333 px COCO images).
+    # cheap (the defaults are for 1333 px COCO images). Images hold 1-4 objects, so half of the
+    # sampled RoIs may be positives (the default quarter starves the box classifier), and 200
+    # proposals at inference are plenty (faster, and fewer false positives than 1000).
     "detect": (
-        {"n": 3000, "n_val": 100, "image_size": 128},
+        {"n": 2800, "n_val": 100, "image_size": 128},
         {
             "arch": "maskrcnn_convnext_atto", "epochs": 2, "batch_size": 2, "min_size": 128,
             "max_size": 128, "min_size_low": 1.0, "lr": 3e-4, "warmup_epochs": 0.1,
-            "drop_path": 0.0, "roi_batch_size": 32, "rpn_train_proposals": 200,
-            "layer_decay": 0.9, "ema_decay": 0.998,
+            "drop_path": 0.0, "roi_batch_size": 32, "roi_positive_fraction": 0.5,
+            "rpn_train_proposals": 200, "rpn_test_proposals": 200, "layer_decay": 0.9,
+            "ema_decay": 0.0,
         },
     ),
     "segment": (

@@ -65,7 +65,7 @@ def test_detection_training_lowers_the_loss(datasets, tmp_path, capsys):
     cfg = TrainConfig.for_task(
         "detect", data=str(datasets / "det"), arch="maskrcnn_convnext_atto", out=str(out),
         epochs=3, batch_size=2, min_size=96, max_size=96, lr=3e-4, roi_batch_size=64,
-        rpn_train_proposals=300, **FAST,
+        roi_positive_fraction=0.5, rpn_train_proposals=300, rpn_test_proposals=150, **FAST,
     )  # fmt: skip
     metrics = train(cfg)
     rows = history(out)
@@ -74,8 +74,12 @@ def test_detection_training_lowers_the_loss(datasets, tmp_path, capsys):
         v for k, v in rows[0].items() if k.startswith("loss_")
     )
     assert set(metrics) == {"bbox_AP", "bbox_AP50", "segm_AP", "segm_AP50"}
-    _, meta = load_checkpoint(out)
-    assert meta.task == "detect" and meta.model_kwargs == {"min_size": 96, "max_size": 96}
+    model, meta = load_checkpoint(out)
+    assert meta.task == "detect" and meta.model_kwargs == {
+        "min_size": 96, "max_size": 96, "rpn_pre_nms_top_n_test": 150,
+        "rpn_post_nms_top_n_test": 150,
+    }  # fmt: skip
+    assert model.rpn.post_nms_top_n() == 150  # the served model proposes what it was given
     assert meta.labels == ["circle", "square", "triangle", "star"]
     assert eval_json(capsys, "detect", datasets / "det", out) == pytest.approx(metrics)
 

@@ -58,6 +58,12 @@ class TrainConfig(BaseModel):
     )
     roi_batch_size: int = Field(512, ge=1, description="RoIs sampled per image (Mask R-CNN)")
     rpn_train_proposals: int = Field(2000, ge=1, description="RPN proposals kept in training")
+    roi_positive_fraction: float = Field(
+        0.25, gt=0.0, le=1.0, description="most a sampled RoI batch may hold of positives"
+    )
+    rpn_test_proposals: int = Field(
+        1000, ge=1, description="RPN proposals per image at inference (stored in the checkpoint)"
+    )
     # running
     ema_decay: float = 0.9999
     amp: Literal["auto", "bf16", "fp16", "none"] = "auto"

@@ -161,16 +161,21 @@ class DetectTask:
         # steps of 32
         low = max(32, int(cfg.min_size_low * self.min_size) // 32 * 32)
         self.train_scales = tuple(sorted({*range(low, self.min_size, 32), self.min_size}))
+        # what inference depends on, stored in the checkpoint
+        self.model_kwargs: dict = {"min_size": self.min_size, "max_size": self.max_size}
+        if cfg.rpn_test_proposals != 1000:  # torchvision's default; small images need fewer
+            self.model_kwargs |= {"rpn_pre_nms_top_n_test": cfg.rpn_test_proposals,
+                                  "rpn_post_nms_top_n_test": cfg.rpn_test_proposals}  # fmt: skip
 
     def build_model(self) -> nn.Module:
         cfg = self.cfg
         model = build_model(
             cfg.arch,
             num_classes=len(self.labels),
-            min_size=self.min_size,
-            max_size=self.max_size,
             drop_path_rate=cfg.drop_path,
+            **self.model_kwargs,
             box_batch_size_per_image=cfg.roi_batch_size,
+            box_positive_fraction=cfg.roi_positive_fraction,
             rpn_pre_nms_top_n_train=cfg.rpn_train_proposals,
             rpn_post_nms_top_n_train=cfg.rpn_train_proposals,
         )
@@ -215,7 +220,7 @@ class DetectTask:
             crop_pct=1.0,
             interpolation="bilinear",
             provenance=Provenance(source="trained", metrics=metrics, **provenance),
-            model_kwargs={"min_size": self.min_size, "max_size": self.max_size},
+            model_kwargs=self.model_kwargs,
         )
 
 

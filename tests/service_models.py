@@ -29,8 +29,9 @@ RECIPES = {
     ),
     "detect": (
         colour_shapes.write_detect, 200,
-        dict(arch="maskrcnn_convnext_atto", epochs=8, batch_size=4, min_size=64, max_size=64,
-             lr=1e-3, roi_batch_size=64, rpn_train_proposals=200),
+        dict(arch="maskrcnn_convnext_atto", epochs=12, batch_size=4, min_size=64, max_size=64,
+             lr=1e-3, roi_batch_size=64, roi_positive_fraction=0.5, rpn_train_proposals=200,
+             rpn_test_proposals=100),
     ),
     "segment": (
         colour_shapes.write_segment, 200,

@@ -159,8 +159,11 @@ def test_ctrl_c_then_resume_reproduces_the_uninterrupted_run(datasets, tmp_path)
     resumed = tmp_path / "resumed.safetensors"
     state = tmp_path / "resumed.safetensors.state" / "last.pt"
     proc = subprocess.Popen(
-        _train_cmd(datasets, resumed, 3), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
+        _train_cmd(datasets, resumed, 3), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        # a test run started in the background (`make test &`) ignores SIGINT, and a child
+        # would inherit that: give it the default disposition, as in a terminal
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
     deadline = time.monotonic() + 120
     while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)

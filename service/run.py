@@ -178,6 +178,6 @@ def _print_banner(url: str, metrics_port: int, host: str) -> None:
         "detect": f"curl -F image=@{image} '{url}/v1/detect?render=true' -o detections.png",
         "segment": f"curl -F image=@{image} '{url}/v1/segment?render=true' -o segments.png",
     }
-    lines += ["", "Try it:", *(f"  {examples[t]}" for t in examples if t in tasks)]
-    lines += ["", "Ctrl-C stops it."]
+    lines += ["", "Try it:", *(f"  {examples[t]}" for t in examples if t in tasks), "",
+              "Ctrl-C stops it."]  # fmt: skip
     print("\n".join(lines), flush=True)

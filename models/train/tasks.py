@@ -163,7 +163,8 @@ class DetectTask:
         self.train_scales = tuple(sorted({*range(low, self.min_size, 32), self.min_size}))
         # what inference depends on, stored in the checkpoint
         self.model_kwargs: dict = {"min_size": self.min_size, "max_size": self.max_size}
-        if cfg.rpn_test_proposals != 1000:  # torchvision's default; small images need fewer
+        # torchvision's default (1000) needs no entry; small images want fewer proposals
+        if cfg.rpn_test_proposals != TrainConfig.model_fields["rpn_test_proposals"].default:
             self.model_kwargs |= {"rpn_pre_nms_top_n_test": cfg.rpn_test_proposals,
                                   "rpn_post_nms_top_n_test": cfg.rpn_test_proposals}  # fmt: skip
 

@@ -8,6 +8,7 @@ RGB in [0, 1]; the model normalises them itself (on its device) with `image_mean
 
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from torchvision.models.detection import MaskRCNN
-from torchvision.models.detection.transform import resize_boxes
+from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
@@ -48,6 +49,21 @@ class ConvNeXtFPN(nn.Module):
         return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(feats)))
 
 
+def _named_parameters(*functions) -> frozenset[str]:
+    return frozenset(
+        name
+        for f in functions
+        for name, p in inspect.signature(f).parameters.items()
+        if name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+    )
+
+
+# What torchvision's MaskRCNN takes by name (FasterRCNN's options, and its transform's).
+MASKRCNN_OPTIONS = _named_parameters(
+    MaskRCNN.__init__, FasterRCNN.__init__, GeneralizedRCNNTransform.__init__
+) - {"backbone", "num_classes"}
+
+
 def maskrcnn_convnext(
     arch: str,
     num_classes: int = 80,
@@ -59,6 +75,11 @@ def maskrcnn_convnext(
     **kw,
 ) -> MaskRCNN:
     """Mask R-CNN with a ConvNeXt-`arch` + FPN backbone; extra `kw` go to torchvision's MaskRCNN."""
+    unknown = sorted(set(kw) - MASKRCNN_OPTIONS)
+    if unknown:
+        # torchvision passes unknown keywords on to its transform, which ignores them: a typo
+        # in a checkpoint's model_kwargs would otherwise change nothing, silently.
+        raise TypeError(f"maskrcnn_convnext got unknown argument(s): {', '.join(unknown)}")
     depths, dims = CONVNEXT_CONFIGS[arch]
     body = ConvNeXt(depths=depths, dims=dims, drop_path_rate=drop_path_rate, features_only=True)
     model = MaskRCNN(

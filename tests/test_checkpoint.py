@@ -111,3 +111,19 @@ def test_bad_metadata(saved, meta, problem):
     save_file(model.state_dict(), path, metadata={META_KEY: meta})
     with pytest.raises(CheckpointError, match=problem):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    "arch, head, task", [("convnext_atto", "linear", "classify"),
+                         ("maskrcnn_convnext_atto", "maskrcnn", "detect")],
+)  # fmt: skip
+def test_unknown_model_kwargs_fail_at_load(tmp_path, arch, head, task):
+    # torchvision's MaskRCNN would pass an unknown keyword on to its transform and ignore it
+    model = build_model(arch, num_classes=3)
+    meta = make_meta().model_copy(
+        update={"arch": arch, "head": head, "task": task,
+                "model_kwargs": {"rpn_post_nms_top_n_tset": 150}}
+    )  # fmt: skip
+    path = save_checkpoint(model, tmp_path / "typo.safetensors", meta)
+    with pytest.raises(CheckpointError, match=r"typo\.safetensors: cannot build.*top_n_tset"):
+        load_checkpoint(path)

@@ -1,4 +1,4 @@
-"""The naive baseline of `serve_bench.py`: plain FastAPI + uvicorn, one forward per request.
+"""The naive baseline of `serve_bench.py`: plain FastAPI + uvicorn, one forward pass per request.
 
 Same decode and preprocessing code as the service (so only the serving design differs), the
 model run in FastAPI's thread pool, one image at a time.
@@ -33,11 +33,19 @@ def healthz() -> dict:
 
 
 @app.post("/v1/classify")
-def classify(image: UploadFile = File(...)) -> dict:
-    pixels = np.asarray(Image.open(io.BytesIO(image.file.read())).convert("RGB"))
-    view = resize_crop(
-        torch.from_numpy(pixels).permute(2, 0, 1), meta.image_size, meta.crop_pct,
-        meta.interpolation,
-    )  # fmt: skip
-    top = runner.run([ClassifyItem(view.numpy(), 5)])[0]
-    return {"predictions": [{"label": meta.labels[c], "score": s} for c, s in top]}
+def classify(image: list[UploadFile] = File(...)) -> dict:
+    views = []
+    for upload in image:
+        pixels = np.asarray(Image.open(io.BytesIO(upload.file.read())).convert("RGB"))
+        view = resize_crop(
+            torch.from_numpy(pixels).permute(2, 0, 1), meta.image_size, meta.crop_pct,
+            meta.interpolation,
+        )  # fmt: skip
+        views.append(ClassifyItem(view.numpy(), 5))
+    results = runner.run(views)  # the request's images in one forward pass
+    return {
+        "results": [
+            {"predictions": [{"label": meta.labels[c], "score": s} for c, s in top]}
+            for top in results
+        ]
+    }

@@ -5,10 +5,13 @@ JPEG photos of 640x480 as the input:
 
   (a) raw model images/s in-process at its best batch size (uint8 batch in, logits out);
   (b) the service (`convnext-serve run`) over HTTP at concurrency 1, 8 and 32: images/s,
-      p50/p95/p99 latency, and the mean batch size from the service's own metrics;
+      p50/p95/p99 latency, the mean batch size from the service's own metrics, and the CPU
+      time each part of the service spends per image;
   (c) a naive baseline: plain FastAPI + uvicorn, one forward pass per request.
 
     .venv/bin/python bench/serve_bench.py [--precision fp32] [--seconds 20]
+    # the service's own cost, with a model too cheap to matter (what bounds it on a GPU):
+    .venv/bin/python bench/serve_bench.py --arch convnext_atto --image-size 64 --skip-naive
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_checkpoint(folder: Path) -> Path:
+def make_checkpoint(folder: Path, arch: str = "convnext_tiny", image_size: int = 224) -> Path:
     import torch
 
     from models import build_model, save_checkpoint
@@ -48,12 +51,12 @@ def make_checkpoint(folder: Path) -> Path:
     from models.labels import imagenet1k_labels
 
     torch.manual_seed(0)
-    model = build_model("convnext_tiny")
+    model = build_model(arch)
     meta = CheckpointMeta(
-        task="classify", arch="convnext_tiny", head="linear", num_classes=1000,
+        task="classify", arch=arch, head="linear", num_classes=1000, image_size=image_size,
         labels=imagenet1k_labels(), provenance=Provenance(source="converted", dataset="bench"),
     )  # fmt: skip
-    return save_checkpoint(model, folder / "convnext_tiny.safetensors", meta)
+    return save_checkpoint(model, folder / f"{arch}.safetensors", meta)
 
 
 def make_photos(n: int = 16) -> list[bytes]:
@@ -79,7 +82,8 @@ def raw_model(
     from service.runtime import ClassifyItem, ModelRunner
 
     runner = ModelRunner(ModelConfig(name="raw", checkpoint=str(checkpoint), precision=precision))
-    image = np.random.default_rng(0).integers(0, 256, (3, 224, 224), dtype=np.uint8)
+    size = runner.meta.image_size
+    image = np.random.default_rng(0).integers(0, 256, (3, size, size), dtype=np.uint8)
     results, batch1_ms = {}, 0.0
     for batch in batches:
         items = [ClassifyItem(image, 5)] * batch
@@ -98,21 +102,28 @@ def raw_model(
     return results, batch1_ms
 
 
-async def load(url: str, photos: list[bytes], concurrency: int, seconds: float) -> dict:
-    """Closed-loop load: `concurrency` clients, each sending its next photo on each answer."""
+async def load(
+    url: str, photos: list[bytes], concurrency: int, seconds: float, per_request: int = 1
+) -> dict:
+    """Closed-loop load: `concurrency` clients, each sending its next request on each answer;
+    a request carries `per_request` photos. Returns the raw figures (see `summarise`)."""
     import aiohttp
 
     latencies: list[float] = []
     errors = 0
-    deadline = time.perf_counter() + seconds
+
+    def form_of(i: int) -> aiohttp.FormData:
+        form = aiohttp.FormData()
+        for j in range(per_request):
+            form.add_field("image", photos[(i + j) % len(photos)], filename="p.jpg",
+                           content_type="image/jpeg")  # fmt: skip
+        return form
 
     async def client(k: int, session: aiohttp.ClientSession) -> None:
         nonlocal errors
         i = k
         while time.perf_counter() < deadline:
-            form = aiohttp.FormData()
-            form.add_field("image", photos[i % len(photos)], filename="p.jpg",
-                           content_type="image/jpeg")  # fmt: skip
+            form = form_of(i)
             start = time.perf_counter()
             async with session.post(url, data=form) as r:
                 await r.read()
@@ -125,28 +136,49 @@ async def load(url: str, photos: list[bytes], concurrency: int, seconds: float) 
     connector = aiohttp.TCPConnector(limit=concurrency)
     timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        # warm-up: every connection once
-        await asyncio.gather(*(client_once(session, url, photos[0]) for _ in range(concurrency)))
+
+        async def once() -> None:
+            async with session.post(url, data=form_of(0)) as r:
+                await r.read()
+
+        await asyncio.gather(*(once() for _ in range(concurrency)))  # warm every connection
         started = time.perf_counter()
         deadline = started + seconds
         await asyncio.gather(*(client(k, session) for k in range(concurrency)))
         elapsed = time.perf_counter() - started
-    lat = sorted(latencies)
+    return {"latencies": latencies, "elapsed": elapsed, "errors": errors,
+            "images": len(latencies) * per_request}  # fmt: skip
+
+
+def _load_in_process(args: tuple) -> dict:
+    return asyncio.run(load(*args))
+
+
+def run_load(
+    url: str, photos: list[bytes], concurrency: int, seconds: float, per_request: int = 1,
+    processes: int = 1,
+) -> dict:  # fmt: skip
+    """`load` split over `processes` client processes (one Python process cannot send the
+    thousands of requests a second a GPU service takes); images/s and latency percentiles."""
+    processes = max(1, min(processes, concurrency))
+    shares = [concurrency // processes + (k < concurrency % processes) for k in range(processes)]
+    if processes == 1:
+        parts = [asyncio.run(load(url, photos, concurrency, seconds, per_request))]
+    else:
+        from concurrent.futures import ProcessPoolExecutor
+
+        jobs = [(url, photos, share, seconds, per_request) for share in shares]
+        with ProcessPoolExecutor(processes) as pool:
+            parts = list(pool.map(_load_in_process, jobs))
+    lat = sorted(x for part in parts for x in part["latencies"])
+    elapsed = max(part["elapsed"] for part in parts)
 
     def pct(p: float) -> float:
         return lat[min(len(lat) - 1, int(p * len(lat)))] * 1e3 if lat else float("nan")
 
-    return {"images_per_s": len(lat) / elapsed, "p50": pct(0.5), "p95": pct(0.95),
-            "p99": pct(0.99), "errors": errors}  # fmt: skip
-
-
-async def client_once(session, url: str, photo: bytes) -> None:
-    import aiohttp
-
-    form = aiohttp.FormData()
-    form.add_field("image", photo, filename="p.jpg", content_type="image/jpeg")
-    async with session.post(url, data=form) as r:
-        await r.read()
+    return {"images_per_s": sum(part["images"] for part in parts) / elapsed,
+            "p50": pct(0.5), "p95": pct(0.95), "p99": pct(0.99),
+            "errors": sum(part["errors"] for part in parts)}  # fmt: skip
 
 
 def wait_http(url: str, proc: subprocess.Popen, timeout_s: float = 600) -> None:
@@ -210,8 +242,12 @@ def stop(proc: subprocess.Popen) -> None:
 def serve_levels(
     checkpoint: Path, folder: Path, photos: list[bytes], args, layout: dict, label: str
 ) -> list[tuple[str, int, dict]]:
-    """(b) for one replica layout: start `convnext-serve run`, load it at each concurrency."""
+    """(b) for one replica layout: start `convnext-serve run`, load it at each concurrency.
+
+    `layout` holds model settings, and the gateway's under "gateway"."""
     port, metrics_port = free_port(), free_port()
+    layout = dict(layout)
+    gateway = layout.pop("gateway", {})
     model = {
         "name": "tiny", "checkpoint": str(checkpoint), "precision": args.precision,
         "max_batch_size": args.max_batch_size, "max_queued_requests": -1, **layout,
@@ -219,7 +255,8 @@ def serve_levels(
     config = {
         "http_options": {"host": "127.0.0.1", "port": port},
         "applications": [{"name": "bench", "route_prefix": "/",
-                          "import_path": "service.app:build_app", "args": {"models": [model]}}],
+                          "import_path": "service.app:build_app",
+                          "args": {"models": [model], "gateway": gateway}}],
     }  # fmt: skip
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
     cmd = [sys.executable, "-m", "service.cli", "run", "--config", str(folder / "config.yaml"),
@@ -233,14 +270,17 @@ def serve_levels(
         url = f"http://127.0.0.1:{port}/v1/classify?top_k=5"
         for c in args.concurrency:
             time.sleep(6)  # the metrics export period
-            before, cpu_before, started = scrape(metrics_url), cpu_seconds(), time.perf_counter()
-            result = asyncio.run(load(url, photos, c, args.seconds))
-            elapsed, cpu_after = time.perf_counter() - started, cpu_seconds()
+            before, cpu_before = scrape(metrics_url), cpu_seconds()
+            result = run_load(url, photos, c, args.seconds, args.images_per_request,
+                              args.client_processes)  # fmt: skip
+            cpu_after = cpu_seconds()
             time.sleep(12)
             after = scrape(metrics_url)
             batches = after["batches"] - before["batches"]
             result["mean_batch"] = (after["images"] - before["images"]) / batches if batches else 0
-            result["cpu"] = {k: (cpu_after[k] - cpu_before[k]) / elapsed for k in cpu_after}
+            images = max(1.0, after["images"] - before["images"])
+            result["cpu_ms"] = {k: 1e3 * (cpu_after[k] - cpu_before[k]) / images
+                                for k in cpu_after}  # fmt: skip
             rows.append((f"service, {label}", c, result))
             print(f"(b) service {label} c={c}: {result}", flush=True)
     finally:
@@ -253,7 +293,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--seconds", type=float, default=20, help="per load level")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument(
+        "--concurrency", type=int, nargs="+", default=None,
+        help="clients in flight (default: 1 8 32, and 256 on a GPU)",
+    )  # fmt: skip
+    parser.add_argument("--images-per-request", type=int, default=1)
+    parser.add_argument(
+        "--client-processes", type=int, default=0,
+        help="load-generator processes (default: 1 on a CPU node, a quarter of the cores on "
+        "a GPU node)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--arch", default="convnext_tiny",
+        help="e.g. convnext_atto with --image-size 64: a model so cheap that the service's "
+        "own CPU cost per image decides the images/s, as on a GPU",
+    )  # fmt: skip
+    parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument(
         "--max-batch-size", type=int, default=0,
         help="the service's batch size (default: the raw model's best)",
@@ -262,15 +317,29 @@ def main() -> None:
         "--batches", type=int, nargs="+", default=None,
         help="raw batch sizes to try (default: 1 2 4 8 on CPU, up to 256 on a GPU)",
     )  # fmt: skip
+    parser.add_argument(
+        "--gateway-replicas", type=int, nargs="+", default=None,
+        help="gateway replica counts to try (default: 1 on a CPU node; 1 and a quarter of "
+        "the cores on a GPU node)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--gpu-model-replicas", type=int, default=2,
+        help="model replicas sharing the GPU: each replica's Python handles every call it "
+        "gets, so several spread that work over cores",
+    )  # fmt: skip
     parser.add_argument("--skip-naive", action="store_true")
     args = parser.parse_args()
 
     import torch
 
     gpu = torch.cuda.is_available()
+    cores = os.cpu_count() or 1
+    args.concurrency = args.concurrency or ([1, 8, 32, 256] if gpu else [1, 8, 32])
+    args.client_processes = args.client_processes or (max(1, cores // 4) if gpu else 1)
+    gateways = args.gateway_replicas or ([1, max(1, cores // 4)] if gpu else [1])
     batches = args.batches or ([1, 8, 32, 64, 128, 256] if gpu else [1, 2, 4, 8])
     folder = Path(tempfile.mkdtemp(prefix="serve-bench-"))
-    checkpoint = make_checkpoint(folder)
+    checkpoint = make_checkpoint(folder, args.arch, args.image_size)
     photos = make_photos()
     raw, batch1_ms = raw_model(checkpoint, args.precision, args.seconds, batches)
     best_batch = max(raw, key=raw.get)
@@ -280,12 +349,21 @@ def main() -> None:
         flush=True)  # fmt: skip
 
     # Replica layouts: on a CPU node one replica with every core (lowest latency) and one
-    # single-threaded replica per core (most images/s); on a GPU, one replica on the GPU.
-    cores = os.cpu_count() or 1
-    layouts = {"1 GPU replica": {}} if gpu else {
-        f"1 replica x {cores} threads": {"num_replicas": 1, "torch_threads": cores},
-        f"{cores} replicas x 1 thread": {"num_replicas": cores, "torch_threads": 1},
-    }  # fmt: skip
+    # single-threaded replica per core (most images/s); on a GPU, model replicas sharing it.
+    if gpu:
+        share = round(1 / args.gpu_model_replicas, 3)
+        models = {"num_replicas": args.gpu_model_replicas, "num_gpus": share}
+        layouts = {f"{args.gpu_model_replicas} GPU replicas, {g} gateways":
+                   {**models, "gateway": {"num_replicas": g}} for g in gateways}  # fmt: skip
+    else:
+        layouts = {}
+        for g in gateways:
+            gw = {"gateway": {"num_replicas": g}} if g != 1 else {}
+            suffix = f", {g} gateways" if g != 1 else ""
+            layouts[f"1 replica x {cores} threads{suffix}"] = {
+                "num_replicas": 1, "torch_threads": cores, **gw}  # fmt: skip
+            layouts[f"{cores} replicas x 1 thread{suffix}"] = {
+                "num_replicas": cores, "torch_threads": 1, **gw}  # fmt: skip
     rows = []
     for label, layout in layouts.items():
         rows += serve_levels(checkpoint, folder, photos, args, layout, label)
@@ -301,8 +379,9 @@ def main() -> None:
             wait_http(f"http://127.0.0.1:{port}/healthz", naive)
             url = f"http://127.0.0.1:{port}/v1/classify"
             for c in args.concurrency:
-                result = asyncio.run(load(url, photos, c, args.seconds))
-                result["mean_batch"] = 1.0
+                result = run_load(url, photos, c, args.seconds, args.images_per_request,
+                                  args.client_processes)  # fmt: skip
+                result["mean_batch"] = float(args.images_per_request)
                 rows.append(("naive FastAPI", c, result))
                 print(f"(c) naive c={c}: {result}", flush=True)
         finally:
@@ -311,17 +390,20 @@ def main() -> None:
     best = raw[best_batch]
     device = torch.cuda.get_device_name() if gpu else f"{cores}-core CPU"
     print()
-    print(f"{device}, convnext_tiny 224x224 {args.precision}, JPEG 640x480 in; raw model "
-          f"in-process: best {best:.1f} images/s at batch {best_batch}; batch 1: "
-          f"{raw[1]:.1f} images/s, {batch1_ms:.1f} ms; service max_batch_size "
+    print(f"{device}, {args.arch} {args.image_size}x{args.image_size} {args.precision}, JPEG "
+          f"640x480 in, {args.images_per_request} a request, {args.client_processes} client "
+          f"process(es); raw model in-process: best {best:.1f} images/s at batch {best_batch}; "
+          f"batch 1: {raw[1]:.1f} images/s, {batch1_ms:.1f} ms; service max_batch_size "
           f"{args.max_batch_size}")  # fmt: skip
     print()
-    print("| server | concurrency | images/s | % of raw best | p50 ms | p95 ms | p99 ms "
-          "| mean batch | CPU % model / gateway / proxy / rest of Ray | errors |")  # fmt: skip
+    print(
+        "| server | concurrency | images/s | % of raw best | p50 ms | p95 ms | p99 ms "
+        "| mean batch | CPU ms per image: model / gateway / proxy / rest of Ray | errors |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|---:|")
     for name, c, r in rows:
-        cpu = r.get("cpu")  # model, gateway, proxy, ray: cpu_seconds()'s order
-        cpu_text = " / ".join(f"{100 * v:.0f}" for v in cpu.values()) if cpu else "-"
+        cpu = r.get("cpu_ms")  # model, gateway, proxy, ray: cpu_seconds()'s order
+        cpu_text = " / ".join(f"{v:.1f}" for v in cpu.values()) if cpu else "-"
         print(f"| {name} | {c} | {r['images_per_s']:.1f} | {100 * r['images_per_s'] / best:.0f}% "
               f"| {r['p50']:.0f} | {r['p95']:.0f} | {r['p99']:.0f} | {r['mean_batch']:.1f} "
               f"| {cpu_text} | {r['errors']} |")  # fmt: skip

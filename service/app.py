@@ -2,9 +2,10 @@
 
 `build_app(args)` is the application builder a Ray Serve config names
 (`import_path: service.app:build_app`). The gateway validates, decodes and resizes images
-(cheap work that scales with CPU replicas) and sends each image as its own item to the model
-deployment, so images of one request batch with other requests'; the model replicas batch
-with `@serve.batch`, normalise on the device and run the model.
+(cheap work that scales with CPU replicas) and sends a request's images to the model
+deployment in one call; there each image is its own batch item, so images of one request
+batch with other requests'. The model replicas batch with `@serve.batch`, normalise on the
+device and run the model.
 """
 
 import asyncio
@@ -30,6 +31,7 @@ from models.checkpoint import CheckpointMeta, read_checkpoint_meta
 from models.classification import resize_crop
 
 from . import render as draw
+from .admission import ModelBusy, ModelQueue, gateway_share
 from .config import AppConfig, GatewayConfig, ModelConfig
 from .imaging import DecodedImage, ImageError, decode
 from .metrics import ModelMetrics, gateway_metrics
@@ -63,14 +65,20 @@ class ModelServer:
             "precision": self.runner.precision,
         }
 
-    async def __call__(self, item: Any) -> Any:
+    async def __call__(self, items: list[Any]) -> list[Any]:
+        """Results for the images of one call (a request's images, up to a batch of them).
+
+        One call carries several images so a multi-image request pays Ray's per-call cost
+        once; each image still enters the batch queue on its own and batches with other
+        calls' images.
+        """
         arrived = time.perf_counter()
         # Ray Serve forms the next batch as soon as an item arrives, even while the model is
         # busy with the previous one, so under load every batch would hold a single item.
         # Holding arrivals here while a batch runs lets them enter the queue together when the
         # model frees up, and `@serve.batch` then takes them as one batch.
         await self.model_free.wait()
-        return await self.infer((arrived, item))
+        return await asyncio.gather(*(self.infer((arrived, item)) for item in items))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def infer(self, entries: list[tuple[float, Any]]) -> list[Any]:
@@ -301,6 +309,13 @@ class Gateway:
         self.config = GatewayConfig.model_validate(gateway)
         self.model_configs = {m["name"]: ModelConfig.model_validate(m) for m in models}
         self.handles = handles
+        self.queues = {
+            name: ModelQueue(
+                gateway_share(cfg.ongoing, cfg.max_replicas, self.config.num_replicas),
+                cfg.max_queued_requests,
+            )
+            for name, cfg in self.model_configs.items()
+        }
         self.metas: dict[str, CheckpointMeta] = {
             name: read_checkpoint_meta(resolve_checkpoint(cfg.checkpoint))
             for name, cfg in self.model_configs.items()
@@ -541,6 +556,8 @@ class Gateway:
             served = [n for n, m in self.metas.items() if m.task == task]
             raise ApiError(404, "model_not_found", f"no {task} model {name!r}; served: {served}")
         request.state.model = name
+        if self.queues[name].full():  # refuse before reading and decoding the images
+            raise self._model_busy(name)
         return name, self.metas[name]
 
     async def _images(self, request: Request, single: bool = False) -> list[bytes]:
@@ -632,22 +649,41 @@ class Gateway:
         return view.contiguous().numpy()
 
     async def _infer(self, name: str, items: list) -> list:
-        """Each image as its own call, so it batches with other requests' images."""
-        handle = self.handles[name]
-        timeout = self.model_configs[name].timeout_s or self.config.request_timeout_s
+        """The request's images in calls of at most a batch each: one call per request in the
+        usual case, while a big request still spreads over the model's replicas. Each call
+        waits for a slot in this gateway's share of the model (`admission.ModelQueue`)."""
+        handle, queue = self.handles[name], self.queues[name]
+        config = self.model_configs[name]
+        timeout = config.timeout_s or self.config.request_timeout_s
         calls = []
+
+        async def call(chunk: list) -> list:
+            async with queue.slot():
+                calls.append(handle.remote(chunk))
+                return await calls[-1]
+
+        size = config.max_batch_size
+        tasks = [
+            asyncio.ensure_future(call(items[i : i + size])) for i in range(0, len(items), size)
+        ]
         try:
-            calls = [handle.remote(item) for item in items]
-            return await asyncio.wait_for(asyncio.gather(*calls), timeout=timeout)
-        except BackPressureError:
+            answers = await asyncio.wait_for(asyncio.gather(*tasks), timeout=timeout)
+        except BaseException as e:
+            for task in tasks:  # the request's other calls are no use now
+                task.cancel()
             _cancel(calls)
-            raise ApiError(
-                503, "overloaded", f"model {name!r} has a full queue; retry shortly",
-                {"Retry-After": str(self.config.retry_after_s)},
-            ) from None  # fmt: skip
-        except asyncio.TimeoutError:
-            _cancel(calls)
-            raise ApiError(504, "timeout", f"no answer within {timeout:g} s") from None
+            if isinstance(e, (ModelBusy, BackPressureError)):
+                raise self._model_busy(name) from None
+            if isinstance(e, asyncio.TimeoutError):
+                raise ApiError(504, "timeout", f"no answer within {timeout:g} s") from None
+            raise
+        return [result for answer in answers for result in answer]
+
+    def _model_busy(self, name: str) -> ApiError:
+        return ApiError(
+            503, "overloaded", f"model {name!r} has a full queue; retry shortly",
+            {"Retry-After": str(self.config.retry_after_s)},
+        )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- the builder

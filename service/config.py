@@ -55,6 +55,12 @@ class ModelConfig(BaseModel):
     sliding_window: bool = Field(False, description="segment: sliding-window inference")
 
     @property
+    def max_replicas(self) -> int:
+        if self.autoscaling_config:
+            return int(self.autoscaling_config.get("max_replicas", 1))
+        return self.num_replicas
+
+    @property
     def ongoing(self) -> int:
         # Requests beyond this wait in the caller's router, which retries with backoff and
         # leaves the model idle; held in the replica they cost nothing and join the next batch.

@@ -184,6 +184,7 @@ def test_classify_answers_the_colour_in_every_format(service):
         ("red", "BMP", "RGB"), ("green", "GIF", "P"), ("blue", "TIFF", "RGB"),
     ]  # fmt: skip
     big = (60, 20, 280, 220)  # the object fills most of the picture, as in the training data
+    cases = cases + cases[::-1]  # 12 images: more than a batch of this model (8)
     images = [photo(c, box=big, fmt=f, mode=m, disc=i % 2 == 1)[0]
               for i, (c, f, m) in enumerate(cases)]  # fmt: skip
     r = service.post("/v1/classify", images, params={"top_k": 2})

@@ -1,0 +1,73 @@
+"""The gateway's per-model admission: slots in flight, a FIFO waiting line, refusal when full."""
+
+import asyncio
+
+import pytest
+
+from service.admission import ModelBusy, ModelQueue, gateway_share
+
+
+async def _hold(queue: ModelQueue, name: str, order: list, release: asyncio.Event) -> None:
+    async with queue.slot():
+        order.append(name)
+        await release.wait()
+
+
+def test_calls_beyond_capacity_wait_and_go_in_arrival_order():
+    async def scenario() -> list:
+        queue, order, release = ModelQueue(capacity=2, max_waiting=-1), [], asyncio.Event()
+        tasks = []
+        for name in "abcdef":
+            tasks.append(asyncio.create_task(_hold(queue, name, order, release)))
+            await asyncio.sleep(0)  # each call arrives after the previous one
+        await asyncio.sleep(0.01)
+        assert order == ["a", "b"] and queue.in_flight == 2 and queue.waiting == 4
+        release.set()
+        await asyncio.gather(*tasks)
+        assert queue.in_flight == 0 and queue.waiting == 0
+        return order
+
+    assert asyncio.run(scenario()) == list("abcdef")
+
+
+def test_a_full_line_refuses_at_once():
+    async def scenario() -> None:
+        queue, order, release = ModelQueue(capacity=1, max_waiting=2), [], asyncio.Event()
+        tasks = [asyncio.create_task(_hold(queue, n, order, release)) for n in "abc"]
+        await asyncio.sleep(0.01)
+        assert queue.full()
+        with pytest.raises(ModelBusy):
+            async with queue.slot():
+                pass
+        release.set()
+        await asyncio.gather(*tasks)
+        assert not queue.full() and order == list("abc")
+
+    asyncio.run(scenario())
+
+
+def test_a_caller_that_gives_up_leaves_the_line():
+    async def scenario() -> None:
+        queue, order, release = ModelQueue(capacity=1, max_waiting=1), [], asyncio.Event()
+        holder = asyncio.create_task(_hold(queue, "holder", order, release))
+        await asyncio.sleep(0)
+        impatient = asyncio.create_task(_hold(queue, "impatient", order, release))
+        await asyncio.sleep(0.01)
+        assert queue.full()
+        impatient.cancel()  # e.g. the request timed out
+        await asyncio.sleep(0.01)
+        assert queue.waiting == 0 and not queue.full()
+        late = asyncio.create_task(_hold(queue, "late", order, release))
+        release.set()
+        await asyncio.gather(holder, late)
+        assert order == ["holder", "late"] and queue.in_flight == 0
+
+    asyncio.run(scenario())
+
+
+def test_each_gateway_gets_its_share_of_the_replicas_slots():
+    assert gateway_share(max_ongoing=32, replicas=1, gateways=1) == 32
+    assert gateway_share(max_ongoing=32, replicas=2, gateways=4) == 16
+    assert gateway_share(max_ongoing=1, replicas=1, gateways=3) == 1  # never none
+    with pytest.raises(ValueError):
+        ModelQueue(capacity=0, max_waiting=-1)

@@ -78,6 +78,8 @@ class ModelServer:
         # Holding arrivals here while a batch runs lets them enter the queue together when the
         # model frees up, and `@serve.batch` then takes them as one batch.
         await self.model_free.wait()
+        if len(items) == 1:  # the usual case, without gather's task per item
+            return [await self.infer((arrived, items[0]))]
         return await asyncio.gather(*(self.infer((arrived, item)) for item in items))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)

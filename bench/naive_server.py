@@ -1,7 +1,7 @@
 """The naive baseline of `serve_bench.py`: plain FastAPI + uvicorn, one forward pass per request.
 
 Same decode and preprocessing code as the service (so only the serving design differs), the
-model run in FastAPI's thread pool, one image at a time.
+model run in FastAPI's thread pool, one request (its images in one batch) at a time.
 """
 
 import io

@@ -106,7 +106,7 @@ async def load(
     url: str, photos: list[bytes], concurrency: int, seconds: float, per_request: int = 1
 ) -> dict:
     """Closed-loop load: `concurrency` clients, each sending its next request on each answer;
-    a request carries `per_request` photos. Returns the raw figures (see `summarise`)."""
+    a request carries `per_request` photos. Raw figures; `run_load` summarises them."""
     import aiohttp
 
     latencies: list[float] = []
@@ -358,7 +358,7 @@ def main() -> None:
     else:
         layouts = {}
         for g in gateways:
-            gw = {"gateway": {"num_replicas": g}} if g != 1 else {}
+            gw = {"gateway": {"num_replicas": g}}
             suffix = f", {g} gateways" if g != 1 else ""
             layouts[f"1 replica x {cores} threads{suffix}"] = {
                 "num_replicas": 1, "torch_threads": cores, **gw}  # fmt: skip

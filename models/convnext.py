@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import StochasticDepth
 
+from .cpu import fused_linear_works
 from .registry import register_model
 
 # name: (depths, dims) — paper Table 2.1 (T/S/B/L/XL) plus timm's small CPU variants.
@@ -38,25 +39,18 @@ ISOTROPIC_CONFIGS: dict[str, tuple[int, int, float]] = {
 }
 
 
-def _has_onednn_linear() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-# oneDNN's Linear with a fused GELU (the kernel Inductor uses on CPU). For fp32 CPU inference it
-# is 2-4x faster than ATen's addmm, which goes through MKL's sgemm and on AMD CPUs gets no AVX-512.
-_ONEDNN_LINEAR = _has_onednn_linear()
-
-
-def _onednn_mlp_dtype(y: torch.Tensor) -> torch.dtype | None:
+def _fused_mlp_dtype(y: torch.Tensor) -> torch.dtype | None:
     """The dtype for the fused oneDNN MLP, or None to run the plain modules.
 
-    Only CPU inference (no autograd) in fp32, bf16, or under bf16 autocast, where the fused GELU
-    also saves the casts and the separate GELU pass that autocast's per-op kernels pay.
+    Only CPU inference (no autograd), eager (Inductor picks its own kernels), in fp32, bf16 or
+    under bf16 autocast, and only where the kernel works on this CPU (`cpu.fused_linear_works`).
+    In fp32 it is faster than ATen's addmm (MKL's sgemm); under bf16 autocast the fused GELU also
+    saves the casts and the separate GELU pass that autocast's per-op kernels pay.
     """
-    if not _ONEDNN_LINEAR or y.device.type != "cpu" or torch.is_grad_enabled():
+    if y.device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling():
         return None
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else y.dtype
-    return dtype if dtype in (torch.float32, torch.bfloat16) else None
+    return dtype if fused_linear_works(dtype) else None
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -87,7 +81,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.norm(self.dwconv(x).permute(0, 2, 3, 1))  # NHWC: a view for channels_last x
-        dtype = _onednn_mlp_dtype(y)
+        dtype = _fused_mlp_dtype(y)
         if dtype is not None:
             fc1, fc2 = self.pwconv1, self.pwconv2
             linear = torch.ops.mkldnn._linear_pointwise

@@ -9,6 +9,7 @@ already decoded and resized: normalisation happens here, on the device.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,12 +22,19 @@ import torch
 from models import load_checkpoint
 from models.checkpoint import CheckpointMeta
 from models.classification import normalize
+from models.cpu import bf16_unsupported_reason, fast_path_summary
 from models.detection import detect
 from models.segmentation import segment
 
 from .config import ModelConfig
 
+log = logging.getLogger("ray.serve")
+
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class UnsupportedPrecision(ValueError):
+    """The configured precision has no fast kernels on this device."""
 
 
 def resolve_checkpoint(spec: str) -> Path:
@@ -98,10 +106,18 @@ class ModelRunner:
             torch.backends.cudnn.benchmark = True
         self.model = model.to(memory_format=torch.channels_last)
         dtype = DTYPES[config.precision]
-        if dtype is torch.float16 and self.device.type == "cpu":
+        if dtype is not None and self.device.type == "cpu":
             dtype = torch.bfloat16  # fp16 kernels are slow or missing on CPUs
+            reason = bf16_unsupported_reason()
+            if reason is not None:  # refused here rather than served ten times slower
+                raise UnsupportedPrecision(
+                    f"model {config.name!r}: precision {config.precision} on the CPU runs as "
+                    f"bf16, and {reason}; set precision: fp32 for this model"
+                )
         self.dtype = dtype
         self.precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+        if self.device.type == "cpu":
+            log.info("model %r: %s", config.name, fast_path_summary())
         if config.compile:
             self.model = torch.compile(self.model)
 

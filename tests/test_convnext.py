@@ -1,11 +1,14 @@
 """The ConvNeXt family: sizes and compute as in the paper, API and layouts."""
 
+import platform
+from pathlib import Path
+
 import pytest
 import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from models import build_model, list_models
+from models import build_model, cpu, list_models
 
 # Parameter counts (M) and GMACs at 224 from DESIGN section 2 (the paper's Table 2.1 / 3.3).
 DESIGN_PARAMS = {
@@ -142,15 +145,84 @@ def test_drop_path_is_active_only_in_training():
     assert model.stages[0][0].gamma.grad is not None
 
 
+def fused_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """The FLOPs one forward spends in oneDNN's fused linear op (FlopCounterMode sees it)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(x)
+    return sum(
+        n for op, n in counter.get_flop_counts()["Global"].items() if "_linear_pointwise" in str(op)
+    )
+
+
+def expected_native_bf16() -> bool | None:
+    """From the CPU's own flags, independently of torch: oneDNN's bf16 ISAs. None off Linux."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    line = next(ln for ln in text.splitlines() if ln.startswith("flags"))
+    flags = set(line.split(":", 1)[1].split())
+    avx512_core = {"avx512bw", "avx512vl", "avx512dq"} <= flags
+    return avx512_core or bool({"avx_ne_convert", "amx_bf16"} & flags)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 expectations")
+def test_the_fast_path_is_decided_by_what_the_cpu_has():
+    """The fused kernel must run in fp32 on every x86-64 CPU (else a torch upgrade silently lost
+    it) and in bf16 exactly where the CPU has oneDNN's bf16 ISAs; the trial call is real."""
+    native = expected_native_bf16()
+    if native is None:
+        pytest.skip("no /proc/cpuinfo")
+    assert cpu.fused_linear_works(torch.float32), cpu.fast_path_summary()
+    assert cpu.has_native_bf16() == native, cpu.fast_path_summary()
+    assert cpu.fused_linear_works(torch.bfloat16) == native
+    # the trial itself, without the capability check: on an AVX2-only CPU oneDNN raises in
+    # bf16 and the trial says no instead of failing
+    assert cpu._trial(torch.bfloat16) == native
+    assert not cpu.fused_linear_works(torch.float16)  # never tried: no such fused path
+    assert (cpu.bf16_unsupported_reason() is None) == native
+
+
 @pytest.mark.parametrize("autocast", [False, True])
 def test_cpu_inference_fast_path_matches_the_plain_modules(autocast):
-    """Under inference_mode the block MLP runs fused in oneDNN; autograd mode runs nn.Linear."""
+    """Under inference_mode the block MLP runs fused in oneDNN where it works on this CPU (and
+    plain where not); autograd mode, and the switch turned off, run nn.Linear."""
     from .conftest import perturb_, rel_max_diff
 
     model = perturb_(build_model("convnext_atto", num_classes=10)).eval()
     x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    dtype = torch.bfloat16 if autocast else torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         plain = model(x).float()  # grad enabled: the plain nn.Linear + nn.GELU path
+        assert fused_flops(model, x) == 0
         with torch.inference_mode():
             fused = model(x).float()
-    assert rel_max_diff(fused, plain) <= (2e-2 if autocast else 1e-5)
+            # each block's two MLP linears, 2 FLOPs a MAC: 2 x 2 x pixels x dim x 4 dim
+            pixels = [2 * (64 // (4 * 2**i)) ** 2 for i in range(4)]
+            mlp = sum(
+                n * 16 * d * d * p for n, d, p in zip(model.depths, model.dims, pixels, strict=True)
+            )
+            expected = mlp if cpu.fused_linear_works(dtype) else 0
+            assert fused_flops(model, x) == expected
+            cpu.set_fused_linear(False)
+            try:
+                assert fused_flops(model, x) == 0
+                off = model(x).float()
+            finally:
+                cpu.set_fused_linear(True)
+    tolerance = 2e-2 if autocast else 1e-5
+    assert rel_max_diff(fused, plain) <= tolerance
+    assert rel_max_diff(off, plain) <= tolerance
+
+
+def test_flop_counter_sees_the_fused_kernel():
+    """Profiling under no_grad counts the fused MLP as the addmm it replaces (4.47 GMACs)."""
+    model = build_model("convnext_tiny").eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model(x)
+    gmacs = counter.get_total_flops() / 2 / 1e9
+    assert abs(gmacs - DESIGN_GMACS["convnext_tiny"]) / DESIGN_GMACS["convnext_tiny"] <= 0.01

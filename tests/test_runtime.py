@@ -9,6 +9,7 @@ from PIL import Image
 
 from models import build_model, save_checkpoint
 from models.checkpoint import CheckpointMeta, Provenance
+from models.cpu import cpu_description, has_native_bf16
 from models.masks import encode_rle
 from service import render
 from service.config import AppConfig, read_serve_config
@@ -53,6 +54,9 @@ def classifier(tmp_path_factory):
 def test_runner_batches_with_per_item_top_k(classifier, precision):
     from service.config import ModelConfig
 
+    if precision == "bf16" and not has_native_bf16():
+        pytest.skip(f"bf16 is refused on this CPU ({cpu_description()}): see the next test")
+
     runner = ModelRunner(
         ModelConfig(name="c", checkpoint=str(classifier), precision=precision, max_batch_size=4)
     )
@@ -67,6 +71,24 @@ def test_runner_batches_with_per_item_top_k(classifier, precision):
     alone = runner.run([ClassifyItem(images[1], 3)])[0]  # batching does not change an answer
     assert [c for c, _ in alone] == [c for c, _ in out[1]]
     assert runner.describe()["precision"] == precision
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_bf16_is_refused_at_load_where_the_cpu_has_none(classifier, precision):
+    """A CPU without oneDNN bf16 kernels would run bf16 ten times slower than fp32 (fp16 runs
+    as bf16 on a CPU): the runner refuses it at load, naming the CPU and what it lacks."""
+    from service.config import ModelConfig
+    from service.runtime import UnsupportedPrecision
+
+    config = ModelConfig(name="c", checkpoint=str(classifier), precision=precision)
+    if has_native_bf16():
+        assert ModelRunner(config).precision == "bf16"
+        return
+    with pytest.raises(UnsupportedPrecision) as refused:
+        ModelRunner(config)
+    message = str(refused.value)
+    assert "'c'" in message and "no native bf16" in message and "fp32" in message
+    assert torch.backends.cpu.get_cpu_capability() in message
 
 
 def test_runner_segments_at_the_original_size(tmp_path):

@@ -29,6 +29,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from ..checkpoint import save_checkpoint
+from ..cpu import has_native_bf16
 from .config import TrainConfig
 from .optim import param_groups, warmup_cosine, warmup_poly
 from .tasks import TASKS
@@ -52,7 +53,7 @@ def default_device() -> torch.device:
 
 
 def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """bf16 where the device does it natively (CUDA with bf16, or CPUs with AVX-512 bf16)."""
+    """bf16 where the device does it natively (CUDA with bf16, CPUs with oneDNN bf16 kernels)."""
     if cfg.amp == "none":
         return None
     if cfg.amp == "fp16":
@@ -61,7 +62,7 @@ def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
         return torch.bfloat16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    return torch.bfloat16 if has_native_bf16() else None
 
 
 def seed_epoch(seed: int, epoch: int, rank: int) -> None:

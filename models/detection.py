@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
@@ -58,10 +60,11 @@ def _named_parameters(*functions) -> frozenset[str]:
     )
 
 
-# What torchvision's MaskRCNN takes by name (FasterRCNN's options, and its transform's).
+# What torchvision's MaskRCNN takes by name (FasterRCNN's options, and its transform's), less
+# what `maskrcnn_convnext` builds itself.
 MASKRCNN_OPTIONS = _named_parameters(
     MaskRCNN.__init__, FasterRCNN.__init__, GeneralizedRCNNTransform.__init__
-) - {"backbone", "num_classes"}
+) - {"backbone", "num_classes", "box_head", "box_predictor", "mask_head", "mask_predictor"}
 
 
 def maskrcnn_convnext(
@@ -72,9 +75,17 @@ def maskrcnn_convnext(
     drop_path_rate: float = 0.0,
     image_mean: Sequence[float] = IMAGENET_MEAN,
     image_std: Sequence[float] = IMAGENET_STD,
+    fpn_channels: int = 256,
+    box_head_dim: int = 1024,
+    mask_head_dim: int = 256,
     **kw,
 ) -> MaskRCNN:
-    """Mask R-CNN with a ConvNeXt-`arch` + FPN backbone; extra `kw` go to torchvision's MaskRCNN."""
+    """Mask R-CNN with a ConvNeXt-`arch` + FPN backbone; extra `kw` go to torchvision's MaskRCNN.
+
+    The widths default to the paper's (FPN 256, box head 2 x fc 1024, mask head 4 x conv 256);
+    narrower heads are for small images with few classes, where the RoI heads, not the
+    backbone, take most of a training step.
+    """
     unknown = sorted(set(kw) - MASKRCNN_OPTIONS)
     if unknown:
         # torchvision passes unknown keywords on to its transform, which ignores them: a typo
@@ -82,9 +93,14 @@ def maskrcnn_convnext(
         raise TypeError(f"maskrcnn_convnext got unknown argument(s): {', '.join(unknown)}")
     depths, dims = CONVNEXT_CONFIGS[arch]
     body = ConvNeXt(depths=depths, dims=dims, drop_path_rate=drop_path_rate, features_only=True)
+    classes = num_classes + 1  # with the background
     model = MaskRCNN(
-        ConvNeXtFPN(body),
-        num_classes=num_classes + 1,
+        ConvNeXtFPN(body, fpn_channels),
+        num_classes=None,  # the predictors below carry it
+        box_head=TwoMLPHead(fpn_channels * 7 * 7, box_head_dim),  # 7x7: the box RoIAlign's
+        box_predictor=FastRCNNPredictor(box_head_dim, classes),
+        mask_head=MaskRCNNHeads(fpn_channels, (mask_head_dim,) * 4, 1),
+        mask_predictor=MaskRCNNPredictor(mask_head_dim, mask_head_dim, classes),
         min_size=min_size,
         max_size=max_size,
         image_mean=list(image_mean),

@@ -23,6 +23,26 @@ def test_maskrcnn_convnext_tiny_has_48m_params():
     assert abs(n_params(model) / 1e6 - 48.1) / 48.1 <= 0.01
 
 
+def test_maskrcnn_head_widths_are_build_arguments():
+    """FPN, box head and mask head widths default to the paper's and can narrow for small data."""
+    with torch.device("meta"):
+        paper = build_model("maskrcnn_convnext_atto", num_classes=3)
+        narrow = build_model("maskrcnn_convnext_atto", num_classes=3, fpn_channels=64,
+                             box_head_dim=256, mask_head_dim=64)  # fmt: skip
+    assert paper.backbone.out_channels == 256 and paper.roi_heads.box_head.fc7.out_features == 1024
+    assert paper.roi_heads.mask_head[0][0].out_channels == 256
+    heads = narrow.roi_heads
+    assert narrow.backbone.out_channels == 64 and heads.box_head.fc6.in_features == 64 * 7 * 7
+    assert (
+        heads.box_head.fc7.out_features == 256 and heads.box_predictor.bbox_pred.in_features == 256
+    )
+    assert [layer[0].out_channels for layer in heads.mask_head] == [64] * 4
+    assert heads.mask_predictor.mask_fcn_logits.out_channels == 4  # 3 classes + background
+    assert n_params(narrow) < n_params(paper) / 2
+    with pytest.raises(TypeError, match="box_head"):  # built here: not a pass-through option
+        build_model("maskrcnn_convnext_atto", box_head=torch.nn.Identity())
+
+
 def test_upernet_convnext_tiny_has_60m_params():
     with torch.device("meta"):
         model = build_model("upernet_convnext_tiny", num_classes=150)
@@ -82,7 +102,10 @@ def assert_each_loss_falls(history):
 
 def test_maskrcnn_training_lowers_every_loss():
     torch.manual_seed(0)
-    model = build_model("maskrcnn_convnext_atto", num_classes=2, min_size=128, max_size=128)
+    # the paper's heads; 128 sampled RoIs of 300 proposals (not 512 of 2000) halve the time
+    model = build_model("maskrcnn_convnext_atto", num_classes=2, min_size=128, max_size=128,
+                        box_batch_size_per_image=128, rpn_pre_nms_top_n_train=300,
+                        rpn_post_nms_top_n_train=300)  # fmt: skip
     images, targets, _ = shapes_batch()
     history = train_steps(model, lambda: model(images, targets), steps=25, lr=3e-4)
     assert set(history[0]) == {

@@ -65,7 +65,8 @@ def test_detection_training_lowers_the_loss(datasets, tmp_path, capsys):
     cfg = TrainConfig.for_task(
         "detect", data=str(datasets / "det"), arch="maskrcnn_convnext_atto", out=str(out),
         epochs=3, batch_size=2, min_size=96, max_size=96, lr=3e-4, roi_batch_size=64,
-        roi_positive_fraction=0.5, rpn_train_proposals=300, rpn_test_proposals=150, **FAST,
+        roi_positive_fraction=0.5, rpn_train_proposals=300, rpn_test_proposals=150,
+        fpn_channels=64, box_head_dim=256, mask_head_dim=64, **FAST,
     )  # fmt: skip
     metrics = train(cfg)
     rows = history(out)
@@ -77,8 +78,10 @@ def test_detection_training_lowers_the_loss(datasets, tmp_path, capsys):
     model, meta = load_checkpoint(out)
     assert meta.task == "detect" and meta.model_kwargs == {
         "min_size": 96, "max_size": 96, "rpn_pre_nms_top_n_test": 150,
-        "rpn_post_nms_top_n_test": 150,
+        "rpn_post_nms_top_n_test": 150, "fpn_channels": 64, "box_head_dim": 256,
+        "mask_head_dim": 64,
     }  # fmt: skip
+    assert model.backbone.out_channels == 64  # the served model has the trained widths
     assert model.rpn.post_nms_top_n() == 150  # the served model proposes what it was given
     assert meta.labels == ["circle", "square", "triangle", "star"]
     assert eval_json(capsys, "detect", datasets / "det", out) == pytest.approx(metrics)

@@ -56,6 +56,15 @@ class TrainConfig(BaseModel):
     decode_channels: int | None = Field(
         None, ge=8, description="UperNet decode-head width; default 512 (mmseg's, any backbone)"
     )
+    fpn_channels: int | None = Field(
+        None, ge=8, description="Mask R-CNN FPN width; default 256 (the paper's)"
+    )
+    box_head_dim: int | None = Field(
+        None, ge=8, description="Mask R-CNN box head fc width; default 1024 (the paper's)"
+    )
+    mask_head_dim: int | None = Field(
+        None, ge=8, description="Mask R-CNN mask head conv width; default 256 (the paper's)"
+    )
     roi_batch_size: int = Field(512, ge=1, description="RoIs sampled per image (Mask R-CNN)")
     rpn_train_proposals: int = Field(2000, ge=1, description="RPN proposals kept in training")
     roi_positive_fraction: float = Field(

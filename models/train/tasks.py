@@ -163,6 +163,9 @@ class DetectTask:
         self.train_scales = tuple(sorted({*range(low, self.min_size, 32), self.min_size}))
         # what inference depends on, stored in the checkpoint
         self.model_kwargs: dict = {"min_size": self.min_size, "max_size": self.max_size}
+        for width in ("fpn_channels", "box_head_dim", "mask_head_dim"):  # None: the paper's
+            if getattr(cfg, width) is not None:
+                self.model_kwargs[width] = getattr(cfg, width)
         # torchvision's default (1000) needs no entry; small images want fewer proposals
         if cfg.rpn_test_proposals != TrainConfig.model_fields["rpn_test_proposals"].default:
             self.model_kwargs |= {"rpn_pre_nms_top_n_test": cfg.rpn_test_proposals,

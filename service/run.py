@@ -65,17 +65,43 @@ def _demo_tasks(config: dict[str, Any]) -> list[str]:
     return sorted(set(tasks), key=order.index)
 
 
-def _wait_ready(url: str, timeout_s: float, proc_alive) -> bool:
+def _deploy_failure() -> str | None:
+    """Why Serve gave up deploying (a replica's constructor kept raising), once it has."""
+    from ray import serve
+
+    for name, app in serve.status().applications.items():
+        if app.status != "DEPLOY_FAILED":
+            continue
+        # a deployment's message ends with its constructor's traceback: its last line says why
+        reasons = [
+            f"{deployment}: {_last_line(status.message)}"
+            for deployment, status in app.deployments.items()
+            if status.status in ("UNHEALTHY", "DEPLOY_FAILED") and status.message
+        ]
+        return f"application {name!r} failed to deploy: " + ("; ".join(reasons) or app.message)
+    return None
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else text
+
+
+def _wait_ready(url: str, timeout_s: float, proc_alive) -> tuple[bool, str | None]:
+    """(ready, why not): polls /readyz until it answers 200, Serve gives up, or time runs out."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and proc_alive():
         try:
             with urllib.request.urlopen(f"{url}/readyz", timeout=10) as r:
                 if r.status == 200:
-                    return True
+                    return True, None
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
             pass
+        failure = _deploy_failure()
+        if failure:
+            return False, failure
         time.sleep(0.5)
-    return False
+    return False, None
 
 
 def run(
@@ -117,6 +143,7 @@ def run(
         log_to_driver=True,
     )
     stopping = False
+    failed = False
 
     def stop(*_):
         nonlocal stopping
@@ -133,10 +160,12 @@ def run(
         shown_host = "127.0.0.1" if http["host"] in ("0.0.0.0", "::") else http["host"]
         url = f"http://{shown_host}:{http['port']}"
         print(f"convnext-serve: starting at {url} (metrics at :{metrics_port}) ...", flush=True)
-        if not _wait_ready(url, ready_timeout_s, lambda: not stopping):
+        ready, failure = _wait_ready(url, ready_timeout_s, lambda: not stopping)
+        if not ready:
             if not stopping:
-                print("convnext-serve: the models did not become ready; see the log above",
-                      file=sys.stderr)  # fmt: skip
+                failed = True
+                reason = failure or "the models did not become ready; see the log above"
+                print(f"convnext-serve: {reason}", file=sys.stderr, flush=True)
                 return 1
         else:
             _print_banner(url, metrics_port, shown_host)
@@ -148,7 +177,8 @@ def run(
         from ray import serve
 
         try:
-            serve.shutdown()
+            if not failed:  # nothing to drain; Serve would wait 30 s on a controller still retrying
+                serve.shutdown()
         finally:
             ray.shutdown()
 

@@ -110,9 +110,10 @@ class ModelRunner:
             dtype = torch.bfloat16  # fp16 kernels are slow or missing on CPUs
             reason = bf16_unsupported_reason()
             if reason is not None:  # refused here rather than served ten times slower
+                as_bf16 = " (bf16 on a CPU)" if config.precision == "fp16" else ""
                 raise UnsupportedPrecision(
-                    f"model {config.name!r}: precision {config.precision} on the CPU runs as "
-                    f"bf16, and {reason}; set precision: fp32 for this model"
+                    f"model {config.name!r}: precision {config.precision}{as_bf16} is refused: "
+                    f"{reason}; set precision: fp32 for this model"
                 )
         self.dtype = dtype
         self.precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]

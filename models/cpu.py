@@ -71,8 +71,9 @@ def _fused_linear_works(dtype: torch.dtype) -> bool:
 
 def _trial(dtype: torch.dtype) -> bool:
     """One tiny fused call against the plain modules; False if oneDNN refuses it."""
-    g = torch.Generator().manual_seed(0)
-    x, w, b = (torch.randn(shape, generator=g) for shape in ((4, 16), (32, 16), (32,)))
+    g = torch.Generator(device="cpu").manual_seed(0)
+    shapes = ((4, 16), (32, 16), (32,))
+    x, w, b = (torch.randn(shape, generator=g, device="cpu") for shape in shapes)
     try:
         with torch.inference_mode(), torch.autocast("cpu", enabled=False):
             got = torch.ops.mkldnn._linear_pointwise(

@@ -69,7 +69,11 @@ def _deploy_failure() -> str | None:
     """Why Serve gave up deploying (a replica's constructor kept raising), once it has."""
     from ray import serve
 
-    for name, app in serve.status().applications.items():
+    try:
+        applications = serve.status().applications
+    except Exception:  # the controller busy or restarting: no news is not a failure
+        return None
+    for name, app in applications.items():
         if app.status != "DEPLOY_FAILED":
             continue
         # a deployment's message ends with its constructor's traceback: its last line says why

@@ -3,7 +3,8 @@
 `maskrcnn_convnext_tiny` (80 classes) on 800x1333 images through `models.detection.detect`, and
 `upernet_convnext_tiny` (150 classes) on 512x512 images through `models.segmentation.segment`:
 uint8 in, results at image size out (post-processing included), batch 1 and 4, fp32 and bf16
-autocast, channels_last weights as served. Random weights: the compute is the trained model's.
+autocast (only on a CPU with bf16 kernels, as the service), channels_last weights as served.
+Random weights: the compute is the trained model's.
 
     .venv/bin/python bench/dense_bench.py [--rounds 3]
 """
@@ -17,7 +18,7 @@ import time
 
 import torch
 
-from models import build_model
+from models import build_model, cpu
 from models.detection import detect
 from models.segmentation import segment
 
@@ -45,6 +46,10 @@ def main() -> None:
         ),
     ]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(cpu.fast_path_summary())
+    precisions = [False, True] if cpu.has_native_bf16() else [False]
+    if not cpu.has_native_bf16():
+        print(f"bf16 rows skipped: {cpu.bf16_unsupported_reason()}")
     print()
     print("| model | input | batch | precision | ms / image |")
     print("|---|---|---:|---|---:|")
@@ -52,7 +57,7 @@ def main() -> None:
         model = model.eval().to(memory_format=torch.channels_last)
         for batch in args.batches:
             images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8) for _ in range(batch)]
-            for bf16 in (False, True):
+            for bf16 in precisions:
                 autocast = (
                     torch.autocast("cpu", dtype=torch.bfloat16)
                     if bf16

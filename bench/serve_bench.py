@@ -7,7 +7,10 @@ JPEG photos of 640x480 as the input:
   (b) the service (`convnext-serve run`) over HTTP at concurrency 1, 8 and 32: images/s,
       p50/p95/p99 latency, the mean batch size from the service's own metrics, and the CPU
       time each part of the service spends per image;
-  (c) a naive baseline: plain FastAPI + uvicorn, one forward pass per request.
+  (c) a naive baseline: plain FastAPI + uvicorn, one forward pass per request;
+  (d) the bound: what a server with zero overhead would reach here, cores / (one thread's CPU
+      time per image to decode and preprocess the same JPEG as the gateway does + one thread's
+      CPU time per image to run the model at its best batch).
 
     .venv/bin/python bench/serve_bench.py [--precision fp32] [--seconds 20]
     # the service's own cost, with a model too cheap to matter (what bounds it on a GPU):
@@ -100,6 +103,52 @@ def raw_model(
             batch1_ms = statistics.median(times) * 1e3
     del runner
     return results, batch1_ms
+
+
+def zero_overhead_bound(
+    checkpoint: Path, photos: list[bytes], precision: str, batches: list[int], seconds: float
+) -> dict:
+    """(d): {"decode_ms", "model_ms", "batch", "images_per_s"}, CPU time of one thread each."""
+    import torch
+
+    from models.classification import resize_crop
+    from service.config import GatewayConfig, ModelConfig
+    from service.imaging import decode
+    from service.runtime import ClassifyItem, ModelRunner
+
+    config = ModelConfig(
+        name="bound", checkpoint=str(checkpoint), precision=precision, torch_threads=1
+    )
+    runner = ModelRunner(config)
+    meta = runner.meta
+    need = int(np.ceil(meta.image_size / meta.crop_pct))
+    max_pixels = GatewayConfig().max_pixels
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the resize on this thread too: one thread's time
+    try:
+        views, start, deadline = [], time.process_time(), time.perf_counter() + seconds / 4
+        while time.perf_counter() < deadline or len(views) < 2 * len(photos):
+            decoded = decode(photos[len(views) % len(photos)], max_pixels, need)
+            chw = torch.from_numpy(decoded.pixels).permute(2, 0, 1)
+            view = resize_crop(chw, meta.image_size, meta.crop_pct, meta.interpolation)
+            views.append(view.contiguous().numpy())
+        decode_ms = (time.process_time() - start) / len(views) * 1e3
+    finally:
+        torch.set_num_threads(threads)
+    model_ms = {}
+    for batch in batches:
+        items = [ClassifyItem(views[i % len(views)], 5) for i in range(batch)]
+        runner.run(items)  # warm-up
+        count, start, deadline = 0, time.process_time(), time.perf_counter() + seconds / 8
+        while time.perf_counter() < deadline or count < 3 * batch:
+            runner.run(items)
+            count += batch
+        model_ms[batch] = (time.process_time() - start) / count * 1e3
+    del runner
+    batch = min(model_ms, key=model_ms.get)
+    per_image = (decode_ms + model_ms[batch]) / 1e3
+    return {"decode_ms": decode_ms, "model_ms": model_ms[batch], "batch": batch,
+            "images_per_s": (os.cpu_count() or 1) / per_image}  # fmt: skip
 
 
 async def load(
@@ -348,6 +397,14 @@ def main() -> None:
         f"b{b} {v:.1f}/s" for b, v in raw.items()) + f"; batch-1 latency {batch1_ms:.1f} ms",
         flush=True)  # fmt: skip
 
+    bound = None
+    if not gpu:  # a GPU node's bound is the GPU's, not its cores'
+        bound = zero_overhead_bound(checkpoint, photos, args.precision, batches, args.seconds)
+        print(f"(d) the bound: {cores} cores / (decode and preprocess "
+              f"{bound['decode_ms']:.2f} ms + model {bound['model_ms']:.2f} ms at batch "
+              f"{bound['batch']}, one thread each) = {bound['images_per_s']:.1f} images/s",
+              flush=True)  # fmt: skip
+
     # Replica layouts: on a CPU node one replica with every core (lowest latency) and one
     # single-threaded replica per core (most images/s); on a GPU, model replicas sharing it.
     if gpu:
@@ -395,18 +452,24 @@ def main() -> None:
           f"process(es); raw model in-process: best {best:.1f} images/s at batch {best_batch}; "
           f"batch 1: {raw[1]:.1f} images/s, {batch1_ms:.1f} ms; service max_batch_size "
           f"{args.max_batch_size}")  # fmt: skip
+    if bound:
+        print(f"bound (d): {bound['images_per_s']:.1f} images/s (decode and preprocess "
+              f"{bound['decode_ms']:.2f} ms + model {bound['model_ms']:.2f} ms of one thread "
+              f"per image)")  # fmt: skip
     print()
     print(
-        "| server | concurrency | images/s | % of raw best | p50 ms | p95 ms | p99 ms "
-        "| mean batch | CPU ms per image: model / gateway / proxy / rest of Ray | errors |"
+        "| server | concurrency | images/s | % of raw best | % of bound | p50 ms | p95 ms "
+        "| p99 ms | mean batch | CPU ms per image: model / gateway / proxy / rest of Ray "
+        "| errors |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|")
     for name, c, r in rows:
         cpu = r.get("cpu_ms")  # model, gateway, proxy, ray: cpu_seconds()'s order
         cpu_text = " / ".join(f"{v:.1f}" for v in cpu.values()) if cpu else "-"
+        of_bound = f"{100 * r['images_per_s'] / bound['images_per_s']:.0f}%" if bound else "-"
         print(f"| {name} | {c} | {r['images_per_s']:.1f} | {100 * r['images_per_s'] / best:.0f}% "
-              f"| {r['p50']:.0f} | {r['p95']:.0f} | {r['p99']:.0f} | {r['mean_batch']:.1f} "
-              f"| {cpu_text} | {r['errors']} |")  # fmt: skip
+              f"| {of_bound} | {r['p50']:.0f} | {r['p95']:.0f} | {r['p99']:.0f} "
+              f"| {r['mean_batch']:.1f} | {cpu_text} | {r['errors']} |")  # fmt: skip
 
 
 if __name__ == "__main__":

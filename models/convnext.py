@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import StochasticDepth
 
-from .cpu import fused_linear_works
+from .cpu import fused_linear, fused_linear_works
 from .registry import register_model
 
 # name: (depths, dims) — paper Table 2.1 (T/S/B/L/XL) plus timm's small CPU variants.
@@ -84,9 +84,8 @@ class Block(nn.Module):
         dtype = _fused_mlp_dtype(y)
         if dtype is not None:
             fc1, fc2 = self.pwconv1, self.pwconv2
-            linear = torch.ops.mkldnn._linear_pointwise
-            y = linear(y.to(dtype), fc1.weight.to(dtype), fc1.bias.to(dtype), "gelu", [], "none")
-            y = linear(y, fc2.weight.to(dtype), fc2.bias.to(dtype), "none", [], "")
+            y = fused_linear(y.to(dtype), fc1.weight.to(dtype), fc1.bias.to(dtype), gelu=True)
+            y = fused_linear(y, fc2.weight.to(dtype), fc2.bias.to(dtype), gelu=False)
         else:
             y = self.pwconv2(self.act(self.pwconv1(y)))
         if self.drop_path is None and self.gamma is not None:

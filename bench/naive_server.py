@@ -4,17 +4,13 @@ Same decode and preprocessing code as the service (so only the serving design di
 model run in FastAPI's thread pool, one request (its images in one batch) at a time.
 """
 
-import io
 import os
 
-import numpy as np
-import torch
 from fastapi import FastAPI, File, UploadFile
-from PIL import Image
 
-from models.classification import resize_crop
 from service.config import ModelConfig
-from service.runtime import ClassifyItem, ModelRunner
+from service.runtime import Entry, ModelRunner
+from service.tasks import ClassifyOptions
 
 runner = ModelRunner(
     ModelConfig(
@@ -34,15 +30,8 @@ def healthz() -> dict:
 
 @app.post("/v1/classify")
 def classify(image: list[UploadFile] = File(...)) -> dict:
-    views = []
-    for upload in image:
-        pixels = np.asarray(Image.open(io.BytesIO(upload.file.read())).convert("RGB"))
-        view = resize_crop(
-            torch.from_numpy(pixels).permute(2, 0, 1), meta.image_size, meta.crop_pct,
-            meta.interpolation,
-        )  # fmt: skip
-        views.append(ClassifyItem(view.numpy(), 5))
-    results = runner.run(views)  # the request's images in one forward pass
+    entries = [Entry(upload.file.read(), ClassifyOptions(5)) for upload in image]
+    results = runner.run(entries)  # the request's images in one forward pass
     return {
         "results": [
             {"predictions": [{"label": meta.labels[c], "score": s} for c, s in top]}

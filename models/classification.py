@@ -24,7 +24,7 @@ def resize_crop(
 
     uint8 (3, H, W) in and out, so the bytes that cross to the model stay compact.
     """
-    short = int(image_size / crop_pct)
+    short = int(image_size / crop_pct)  # presets.ClassifyPreset.resize_size
     image = TF.resize(
         as_chw_uint8(image), [short], interpolation=INTERPOLATION[interpolation], antialias=True
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +21,8 @@ import torch
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 from torchvision import datasets, tv_tensors
-from torchvision.transforms.v2.functional import pil_to_tensor
 
+from . import images
 from .labels import read_labels_file
 
 CLASSES = ("circle", "square", "triangle", "star")
@@ -314,13 +315,12 @@ def synth(
 # ---------------------------------------------------------------- datasets for training and eval
 
 
-def read_image(path: str | Path) -> tv_tensors.Image:
-    """An image file as a (3, H, W) uint8 RGB `tv_tensors.Image`.
-
-    Decoded by Pillow: torchvision 0.29 deprecates its own decoders (in favour of TorchCodec).
-    """
-    with Image.open(path) as image:
-        return tv_tensors.Image(pil_to_tensor(image.convert("RGB")))
+def read_image(
+    path: str | Path, match_size: tuple[int, int] | None = None, min_short_side: int | None = None
+) -> tv_tensors.Image:
+    """An image file as a (3, H, W) uint8 RGB `tv_tensors.Image`, decoded by the service's own
+    decoder (`images.read_image`: EXIF orientation, alpha over white, 16-bit scaled)."""
+    return tv_tensors.Image(images.read_image(path, match_size, min_short_side))
 
 
 def read_label_map(path: str | Path) -> torch.Tensor:
@@ -339,7 +339,7 @@ def read_labels(root: str | Path) -> list[str]:
 
 
 def classification_dataset(
-    root: str | Path, split: str, transform: Transforms = None
+    root: str | Path, split: str, transform: Transforms = None, min_short_side: int | None = None
 ) -> datasets.ImageFolder:
     """torchvision's ImageFolder over `root/split` ("train" or "val") yielding
     (`tv_tensors.Image` uint8, class index).
@@ -347,14 +347,17 @@ def classification_dataset(
     The class names are `.classes`: the sub-directory names sorted, ImageFolder's convention, so
     the class index follows that order.
     """
-    return datasets.ImageFolder(str(Path(root) / split), transform=transform, loader=read_image)
+    loader = partial(read_image, min_short_side=min_short_side) if min_short_side else read_image
+    return datasets.ImageFolder(str(Path(root) / split), transform=transform, loader=loader)
 
 
 class _CocoImages(datasets.CocoDetection):
     """CocoDetection that decodes with torchvision into a `tv_tensors.Image`, not a PIL image."""
 
     def _load_image(self, id: int) -> tv_tensors.Image:
-        return read_image(Path(self.root) / self.coco.loadImgs(id)[0]["file_name"])
+        info = self.coco.loadImgs(id)[0]
+        size = (info["height"], info["width"]) if "height" in info and "width" in info else None
+        return read_image(Path(self.root) / info["file_name"], size)
 
 
 class CocoInstances(torch.utils.data.Dataset):
@@ -439,8 +442,9 @@ class SegmentationFolder(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
-        image = read_image(self.images[index])
-        mask = tv_tensors.Mask(read_label_map(self.annotations[index]))
+        classes = read_label_map(self.annotations[index])
+        image = read_image(self.images[index], tuple(classes.shape))
+        mask = tv_tensors.Mask(classes)
         if self.transforms is not None:
             image, mask = self.transforms(image, mask)
         return image, mask

@@ -146,13 +146,10 @@ def evaluate_checkpoint(
     if meta.task != task:
         raise ValueError(f"{checkpoint} is a {meta.task} checkpoint, not {task}")
     if task == "classify":
-        from functools import partial
+        from .presets import preset_for
 
-        from .classification import resize_crop
-
-        view = partial(resize_crop, image_size=meta.image_size, crop_pct=meta.crop_pct,
-                       interpolation=meta.interpolation)  # fmt: skip
-        ds = datasets.classification_dataset(data, "val", transform=view)
+        view = preset_for(meta)  # the pixels the service would give the model
+        ds = datasets.classification_dataset(data, "val", view, view.min_short_side)
         loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=2)
         return evaluate_classifier(model, loader, meta.mean, meta.std, device, progress)
     if task == "detect":

@@ -19,6 +19,7 @@ from torch import nn
 from .checkpoint import IMAGENET_MEAN, IMAGENET_STD
 from .convnext import CONVNEXT_CONFIGS, ConvNeXt
 from .images import to_float_images
+from .presets import SEGMENT_LONG_SIDE_FACTOR
 from .registry import register_model
 
 
@@ -220,7 +221,7 @@ def segment(
     if mode not in ("whole", "slide"):
         raise ValueError(f"mode must be 'whole' or 'slide', not {mode!r}")
     device = next(model.parameters()).device
-    max_long = max_long_side or 4 * image_size
+    max_long = max_long_side or SEGMENT_LONG_SIDE_FACTOR * image_size
     sizes = output_sizes or [tuple(img.shape[-2:]) for img in images]
     resized = []
     for img in to_float_images(images, device):

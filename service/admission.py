@@ -1,13 +1,10 @@
-"""How many calls a gateway sends to a model at once, and how many may wait for their turn.
+"""How many calls a server replica puts into a model's batch queue at once, and how many may
+wait for their turn.
 
-Ray Serve's handle would queue the excess itself, but its router retries a full replica with
-exponential backoff (up to 0.5 s) while the replica drains its queue and then idles: measured on
-2 cores with 256 clients against one replica that takes 32 calls, the service fell from 195 to
-under 10 images/s (ray-project/ray#52609 reports the same drop). So each gateway keeps its calls
-within its share of the model's `max_ongoing_requests` and holds the rest here, in arrival
-order, where waiting costs nothing; the replicas then always have room and Ray's router never
-backs off. `max_queued_requests` bounds the waiting line: beyond it, callers are refused at once
-(503), before any image is decoded.
+A model's `max_ongoing_requests` calls (a request's images, up to a batch of them) are in its
+batch queue at once; the rest wait here, in arrival order, where waiting costs nothing.
+`max_queued_requests` bounds the waiting line: beyond it, requests are refused at once (503),
+before their body is read or any image decoded.
 """
 
 from __future__ import annotations
@@ -52,9 +49,3 @@ class ModelQueue:
         finally:
             self.in_flight -= 1
             self._slots.release()
-
-
-def gateway_share(max_ongoing: int, replicas: int, gateways: int) -> int:
-    """One gateway's share of a model's calls in flight: every replica's `max_ongoing_requests`,
-    split between the gateway replicas (which HAProxy balances evenly), at least one."""
-    return max(1, (max_ongoing * replicas) // max(1, gateways))

@@ -1,32 +1,42 @@
-"""The inference runtime of a model replica, free of Ray so it can run and be tested in-process.
+"""The inference runtime of a model, free of Ray so it can run and be tested in-process.
 
 It picks the device from what the replica got, loads the served checkpoint, applies the
 precision (fp32 / bf16 / fp16 autocast), `channels_last`, TF32 on CUDA and optionally
-`torch.compile`, warms up at full batch size, and runs batches of uint8 images that the gateway
-already decoded and resized: normalisation happens here, on the device.
+`torch.compile`, warms up every batch size it will run, and runs batches of *encoded* images:
+
+- `prepare`: decode and preprocess (the checkpoint's preset, `models.presets`). On a CUDA
+  device plain JPEGs decode on the GPU in one batched nvJPEG call and are resized there; other
+  formats decode on the CPU with Pillow (as on CPU replicas) and are copied from pinned memory,
+  all on a stream of their own, so the next batch is prepared while the current one runs.
+- `forward`: the task's batch call (`service.tasks`) on the prepared images.
+
+An image that does not decode fails alone: its place in the results holds its `ImageError`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
+import time
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from models import load_checkpoint
-from models.checkpoint import CheckpointMeta
-from models.classification import normalize
 from models.cpu import bf16_unsupported_reason, fast_path_summary
-from models.detection import detect
-from models.segmentation import segment
+from models.images import ImageError, decode_image, orient_chw, read_header
+from models.presets import preset_for
 
 from .config import ModelConfig
+from .tasks import TASKS
 
 log = logging.getLogger("ray.serve")
 
@@ -53,49 +63,56 @@ def pick_device(config: ModelConfig) -> torch.device:
 
 
 @dataclass
-class ClassifyItem:
-    image: np.ndarray  # (3, S, S) uint8, already resized and cropped
-    top_k: int
+class Entry:
+    """One image to run: encoded bytes, or RGB pixels (H, W, 3) uint8; and its options."""
+
+    data: bytes | np.ndarray
+    options: Any
 
 
 @dataclass
-class DetectItem:
-    image: np.ndarray  # (3, h, w) uint8, possibly downscaled from the original
-    original_size: tuple[int, int]  # (H, W) to report results in
-    score_threshold: float
-    max_detections: int
-    masks: bool
+class Prepared:
+    """A batch ready for the model: the images that decoded, and what became of each entry."""
+
+    images: list[torch.Tensor] = field(default_factory=list)  # preprocessed, on the device
+    sizes: list[tuple[int, int]] = field(default_factory=list)  # original upright (H, W)
+    options: list[Any] = field(default_factory=list)
+    errors: dict[int, ImageError] = field(default_factory=dict)  # entry index -> its error
+    decode_seconds: list[float] = field(default_factory=list)
+    forward_seconds: float = 0.0
+    ready: Any = None  # a CUDA event: the preparing stream's work is done
 
 
-@dataclass
-class SegmentItem:
-    image: np.ndarray  # (3, h, w) uint8
-    original_size: tuple[int, int]
+# One inference thread per process, shared by every model the process serves. On the CPU each
+# thread that runs torch ops gets an OpenMP team of its own; with more than one team in a
+# process, libgomp counts more threads than cores and stops its workers from spinning between
+# parallel regions, and a ConvNeXt-T forward then takes 1.5x as long.
+INFERENCE_THREAD = ThreadPoolExecutor(1, thread_name_prefix="inference")
 
 
 class ModelRunner:
-    """One loaded model and how to run a batch of requests through it.
+    """One loaded model: prepares batches of encoded images and runs them."""
 
-    Every piece of torch work (loading, warm-up, batches) happens on one dedicated thread. On
-    the CPU each thread that runs torch ops gets an OpenMP team of its own; with more than one
-    team in a process, libgomp counts more threads than cores and stops its workers from
-    spinning between parallel regions, and a ConvNeXt-T forward then takes 1.5x as long.
-    """
-
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, max_pixels: int | None = None):
         self.config = config
+        self.max_pixels = max_pixels
         self.device = pick_device(config)
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"inference-{config.name}")
-        self._thread.submit(self._load).result()
+        self.task = None
+        self._prepare_thread: ThreadPoolExecutor | None = None
+        self._stream = None
+        INFERENCE_THREAD.submit(self._load).result()
 
     def _load(self) -> None:
         config = self.config
+        self._threads = config.torch_threads or os.cpu_count() or 1
         if self.device.type == "cpu":
-            torch.set_num_threads(config.torch_threads or os.cpu_count() or 1)
+            torch.set_num_threads(self._threads)
         else:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         model, self.meta = load_checkpoint(resolve_checkpoint(config.checkpoint), self.device)
+        self.task = TASKS[self.meta.task]
+        self.preset = preset_for(self.meta)
         # On a GPU, classification batches are padded up to a few bucket sizes, all warmed up,
         # so cuDNN's autotuner sees every shape before the first request and never again;
         # without buckets each new batch size stalls a request for the tuning. Detection and
@@ -119,97 +136,176 @@ class ModelRunner:
         self.precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
         if self.device.type == "cpu":
             log.info("model %r: %s", config.name, fast_path_summary())
+        else:  # the next batch is prepared on its own thread and stream while this one runs
+            self._prepare_thread = ThreadPoolExecutor(1, thread_name_prefix="prepare")
+            self._stream = torch.cuda.Stream(self.device)
         if config.compile:
             self.model = torch.compile(self.model)
 
     @property
-    def task(self) -> str:
-        return self.meta.task
+    def pipelined(self) -> bool:
+        """True when preparing a batch can overlap the model running the previous one."""
+        return self._prepare_thread is not None
+
+    # ------------------------------------------------------------------------- running
+
+    def run(self, entries: list[Entry]) -> list[Any]:
+        """Results (or `ImageError`s) for a batch, in order (blocking)."""
+        return self.submit(entries).result()[1]
+
+    def submit(self, entries: list[Entry]) -> Future:
+        """Prepare and run a batch in one step on the inference thread (no pipelining); the
+        future holds (the prepared batch, `run`'s results)."""
+
+        def both() -> tuple[Prepared, list[Any]]:
+            prepared = self.prepare(entries)
+            return prepared, self.forward(prepared)
+
+        return INFERENCE_THREAD.submit(both)
+
+    def submit_prepare(self, entries: list[Entry]) -> Future:
+        """`prepare` on the preparing thread (CUDA) or the inference thread (CPU)."""
+        return (self._prepare_thread or INFERENCE_THREAD).submit(self.prepare, entries)
+
+    def submit_forward(self, prepared: Prepared) -> Future:
+        return INFERENCE_THREAD.submit(self.forward, prepared)
 
     def _autocast(self):
         if self.dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
+    def _use_threads(self) -> None:
+        """This model's CPU threads on the shared inference thread (models may differ)."""
+        if self.device.type == "cpu" and torch.get_num_threads() != self._threads:
+            torch.set_num_threads(self._threads)
+
+    @torch.inference_mode()
+    def forward(self, prepared: Prepared) -> list[Any]:
+        started = time.perf_counter()
+        self._use_threads()
+        if prepared.ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(prepared.ready)
+        outputs = []
+        if prepared.images:
+            with self._autocast():
+                outputs = self.task.run(self, prepared.images, prepared.sizes, prepared.options)
+        prepared.forward_seconds = time.perf_counter() - started
+        results, it = [], iter(outputs)
+        for i in range(len(prepared.options) + len(prepared.errors)):
+            results.append(prepared.errors[i] if i in prepared.errors else next(it))
+        return results
+
+    # ----------------------------------------------------------------------- preparing
+
+    @torch.inference_mode()
+    def prepare(self, entries: list[Entry]) -> Prepared:
+        """Decode and preprocess a batch; each entry's failure is kept in `errors`."""
+        if self.device.type == "cuda":
+            with torch.cuda.stream(self._stream):
+                prepared = self._prepare(entries, self._gpu_decoded(entries))
+                prepared.ready = torch.cuda.Event()
+                prepared.ready.record(self._stream)
+            return prepared
+        self._use_threads()
+        return self._prepare(entries, {})
+
+    def _prepare(self, entries: list[Entry], on_gpu: dict[int, Any]) -> Prepared:
+        out = Prepared()
+        for i, entry in enumerate(entries):
+            started = time.perf_counter()
+            try:
+                if i in on_gpu:
+                    image, size = on_gpu[i]
+                else:
+                    image, size = self._decode_cpu(entry.data)
+                image = self.preset(image)
+            except ImageError as e:
+                out.errors[i] = e
+                continue
+            out.images.append(image)
+            out.sizes.append(size)
+            out.options.append(entry.options)
+            out.decode_seconds.append(time.perf_counter() - started)
+        return out
+
+    def _decode_cpu(self, data: bytes | np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Pillow (draft mode, EXIF, limits from the header), then to the model's device."""
+        if isinstance(data, np.ndarray):
+            pixels = data
+            size = data.shape[:2]
+        else:
+            decoded = decode_image(data, self.max_pixels, self.preset.min_short_side)
+            pixels, size = decoded.pixels, (decoded.height, decoded.width)
+        with warnings.catch_warnings():  # Pillow's pixels are read-only; nothing writes them
+            warnings.simplefilter("ignore", UserWarning)
+            image = torch.from_numpy(pixels).permute(2, 0, 1)
+        if self.device.type == "cuda":
+            image = image.pin_memory().to(self.device, non_blocking=True)
+        return image, (int(size[0]), int(size[1]))
+
+    def _gpu_decoded(self, entries: list[Entry]) -> dict[int, Any]:
+        """{entry index: (upright image on the GPU, (H, W))} for the plain JPEGs of a batch,
+        decoded in one nvJPEG call; the rest (and a batch nvJPEG refuses) go to Pillow."""
+        headers = {}
+        for i, entry in enumerate(entries):
+            if isinstance(entry.data, bytes):
+                with contextlib.suppress(ImageError):  # Pillow says why, in `_prepare`
+                    header = read_header(entry.data, self.max_pixels)
+                    if header.plain_jpeg:
+                        headers[i] = header
+        if not headers:
+            return {}
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        try:
+            # decode_jpeg is deprecated in favour of TorchCodec, and still the batched GPU path;
+            # frombuffer warns that the bytes are read-only, which decoding never minds
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                raw = [torch.frombuffer(entries[i].data, dtype=torch.uint8) for i in headers]
+                images = decode_jpeg(raw, mode=ImageReadMode.RGB, device=self.device)
+        except RuntimeError as e:  # one corrupt JPEG fails the batch: Pillow then says which
+            log.debug("nvJPEG refused a batch (%s); decoding it with Pillow", e)
+            return {}
+        return {
+            i: (orient_chw(image, h.orientation), (h.height, h.width))
+            for (i, h), image in zip(headers.items(), images, strict=True)
+        }
+
+    # ------------------------------------------------------------------------- warm-up
+
+    def start_warmup(self) -> Future:
+        """`warmup` on the inference thread; the future is done when the model is ready."""
+        return INFERENCE_THREAD.submit(self._warmup)
+
     def warmup(self) -> None:
-        """Full-size batches (and every bucket size) through every code path, so the first
-        request pays no setup."""
+        """Full-size batches (and every bucket size) through every code path, decode
+        included, so the first request pays no setup (blocking)."""
+        self.start_warmup().result()
+
+    def _warmup(self) -> None:
         size = self.meta.image_size
         n = self.config.max_batch_size
         rng = np.random.default_rng(0)
+        options = self.task.options()
         for _ in range(self.config.warmup_batches):
-            img = rng.integers(0, 256, (3, size, size), dtype=np.uint8)
-            if self.task == "classify":
-                for bucket in self.buckets or [n]:
-                    self.run([ClassifyItem(img, 5)] * bucket)
-            elif self.task == "detect":
-                self.run([DetectItem(img, (size, size), 0.5, 100, True)] * n)
-            else:
-                self.run([SegmentItem(img, (size, size))] * n)
-
-    def run(self, items: list) -> list[Any]:
-        """Results for a batch of items of this runner's task, in order (blocking)."""
-        return self.submit(items).result()
-
-    def submit(self, items: list) -> Future:
-        """Queue a batch on the inference thread; the future holds `run`'s results."""
-        return self._thread.submit(self._run, items)
-
-    @torch.inference_mode()
-    def _run(self, items: list) -> list[Any]:
-        with self._autocast():
-            if self.task == "classify":
-                return self._classify(items)
-            if self.task == "detect":
-                return self._detect(items)
-            return self._segment(items)
-
-    def _classify(self, items: list[ClassifyItem]) -> list[list[tuple[int, float]]]:
-        images = np.stack([it.image for it in items])
-        bucket = next((b for b in self.buckets if b >= len(items)), len(items))
-        if bucket > len(items):  # zero images up to the bucket size (np.pad always copies)
-            images = np.pad(images, [(0, bucket - len(items))] + [(0, 0)] * 3)
-        x = normalize(torch.from_numpy(images), self.meta.mean, self.meta.std, self.device)
-        probs = self.model(x)[: len(items)].float().softmax(dim=-1)
-        k = min(max(it.top_k for it in items), probs.shape[1])
-        scores, ids = probs.topk(k, dim=-1)
-        scores, ids = scores.cpu().tolist(), ids.cpu().tolist()
-        return [
-            list(zip(ids[i][: it.top_k], scores[i][: it.top_k], strict=True))
-            for i, it in enumerate(items)
-        ]
-
-    def _detect(self, items: list[DetectItem]) -> list:
-        results = detect(
-            self.model,
-            [torch.from_numpy(it.image) for it in items],
-            score_threshold=[it.score_threshold for it in items],
-            max_detections=[it.max_detections for it in items],
-            masks=[it.masks for it in items],
-            output_sizes=[it.original_size for it in items],
-        )
-        return results
-
-    def _segment(self, items: list[SegmentItem]) -> list[np.ndarray]:
-        maps = segment(
-            self.model,
-            [torch.from_numpy(it.image) for it in items],
-            image_size=self.meta.image_size,
-            output_sizes=[it.original_size for it in items],
-            mode="slide" if self.config.sliding_window else "whole",
-        )
-        dtype = np.uint8 if self.meta.num_classes <= 256 else np.uint16
-        return [m.cpu().numpy().astype(dtype) for m in maps]
+            pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(pixels).save(buf, "JPEG", quality=90)
+            entry = Entry(buf.getvalue(), options)
+            for bucket in self.buckets or [n]:
+                self.forward(self.prepare([entry] * bucket))
 
     def describe(self) -> dict[str, Any]:
         """What `/v1/models` shows of this model."""
         c = self.config
         return {
             "name": c.name,
-            "task": self.task,
+            "task": self.meta.task,
             "device": self.device.type,
             "precision": self.precision,
-            "metadata": _public_meta(self.meta),
+            "metadata": self.meta.model_dump(mode="json"),
             "serving": {
                 "max_batch_size": c.max_batch_size,
                 "batch_wait_timeout_s": c.batch_wait_timeout_s,
@@ -226,7 +322,3 @@ def _batch_buckets(max_batch_size: int) -> list[int]:
     """Powers of two below `max_batch_size`, then `max_batch_size` itself: 1, 2, 4, ..., max."""
     buckets = [1 << i for i in range(max_batch_size.bit_length()) if (1 << i) < max_batch_size]
     return [*buckets, max_batch_size]
-
-
-def _public_meta(meta: CheckpointMeta) -> dict[str, Any]:
-    return meta.model_dump(mode="json")

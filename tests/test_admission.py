@@ -1,10 +1,10 @@
-"""The gateway's per-model admission: slots in flight, a FIFO waiting line, refusal when full."""
+"""A server replica's per-model admission: slots in flight, a FIFO line, refusal when full."""
 
 import asyncio
 
 import pytest
 
-from service.admission import ModelBusy, ModelQueue, gateway_share
+from service.admission import ModelBusy, ModelQueue
 
 
 async def _hold(queue: ModelQueue, name: str, order: list, release: asyncio.Event) -> None:
@@ -63,11 +63,3 @@ def test_a_caller_that_gives_up_leaves_the_line():
         assert order == ["holder", "late"] and queue.in_flight == 0
 
     asyncio.run(scenario())
-
-
-def test_each_gateway_gets_its_share_of_the_replicas_slots():
-    assert gateway_share(max_ongoing=32, replicas=1, gateways=1) == 32
-    assert gateway_share(max_ongoing=32, replicas=2, gateways=4) == 16
-    assert gateway_share(max_ongoing=1, replicas=1, gateways=3) == 1  # never none
-    with pytest.raises(ValueError):
-        ModelQueue(capacity=0, max_waiting=-1)

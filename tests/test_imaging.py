@@ -1,4 +1,5 @@
-"""Gateway image decoding: formats, modes, EXIF, draft mode, limits before decoding."""
+"""The one image decoder (training, evaluation, serving): formats, modes, EXIF, draft mode,
+limits before decoding."""
 
 import io
 import struct
@@ -8,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.imaging import ImageError, decode
+from models.images import ImageError
+from models.images import decode_image as decode
 
 BIG = 10**9
 

@@ -42,7 +42,7 @@ def test_bf16_on_a_cpu_without_it_stops_run_with_the_reason(tmp_path):
     assert len(ours) == 1, done.stderr[-3000:]
     reason = ours[0]
     assert reason.startswith("convnext-serve: application 'convnext-serve' failed to deploy: ")
-    assert "model-colours" in reason and "model 'colours'" in reason
+    assert "server: " in reason and "model 'colours'" in reason
     assert "no native bf16" in reason and "set precision: fp32" in reason
     assert cpu_description() in reason
     assert time.monotonic() - start < 240  # well before the 600 s ready timeout

@@ -13,7 +13,8 @@ from models.cpu import cpu_description, has_native_bf16
 from models.masks import encode_rle
 from service import render
 from service.config import AppConfig, read_serve_config
-from service.runtime import ClassifyItem, ModelRunner, SegmentItem
+from service.runtime import INFERENCE_THREAD, Entry, ModelRunner
+from service.tasks import ClassifyOptions, SegmentOptions
 
 
 def test_the_shipped_serve_config_parses():
@@ -62,13 +63,16 @@ def test_runner_batches_with_per_item_top_k(classifier, precision):
     )
     runner.warmup()
     rng = np.random.default_rng(0)
-    images = [rng.integers(0, 256, (3, 32, 32), dtype=np.uint8) for _ in range(3)]
-    out = runner.run([ClassifyItem(img, k) for img, k in zip(images, (1, 3, 2), strict=True)])
+    images = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(3)]
+    out = runner.run(
+        [Entry(img, ClassifyOptions(k)) for img, k in zip(images, (1, 3, 2), strict=True)]
+    )
     assert [len(o) for o in out] == [1, 3, 2]
     for o in out:
         scores = [s for _, s in o]
         assert scores == sorted(scores, reverse=True) and all(0 <= s <= 1 for s in scores)
-    alone = runner.run([ClassifyItem(images[1], 3)])[0]  # batching does not change an answer
+    # batching does not change an answer
+    alone = runner.run([Entry(images[1], ClassifyOptions(3))])[0]
     assert [c for c, _ in alone] == [c for c, _ in out[1]]
     assert runner.describe()["precision"] == precision
 
@@ -101,8 +105,9 @@ def test_runner_segments_at_the_original_size(tmp_path):
     from service.config import ModelConfig
 
     runner = ModelRunner(ModelConfig(name="s", checkpoint=str(path)))
-    img = np.zeros((3, 64, 96), np.uint8)
-    (out,) = runner.run([SegmentItem(img, (300, 450))])
+    buf = io.BytesIO()
+    Image.new("RGB", (450, 300), (90, 120, 30)).save(buf, "PNG")
+    (out,) = runner.run([Entry(buf.getvalue(), SegmentOptions())])
     assert out.shape == (300, 450) and out.dtype == np.uint8 and out.max() <= 1
 
 
@@ -134,9 +139,14 @@ def test_cpu_threads_follow_the_config(classifier):
 
     before = torch.get_num_threads()
     try:
-        runner = ModelRunner(ModelConfig(name="c", checkpoint=str(classifier), torch_threads=1))
-        # the count is per OpenMP master thread: read it where the model runs
-        assert runner._thread.submit(torch.get_num_threads).result() == 1
+        one = ModelRunner(ModelConfig(name="c", checkpoint=str(classifier), torch_threads=1))
+        two = ModelRunner(ModelConfig(name="d", checkpoint=str(classifier), torch_threads=2))
+        # the count is per OpenMP master thread: read it where the models run, which share
+        # that thread and each set their own count for their batches
+        img = np.zeros((32, 32, 3), np.uint8)
+        for runner, threads in ((one, 1), (two, 2), (one, 1)):
+            runner.run([Entry(img, ClassifyOptions(1))])
+            assert INFERENCE_THREAD.submit(torch.get_num_threads).result() == threads
     finally:
         torch.set_num_threads(before)
 
@@ -150,10 +160,10 @@ def test_all_torch_work_runs_on_one_thread(classifier):
     runner = ModelRunner(ModelConfig(name="c", checkpoint=str(classifier), max_batch_size=2))
     threads = set()
     runner.model.register_forward_hook(lambda *_: threads.add(threading.get_ident()))
-    img = np.zeros((3, 32, 32), np.uint8)
+    img = np.zeros((32, 32, 3), np.uint8)
     runner.warmup()
-    runner.run([ClassifyItem(img, 1)])
-    runner.submit([ClassifyItem(img, 1)] * 2).result()
+    runner.run([Entry(img, ClassifyOptions(1))])
+    runner.submit([Entry(img, ClassifyOptions(1))] * 2).result()
     assert len(threads) == 1 and threading.get_ident() not in threads
 
 
@@ -167,7 +177,10 @@ def test_batch_buckets_pad_without_changing_answers(classifier):
     runner = ModelRunner(ModelConfig(name="c", checkpoint=str(classifier), max_batch_size=8))
     assert runner.buckets == []  # on the CPU batches run at their own size
     rng = np.random.default_rng(1)
-    items = [ClassifyItem(rng.integers(0, 256, (3, 32, 32), dtype=np.uint8), 3) for _ in range(3)]
+    items = [
+        Entry(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), ClassifyOptions(3))
+        for _ in range(3)
+    ]
     plain = runner.run(items)
     runner.buckets = _batch_buckets(8)  # what a GPU replica uses: 3 items run as a batch of 4
     padded = runner.run(items)

@@ -26,6 +26,7 @@ from ..checkpoint import (
 )
 from ..classification import resize_crop
 from ..evaluate import evaluate_classifier, evaluate_detector, evaluate_segmenter
+from ..presets import DETECT_MAX_SIZE
 from ..registry import build_model
 from .config import TrainConfig
 
@@ -144,7 +145,7 @@ class DetectTask:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.min_size = cfg.min_size or 800
-        self.max_size = cfg.max_size or 1333
+        self.max_size = cfg.max_size or DETECT_MAX_SIZE
         train_view = T.Compose(
             [
                 T.RandomHorizontalFlip(),

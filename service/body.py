@@ -1,0 +1,67 @@
+"""A request's images: the `image` fields of a multipart form, or one raw `image/*` body.
+
+The raw body is the cheap path (no multipart parser); both are read with the body limit
+enforced while reading, and the form's parts are bounded in number and size.
+"""
+
+from __future__ import annotations
+
+from fastapi import Request
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from .config import GatewayConfig
+from .errors import InvalidMultipart, InvalidParameter, PayloadTooLarge, UnsupportedMediaType
+
+
+def body_limit_text(config: GatewayConfig) -> str:
+    return f"the request body is over the limit of {config.max_body_bytes} bytes"
+
+
+async def read_images(request: Request, config: GatewayConfig, single: bool = False) -> list[bytes]:
+    """The request's image bytes; `single`: exactly one image is allowed (render, png)."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "multipart/form-data" and not ctype.startswith("image/"):
+        raise UnsupportedMediaType(
+            f"send multipart/form-data with 'image' fields or an image/* body, not "
+            f"{ctype or 'no content type'}"
+        )
+    body = await _read_body(request, config)
+    images = [body] if ctype.startswith("image/") else await _form_images(request, body, config)
+    if not images:
+        raise InvalidParameter("the form has no 'image' field")
+    if len(images) > config.max_images_per_request:
+        raise InvalidParameter(
+            f"{len(images)} images; at most {config.max_images_per_request} a request"
+        )
+    if single and len(images) > 1:
+        raise InvalidParameter("render and format=png take one image")
+    return images
+
+
+async def _read_body(request: Request, config: GatewayConfig) -> bytes:
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > config.max_body_bytes:
+            raise PayloadTooLarge(body_limit_text(config))
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _form_images(request: Request, body: bytes, config: GatewayConfig) -> list[bytes]:
+    async def stream():
+        yield body
+
+    parser = MultiPartParser(
+        request.headers, stream(), max_files=config.max_images_per_request + 8,
+        max_fields=64, max_part_size=config.max_body_bytes,
+    )  # fmt: skip
+    try:
+        form = await parser.parse()
+    except MultiPartException as e:
+        raise InvalidMultipart(f"malformed multipart body: {e}") from None
+    images = []
+    for value in form.getlist("image"):
+        images.append(await value.read() if hasattr(value, "read") else value.encode())
+    await form.close()
+    return images

@@ -1,0 +1,119 @@
+"""Every failure a client can be told about, one exception type each, and the one place that
+turns them (and FastAPI's own) into `{"error": {"code", "message"}}` responses (DESIGN 5)."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from models.images import ImageError
+
+log = logging.getLogger("ray.serve")
+
+
+class ServiceError(Exception):
+    """An error answered with `status` and `code`; `headers` go with the response."""
+
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message, self.headers = message, headers
+
+
+class InvalidImage(ServiceError):
+    status, code = 400, "invalid_image"
+
+
+class InvalidMultipart(ServiceError):
+    status, code = 400, "invalid_multipart"
+
+
+class Unauthorized(ServiceError):
+    status, code = 401, "unauthorized"
+
+    def __init__(self, message: str = "a valid API key is required (Authorization: Bearer "
+                 "<key> or X-API-Key)"):  # fmt: skip
+        super().__init__(message, {"WWW-Authenticate": "Bearer"})
+
+
+class ModelNotFound(ServiceError):
+    status, code = 404, "model_not_found"
+
+
+class PayloadTooLarge(ServiceError):
+    status, code = 413, "payload_too_large"
+
+
+class ImageTooLarge(ServiceError):
+    status, code = 413, "image_too_large"
+
+
+class UnsupportedMediaType(ServiceError):
+    status, code = 415, "unsupported_media_type"
+
+
+class InvalidParameter(ServiceError):
+    status, code = 422, "invalid_parameter"
+
+
+class Overloaded(ServiceError):
+    status, code = 503, "overloaded"
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(f"{message}; retry shortly", {"Retry-After": str(retry_after_s)})
+
+
+class Timeout(ServiceError):
+    status, code = 504, "timeout"
+
+
+IMAGE_ERRORS: dict[str, type[ServiceError]] = {
+    "invalid_image": InvalidImage,
+    "image_too_large": ImageTooLarge,
+}
+
+
+def image_error(error: ImageError, index: int, count: int) -> ServiceError:
+    """The response to an image the decoder refused; with several images, it names which."""
+    prefix = f"image {index}: " if count > 1 else ""
+    return IMAGE_ERRORS[error.code](prefix + str(error))
+
+
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"code": code, "message": message}}, status_code=status, headers=headers
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Our errors, FastAPI's parameter validation and routing errors, and anything else."""
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(_: Request, e: ServiceError) -> JSONResponse:
+        return error_response(e.status, e.code, e.message, e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_parameter(_: Request, e: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'][1:]) or err['loc'][0]}: {err['msg']}"
+            for err in e.errors()
+        )
+        return error_response(422, InvalidParameter.code, problems)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
+        return error_response(e.status_code, code, str(e.detail), getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, e: Exception) -> JSONResponse:
+        log.exception("internal error")
+        return error_response(500, "internal_error", f"{type(e).__name__}: the server failed")

@@ -1,0 +1,98 @@
+"""Auth, the in-flight and body-size limits, and the request metrics, around every request.
+
+Plain ASGI, not `@app.middleware("http")`: Starlette's BaseHTTPMiddleware runs each request
+through a task group and memory streams, a cost every request pays.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from starlette.datastructures import Headers
+
+from .body import body_limit_text
+from .errors import Overloaded, PayloadTooLarge, ServiceError, Unauthorized, error_response
+
+# Metric label values come from the service, never from the client: unknown paths are "other".
+ENDPOINTS = {"classify", "detect", "segment", "models", "healthz", "readyz", "docs", "root"}
+
+
+def endpoint_of(path: str) -> str:
+    name = path.rstrip("/").rsplit("/", 1)[-1] or "root"
+    return name if name in ENDPOINTS else "other"
+
+
+class GuardMiddleware:
+    """Runs the checks of the server replica (`server()`) on HTTP requests."""
+
+    def __init__(self, app, server: Callable[[], Any]):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send) -> None:
+        server = self.server()
+        if scope["type"] != "http" or server is None:  # or outside a server replica
+            await self.app(scope, receive, send)
+            return
+        await guard(server, self.app, scope, receive, send)
+
+
+async def guard(server: Any, app, scope, receive, send) -> None:
+    path: str = scope["path"]
+    api = path.startswith("/v1/")
+    endpoint = endpoint_of(path)
+    started = time.perf_counter()
+    status = 500
+    # the route sets the model it resolved in request.state (which lives in scope["state"])
+    state = scope.setdefault("state", {})
+    state["model"] = ""
+
+    async def send_and_note_status(message) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        await send(message)
+
+    in_flight = server.in_flight
+    count = sum(in_flight.values())
+    in_flight[endpoint] = in_flight.get(endpoint, 0) + 1
+    metrics = server.metrics
+    try:  # nothing above can fail; everything taken is given back below
+        metrics.in_flight.set(in_flight[endpoint], tags={"endpoint": endpoint})
+        config = server.config
+        headers = Headers(scope=scope)
+        refusal: ServiceError | None = None
+        if api and server.api_keys and not _authorised(headers, server.api_keys):
+            refusal = Unauthorized()
+        elif api and count >= config.max_in_flight:
+            refusal = Overloaded("the server is at its in-flight request limit",
+                                 config.retry_after_s)  # fmt: skip
+        elif _content_length(headers) > config.max_body_bytes:
+            refusal = PayloadTooLarge(body_limit_text(config))
+        if refusal is not None:
+            response = error_response(refusal.status, refusal.code, refusal.message,
+                                      refusal.headers)  # fmt: skip
+            await response(scope, receive, send_and_note_status)
+        else:
+            await app(scope, receive, send_and_note_status)
+    finally:
+        in_flight[endpoint] -= 1
+        metrics.in_flight.set(in_flight[endpoint], tags={"endpoint": endpoint})
+        if api:
+            tags = {"endpoint": endpoint, "model": state.get("model", "")}
+            metrics.requests.inc(tags={**tags, "status": str(status)})
+            metrics.duration.observe(time.perf_counter() - started, tags=tags)
+
+
+def _authorised(headers: Headers, keys: set[str]) -> bool:
+    auth = headers.get("authorization", "")
+    key = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+    return (key or headers.get("x-api-key", "")) in keys
+
+
+def _content_length(headers: Headers) -> int:
+    try:
+        return int(headers.get("content-length") or 0)
+    except ValueError:
+        return 0

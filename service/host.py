@@ -1,0 +1,142 @@
+"""One model inside a server replica: its waiting line, its dynamic batches and its metrics.
+
+A request's images go straight from the route handler into this model's batch queue in the
+same process (no call to another actor, no copy): `@serve.batch` gathers images of concurrent
+requests into batches, which the runtime decodes, preprocesses and runs on the inference
+thread while the event loop keeps taking requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import Future
+from typing import Any
+
+from ray import serve
+
+from .admission import ModelBusy, ModelQueue
+from .config import ModelConfig
+from .errors import Overloaded, Timeout
+from .metrics import ModelMetrics, gateway_metrics
+from .runtime import Entry, ModelRunner
+
+
+class ModelHost:
+    """A loaded model, warming up in the background, and the batches it runs."""
+
+    def __init__(self, config: ModelConfig, max_pixels: int, retry_after_s: int):
+        self.config, self.name = config, config.name
+        self.retry_after_s = retry_after_s
+        self.runner = ModelRunner(config, max_pixels)  # a bad checkpoint fails the replica here
+        self.meta, self.task = self.runner.meta, self.runner.task
+        # Calls (a request's images, up to a batch of them) in flight, and how many may wait.
+        self.queue = ModelQueue(config.ongoing, config.max_queued_requests)
+        self._batch.set_max_batch_size(config.max_batch_size)
+        self._batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        # Batches being prepared or run: one on a CPU (prepare and run are one step on the
+        # inference thread), two on a GPU (the next batch decodes while this one runs).
+        self._depth = 2 if self.runner.pipelined else 1
+        self._in_pipeline = 0
+        self._gate = asyncio.Event()
+        self._gate.set()
+        self.metrics = ModelMetrics(config.name)
+        self._decode = gateway_metrics().decode
+        self._decode_tags = {"endpoint": self.task.name}
+        self.info_tags = {
+            "model": self.name, "arch": self.meta.arch, "task": self.meta.task,
+            "device": self.runner.device.type, "precision": self.runner.precision,
+        }  # fmt: skip
+        self.warm: Future | None = None
+
+    def start_warmup(self) -> None:
+        """Warm up in the background (on the inference thread, after every model loaded)."""
+        self.warm = self.runner.start_warmup()
+
+    @property
+    def ready(self) -> bool:
+        return self.warm is not None and self.warm.done() and self.warm.exception() is None
+
+    def failure(self) -> BaseException | None:
+        """Why the warm-up failed, once it has."""
+        return self.warm.exception() if self.warm is not None and self.warm.done() else None
+
+    def full(self) -> bool:
+        """Whether a new request would be refused (checked before its body is read)."""
+        return self.queue.full()
+
+    def overloaded(self) -> Overloaded:
+        return Overloaded(f"model {self.name!r} has a full queue", self.retry_after_s)
+
+    async def run(self, entries: list[Entry], timeout_s: float) -> list[Any]:
+        """Results (or `ImageError`s) for a request's images, in order.
+
+        The images go in calls of at most a batch each, each holding one of the model's slots
+        (`admission.ModelQueue`); every image still batches with other requests' images.
+        """
+        size = self.config.max_batch_size
+
+        async def call(chunk: list[Entry]) -> list[Any]:
+            async with self.queue.slot():
+                return await self._call(chunk)
+
+        async def all_calls() -> list[list[Any]]:
+            if not self.warm.done():  # a replica still warming up: wait for it, not 503
+                await asyncio.wrap_future(self.warm)
+            if len(entries) <= size:
+                return [await call(entries)]
+            return await asyncio.gather(
+                *(call(entries[i : i + size]) for i in range(0, len(entries), size))
+            )
+
+        try:
+            answers = await asyncio.wait_for(all_calls(), timeout=timeout_s)
+        except ModelBusy:
+            raise self.overloaded() from None
+        except asyncio.TimeoutError:
+            raise Timeout(f"no answer within {timeout_s:g} s") from None
+        return [result for answer in answers for result in answer]
+
+    async def _call(self, entries: list[Entry]) -> list[Any]:
+        arrived = time.perf_counter()
+        # Serve forms the next batch as soon as an item arrives, even while the model is busy,
+        # so under load every batch would hold a single image. Holding arrivals here while
+        # the pipeline is full lets them enter the queue together when it frees up, and
+        # `@serve.batch` then takes them as one batch.
+        if not self._gate.is_set():
+            await self._gate.wait()
+        if len(entries) == 1:  # the usual case, without gather's task per item
+            return [await self._batch((arrived, entries[0]))]
+        return await asyncio.gather(*(self._batch((arrived, e)) for e in entries))
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
+    async def _batch(self, items: list[tuple[float, Entry]]) -> list[Any]:
+        started = time.perf_counter()
+        self._in_pipeline += 1
+        if self._in_pipeline >= self._depth:
+            self._gate.clear()
+        entries = [entry for _, entry in items]
+        runner = self.runner
+        try:
+            if runner.pipelined:
+                prepared = await asyncio.wrap_future(runner.submit_prepare(entries))
+                results = await asyncio.wrap_future(runner.submit_forward(prepared))
+            else:  # one hop to the inference thread, not two
+                prepared, results = await asyncio.wrap_future(runner.submit(entries))
+        finally:
+            self._in_pipeline -= 1
+            self._gate.set()
+        metrics = self.metrics
+        for queued_at, _ in items:
+            metrics.queue_wait.observe(started - queued_at)
+        for seconds in prepared.decode_seconds:
+            self._decode.observe(seconds, tags=self._decode_tags)
+        metrics.inference.observe(prepared.forward_seconds)
+        metrics.batch_size.observe(len(items))
+        metrics.images.inc(len(items))
+        metrics.info.set(1, tags=self.info_tags)
+        return results
+
+    def describe(self) -> dict[str, Any]:
+        self.metrics.info.set(1, tags=self.info_tags)  # the info gauge exists from readiness on
+        return {**self.runner.describe(), "ready": self.ready}

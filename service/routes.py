@@ -1,0 +1,207 @@
+"""The HTTP API (DESIGN section 5): thin route handlers over the server replica.
+
+Each handler parses its query parameters (FastAPI), asks the server (`request.app.state.server`,
+see `service.app.Server`) to run the request's images through the model, and shapes the answer
+with the task's adapter. Errors are raised as `service.errors` types and answered in one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse, Response
+
+from models.images import decode_image
+
+from . import render as draw
+from .errors import install_error_handlers
+from .guard import GuardMiddleware
+from .schemas import (
+    ClassifyResponse,
+    DetectResponse,
+    ErrorResponse,
+    Health,
+    ModelsResponse,
+    Readiness,
+    SegmentResponse,
+)
+from .tasks import ClassifyOptions, DetectOptions, SegmentOptions
+
+IMAGE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "image": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "one or more images (JPEG, PNG, WebP, BMP, GIF, TIFF)",
+                        }
+                    },
+                    "required": ["image"],
+                }
+            },
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in [
+        (400, "invalid_image, invalid_multipart"),
+        (401, "unauthorized"),
+        (404, "model_not_found"),
+        (413, "payload_too_large, image_too_large"),
+        (415, "unsupported_media_type"),
+        (422, "invalid_parameter"),
+        (503, "overloaded (with Retry-After)"),
+        (504, "timeout"),
+    ]
+}
+PNG: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"image/png": {}}, "description": "JSON, or a PNG with render / format=png"}
+}
+
+api = FastAPI(
+    title="convnext-serve",
+    description="ConvNeXt classification, detection (Mask R-CNN) and segmentation (UperNet). "
+    "Send images as multipart `image` fields (one or more) or as a raw `image/*` body.",
+    version="1",
+)
+MODEL = Query(None, description="model name (default: the first of the task)")
+
+# The server replica of this process. Not `api.state`: Serve runs a copy of the app object
+# (made when the deployment is defined), while this module and its functions are the same.
+_server_of_this_process: Any = None
+
+
+def attach(server: Any) -> None:
+    global _server_of_this_process
+    _server_of_this_process = server
+
+
+def current_server() -> Any:
+    return _server_of_this_process
+
+
+def _server(_: Request) -> Any:
+    return _server_of_this_process
+
+
+install_error_handlers(api)
+api.add_middleware(GuardMiddleware, server=current_server)
+
+
+@api.get("/healthz", summary="Liveness: 200 while the process serves", response_model=Health)
+async def healthz() -> dict:
+    return {"status": "ok"}
+
+
+@api.get(
+    "/readyz",
+    summary="Readiness: 200 when every model is loaded and warmed up",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "models still warming up"}},
+)
+async def readyz(request: Request) -> JSONResponse:
+    pending = _server(request).pending_models()
+    if pending:
+        return JSONResponse({"status": "starting", "waiting_for": pending}, status_code=503)
+    return JSONResponse({"status": "ready", "models": sorted(_server(request).hosts)})
+
+
+@api.get(
+    "/v1/models",
+    summary="Every served model with its metadata and serving settings",
+    response_model=ModelsResponse,
+)
+async def models(request: Request) -> dict:
+    return {"models": [host.describe() for host in _server(request).hosts.values()]}
+
+
+@api.post(
+    "/v1/classify",
+    summary="Top-k classes of each image",
+    openapi_extra=IMAGE_BODY,
+    response_model=ClassifyResponse,
+    responses=ERRORS,
+)
+async def classify(
+    request: Request,
+    model: str | None = MODEL,
+    top_k: int = Query(5, ge=1, le=1000, description="classes per image"),
+) -> JSONResponse:
+    server = _server(request)
+    host = server.model_for(request, "classify", model)
+    images = await server.images(request)
+    outputs = await server.run(host, images, ClassifyOptions(top_k))
+    results = [host.task.result(host.meta, out) for out in outputs]
+    return JSONResponse({"model": host.name, "results": results})
+
+
+@api.post(
+    "/v1/detect",
+    summary="Boxes, classes, scores and instance masks (COCO RLE)",
+    openapi_extra=IMAGE_BODY,
+    response_model=DetectResponse,
+    responses={**ERRORS, **PNG},
+)
+async def detect(
+    request: Request,
+    model: str | None = MODEL,
+    score_threshold: float = Query(0.5, ge=0, le=1),
+    max_detections: int = Query(100, ge=1, le=1000),
+    masks: bool = Query(True, description="include instance masks"),
+    render: bool = Query(False, description="answer an image/png with the result drawn"),
+) -> Response:
+    server = _server(request)
+    host = server.model_for(request, "detect", model)
+    images = await server.images(request, single=render)
+    options = DetectOptions(score_threshold, max_detections, masks or render)
+    outputs = await server.run(host, images, options)
+    results = [host.task.result(host.meta, out) for out in outputs]
+    if render:
+        png = await asyncio.to_thread(_render_detections, images[0], results[0], host.meta)
+        return Response(png, media_type="image/png")
+    return JSONResponse({"model": host.name, "results": results})
+
+
+@api.post(
+    "/v1/segment",
+    summary="A class id for every pixel",
+    openapi_extra=IMAGE_BODY,
+    response_model=SegmentResponse,
+    responses={**ERRORS, **PNG},
+)
+async def segment(
+    request: Request,
+    model: str | None = MODEL,
+    format: str = Query("json", pattern="^(json|png)$", description="json or png"),
+    render: bool = Query(False, description="answer an image/png with the map drawn"),
+) -> Response:
+    server = _server(request)
+    host = server.model_for(request, "segment", model)
+    images = await server.images(request, single=render or format == "png")
+    maps = await server.run(host, images, SegmentOptions())
+    if render:
+        png = await asyncio.to_thread(_render_segmentation, images[0], maps[0], host.meta)
+        return Response(png, media_type="image/png")
+    if format == "png":
+        return Response(draw.class_map_png(maps[0]), media_type="image/png")
+    results = await asyncio.to_thread(lambda: [host.task.result(host.meta, m) for m in maps])
+    return JSONResponse({"model": host.name, "results": results})
+
+
+def _render_detections(data: bytes, result: dict, meta) -> bytes:
+    pixels = decode_image(data).pixels  # every pixel, for people to look at
+    return draw.render_detections(pixels, result["detections"], meta.labels, (1.0, 1.0))
+
+
+def _render_segmentation(data: bytes, class_map, meta) -> bytes:
+    return draw.render_segmentation(decode_image(data).pixels, class_map, meta.num_classes)

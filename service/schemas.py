@@ -1,0 +1,153 @@
+"""The HTTP API's response bodies as pydantic models, with examples (DESIGN section 5).
+
+Used as the routes' `response_model`, so `/docs` and `/openapi.json` show the real schemas. The
+handlers build plain dicts and answer `JSONResponse`s (FastAPI then skips re-validating every
+response, a cost each request would pay); the service tests validate real answers against
+these models, so the schemas cannot drift from what is sent.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+def _example(example: dict) -> ConfigDict:
+    return ConfigDict(json_schema_extra={"examples": [example]})
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(description="snake_case error code, e.g. invalid_image")
+    message: str = Field(description="what went wrong, for people")
+
+
+class ErrorResponse(BaseModel):
+    model_config = _example(
+        {"error": {"code": "invalid_image", "message": "image 0: not a decodable image"}}
+    )
+    error: ErrorBody
+
+
+class Prediction(BaseModel):
+    label: str
+    class_id: int
+    score: float = Field(ge=0, le=1)
+
+
+class ClassifyResult(BaseModel):
+    predictions: list[Prediction] = Field(description="top_k classes, best first")
+
+
+class ClassifyResponse(BaseModel):
+    model_config = _example(
+        {
+            "model": "shapes-classifier",
+            "results": [{"predictions": [{"label": "circle", "class_id": 0, "score": 0.97}]}],
+        }
+    )
+    model: str
+    results: list[ClassifyResult] = Field(description="one per input image, in input order")
+
+
+class RLE(BaseModel):
+    size: list[int] = Field(description="[height, width]")
+    counts: str = Field(description="COCO compressed RLE (pycocotools)")
+
+
+class Detection(BaseModel):
+    label: str
+    class_id: int
+    score: float = Field(ge=0, le=1)
+    box: list[float] = Field(description="[x1, y1, x2, y2] in the input image's pixels")
+    mask: RLE | None = Field(None, description="absent with masks=false")
+
+
+class DetectResult(BaseModel):
+    width: int
+    height: int
+    detections: list[Detection]
+
+
+class DetectResponse(BaseModel):
+    model_config = _example(
+        {
+            "model": "shapes-detector",
+            "results": [
+                {
+                    "width": 640,
+                    "height": 480,
+                    "detections": [
+                        {
+                            "label": "circle", "class_id": 0, "score": 0.97,
+                            "box": [12.5, 40.0, 210.0, 230.5],
+                            "mask": {"size": [480, 640], "counts": "<COCO RLE>"},
+                        }
+                    ],
+                }
+            ],
+        }
+    )  # fmt: skip
+    model: str
+    results: list[DetectResult]
+
+
+class SegmentClass(BaseModel):
+    class_id: int
+    label: str
+    pixel_fraction: float = Field(ge=0, le=1)
+
+
+class ClassMap(BaseModel):
+    format: Literal["png"] = "png"
+    data: str = Field(description="base64 PNG, one class id per pixel (8 or 16 bit)")
+
+
+class SegmentResult(BaseModel):
+    width: int
+    height: int
+    classes: list[SegmentClass] = Field(description="the classes present, by class id")
+    mask: ClassMap
+
+
+class SegmentResponse(BaseModel):
+    model_config = _example(
+        {
+            "model": "shapes-segmenter",
+            "results": [
+                {
+                    "width": 640,
+                    "height": 480,
+                    "classes": [{"class_id": 2, "label": "square", "pixel_fraction": 0.21}],
+                    "mask": {"format": "png", "data": "<base64 PNG>"},
+                }
+            ],
+        }
+    )
+    model: str
+    results: list[SegmentResult]
+
+
+class ModelInfo(BaseModel):
+    name: str
+    task: Literal["classify", "detect", "segment"]
+    ready: bool = Field(description="loaded and warmed up")
+    device: str | None = Field(description="cpu or cuda; null until loaded")
+    precision: str
+    metadata: dict[str, Any] = Field(description="the checkpoint's metadata (DESIGN section 3)")
+    serving: dict[str, Any] = Field(description="batching and scaling settings")
+
+
+class ModelsResponse(BaseModel):
+    models: list[ModelInfo]
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    model_config = _example({"status": "starting", "waiting_for": ["shapes-detector"]})
+    status: Literal["ready", "starting"]
+    models: list[str] | None = None
+    waiting_for: list[str] | None = None

@@ -9,7 +9,7 @@ JPEG photos of 640x480 as the input:
       time each part of the service spends per image;
   (c) a naive baseline: plain FastAPI + uvicorn, one forward pass per request;
   (d) the bound: what a server with zero overhead would reach here, cores / (one thread's CPU
-      time per image to decode and preprocess the same JPEG as the gateway does + one thread's
+      time per image to decode and preprocess the same JPEG as the service does + one thread's
       CPU time per image to run the model at its best batch).
 
     .venv/bin/python bench/serve_bench.py [--precision fp32] [--seconds 20]
@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import io
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -122,11 +123,10 @@ def zero_overhead_bound(
 ) -> dict:
     """(d): {"decode_ms", "model_ms", "batch", "images_per_s"}, CPU time of one thread each."""
     import torch
-    from service.imaging import decode
 
-    from models.classification import resize_crop
+    from models.images import decode_image
     from service.config import GatewayConfig, ModelConfig
-    from service.runtime import ClassifyItem, ModelRunner
+    from service.runtime import ModelRunner
 
     config = ModelConfig(
         name="bound", checkpoint=str(checkpoint), precision=precision, torch_threads=1
@@ -214,6 +214,54 @@ def _load_in_process(args: tuple) -> dict:
     return asyncio.run(load(*args))
 
 
+WRK_SCRIPT = """
+wrk.method = "POST"
+local f = io.open(os.getenv("BENCH_BODY"), "rb")
+wrk.body = f:read("*all")
+f:close()
+wrk.headers["Content-Type"] = os.getenv("BENCH_CTYPE")
+"""
+
+
+def run_wrk(
+    url: str, photos: list[bytes], concurrency: int, seconds: float, per_request: int = 1
+) -> dict:
+    """Closed-loop load from wrk (C, one thread: a cheap client that leaves the cores to the
+    server): every request carries the same `per_request` photos as a multipart form."""
+    import re
+    import shutil
+    import uuid
+
+    folder = Path(tempfile.mkdtemp(prefix="wrk-"))
+    boundary = uuid.uuid4().hex
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="p.jpg"'
+        f"\r\nContent-Type: image/jpeg\r\n\r\n".encode()
+        + photos[i % len(photos)]
+        + b"\r\n"
+        for i in range(per_request)
+    ]
+    (folder / "body").write_bytes(b"".join(parts) + f"--{boundary}--\r\n".encode())
+    (folder / "post.lua").write_text(WRK_SCRIPT)
+    env = {**os.environ, "BENCH_BODY": str(folder / "body"),
+           "BENCH_CTYPE": f"multipart/form-data; boundary={boundary}"}  # fmt: skip
+    cmd = [shutil.which("wrk") or "wrk", "-t1", f"-c{concurrency}", f"-d{seconds:g}s",
+           "--latency", "-s", str(folder / "post.lua"), url]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
+    units = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+    def latency(p: str) -> float:
+        m = re.search(rf"^\s+{p}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        return float(m.group(1)) * units[m.group(2)] if m else float("nan")
+
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: (.*)", out)
+    return {"images_per_s": rps * per_request, "p50": latency(50), "p95": float("nan"),
+            "p99": latency(99), "errors": int(errors.group(1)) if errors else 0,
+            "socket_errors": socket_errors.group(1) if socket_errors else ""}  # fmt: skip
+
+
 def run_load(
     url: str, photos: list[bytes], concurrency: int, seconds: float, per_request: int = 1,
     processes: int = 1,
@@ -271,7 +319,7 @@ def scrape(metrics_url: str) -> dict[str, float]:
     return totals
 
 
-PROCESS_GROUPS = (("model", "ServeReplica:bench:model-"), ("gateway", "ServeReplica:bench:gateway"),
+PROCESS_GROUPS = (("server", "ServeReplica:bench:server"),
                   ("proxy", "ProxyActor"), ("proxy", "haproxy"), ("proxy", "HAProxy"))  # fmt: skip
 
 
@@ -279,7 +327,7 @@ def cpu_seconds() -> dict[str, float]:
     """CPU seconds used so far by the service's processes, by role (the rest of Ray: 'ray')."""
     import psutil
 
-    totals = {"model": 0.0, "gateway": 0.0, "proxy": 0.0, "ray": 0.0}
+    totals = {"server": 0.0, "proxy": 0.0, "ray": 0.0}
     for p in psutil.process_iter(["cmdline", "cpu_times"]):
         cmdline = " ".join(p.info["cmdline"] or [])
         times = p.info["cpu_times"]
@@ -304,7 +352,7 @@ def serve_levels(
 ) -> list[tuple[str, int, dict]]:
     """(b) for one replica layout: start `convnext-serve run`, load it at each concurrency.
 
-    `layout` holds model settings, and the gateway's under "gateway"."""
+    `layout` holds model settings, and the gateway's under "gateway" (optional)."""
     port, metrics_port = free_port(), free_port()
     layout = dict(layout)
     gateway = layout.pop("gateway", {})
@@ -331,8 +379,11 @@ def serve_levels(
         for c in args.concurrency:
             time.sleep(6)  # the metrics export period
             before, cpu_before = scrape(metrics_url), cpu_seconds()
-            result = run_load(url, photos, c, args.seconds, args.images_per_request,
-                              args.client_processes)  # fmt: skip
+            if args.client == "wrk":
+                result = run_wrk(url, photos, c, args.seconds, args.images_per_request)
+            else:
+                result = run_load(url, photos, c, args.seconds, args.images_per_request,
+                                  args.client_processes)  # fmt: skip
             cpu_after = cpu_seconds()
             time.sleep(12)
             after = scrape(metrics_url)
@@ -359,6 +410,10 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--images-per-request", type=int, default=1)
     parser.add_argument(
+        "--client", choices=["wrk", "python"], default="wrk" if shutil.which("wrk") else "python",
+        help="load generator: wrk (C, cheap; Debian's wrk) or Python aiohttp processes",
+    )  # fmt: skip
+    parser.add_argument(
         "--client-processes", type=int, default=0,
         help="load-generator processes (default: 1 on a CPU node, a quarter of the cores on "
         "a GPU node)",
@@ -378,13 +433,8 @@ def main() -> None:
         help="raw batch sizes to try (default: 1 2 4 8 on CPU, up to 256 on a GPU)",
     )  # fmt: skip
     parser.add_argument(
-        "--gateway-replicas", type=int, nargs="+", default=None,
-        help="gateway replica counts to try (default: 1 on a CPU node; 1 and a quarter of "
-        "the cores on a GPU node)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--gpu-model-replicas", type=int, default=2,
-        help="model replicas sharing the GPU: each replica's Python handles every call it "
+        "--gpu-replicas", type=int, nargs="+", default=[2, 4],
+        help="server replicas sharing the GPU: each replica's Python handles every request it "
         "gets, so several spread that work over cores",
     )  # fmt: skip
     parser.add_argument("--skip-naive", action="store_true")
@@ -396,7 +446,6 @@ def main() -> None:
     cores = os.cpu_count() or 1
     args.concurrency = args.concurrency or ([1, 8, 32, 256] if gpu else [1, 8, 32])
     args.client_processes = args.client_processes or (max(1, cores // 4) if gpu else 1)
-    gateways = args.gateway_replicas or ([1, max(1, cores // 4)] if gpu else [1])
     batches = args.batches or ([1, 8, 32, 64, 128, 256] if gpu else [1, 2, 4, 8])
     folder = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     checkpoint = make_checkpoint(folder, args.arch, args.image_size)
@@ -418,20 +467,18 @@ def main() -> None:
 
     # Replica layouts: on a CPU node one replica with every core (lowest latency) and one
     # single-threaded replica per core (most images/s); on a GPU, model replicas sharing it.
-    if gpu:
-        share = round(1 / args.gpu_model_replicas, 3)
-        models = {"num_replicas": args.gpu_model_replicas, "num_gpus": share}
-        layouts = {f"{args.gpu_model_replicas} GPU replicas, {g} gateways":
-                   {**models, "gateway": {"num_replicas": g}} for g in gateways}  # fmt: skip
-    else:
+    if gpu:  # server replicas sharing the GPU (each one's Python serves its share), GPU/CPU decode
         layouts = {}
-        for g in gateways:
-            gw = {"gateway": {"num_replicas": g}}
-            suffix = f", {g} gateways" if g != 1 else ""
-            layouts[f"1 replica x {cores} threads{suffix}"] = {
-                "num_replicas": 1, "torch_threads": cores, **gw}  # fmt: skip
-            layouts[f"{cores} replicas x 1 thread{suffix}"] = {
-                "num_replicas": cores, "torch_threads": 1, **gw}  # fmt: skip
+        for r in args.gpu_replicas:
+            for decode in ("GPU", "CPU"):
+                layouts[f"{r} replicas on the GPU, {decode} decode"] = {
+                    "num_replicas": r, "num_gpus": round(1 / r, 3),
+                    "gpu_decode": decode == "GPU"}  # fmt: skip
+    else:
+        layouts = {
+            f"1 replica x {cores} threads": {"num_replicas": 1, "torch_threads": cores},
+            f"{cores} replicas x 1 thread": {"num_replicas": cores, "torch_threads": 1},
+        }
     rows = []
     for label, layout in layouts.items():
         rows += serve_levels(checkpoint, folder, photos, args, layout, label)
@@ -470,12 +517,12 @@ def main() -> None:
     print()
     print(
         "| server | concurrency | images/s | % of raw best | % of bound | p50 ms | p95 ms "
-        "| p99 ms | mean batch | CPU ms per image: model / gateway / proxy / rest of Ray "
+        "| p99 ms | mean batch | CPU ms per image: server / HAProxy / rest of Ray "
         "| errors |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|")
     for name, c, r in rows:
-        cpu = r.get("cpu_ms")  # model, gateway, proxy, ray: cpu_seconds()'s order
+        cpu = r.get("cpu_ms")  # server, proxy, ray: cpu_seconds()'s order
         cpu_text = " / ".join(f"{v:.1f}" for v in cpu.values()) if cpu else "-"
         of_bound = f"{100 * r['images_per_s'] / bound['images_per_s']:.0f}%" if bound else "-"
         print(f"| {name} | {c} | {r['images_per_s']:.1f} | {100 * r['images_per_s'] / best:.0f}% "

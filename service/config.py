@@ -53,6 +53,10 @@ class ModelConfig(BaseModel):
     warmup_batches: int = Field(2, ge=0)
     timeout_s: float | None = Field(None, gt=0, description="default: the gateway's")
     sliding_window: bool = Field(False, description="segment: sliding-window inference")
+    gpu_decode: bool = Field(
+        True, description="on a CUDA device, decode plain JPEGs on the GPU (nvJPEG); false: "
+        "Pillow on the CPU, as CPU replicas do",
+    )  # fmt: skip
 
     @property
     def max_replicas(self) -> int:

@@ -203,7 +203,8 @@ class ModelRunner:
         """Decode and preprocess a batch; each entry's failure is kept in `errors`."""
         if self.device.type == "cuda":
             with torch.cuda.stream(self._stream):
-                prepared = self._prepare(entries, self._gpu_decoded(entries))
+                on_gpu = self._gpu_decoded(entries) if self.config.gpu_decode else {}
+                prepared = self._prepare(entries, on_gpu)
                 prepared.ready = torch.cuda.Event()
                 prepared.ready.record(self._stream)
             return prepared
@@ -252,7 +253,8 @@ class ModelRunner:
             if isinstance(entry.data, bytes):
                 with contextlib.suppress(ImageError):  # Pillow says why, in `_prepare`
                     header = read_header(entry.data, self.max_pixels)
-                    if header.plain_jpeg:
+                    # a truncated JPEG (no end marker) goes to Pillow, which refuses it
+                    if header.plain_jpeg and entry.data.rstrip(b"\0").endswith(b"\xff\xd9"):
                         headers[i] = header
         if not headers:
             return {}

@@ -107,3 +107,41 @@ def test_undecodable_is_invalid_image(data):
     with pytest.raises(ImageError) as e:
         decode(data, BIG)
     assert e.value.code == "invalid_image"
+
+
+def _exif_rotated_jpeg(orientation: int) -> tuple[bytes, Image.Image]:
+    image = red_square(size=(60, 40))
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    return encode(image, "JPEG", quality=95, exif=exif.tobytes()), image
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_orient_chw_turns_a_tensor_as_pillow_turns_the_image(orientation):
+    """The GPU decode path turns nvJPEG's stored pixels upright with `orient_chw`."""
+    import torch
+
+    from models.images import orient_chw
+
+    data, _ = _exif_rotated_jpeg(orientation)
+    upright = decode(data, BIG).pixels
+    stored = torch.from_numpy(decode(data, BIG, orient=False).pixels).permute(2, 0, 1)
+    turned = orient_chw(stored, orientation).permute(1, 2, 0).numpy()
+    assert np.array_equal(turned, upright)
+
+
+def test_training_reads_the_pixels_the_service_decodes(tmp_path):
+    """One decoder: a dataset image (EXIF-rotated, with alpha) becomes the same pixels in
+    training and evaluation as in a request; annotations made on the stored pixels keep them."""
+    from models.data import read_image
+
+    data, _ = _exif_rotated_jpeg(6)  # stored 60x40, upright 40x60
+    (tmp_path / "r.jpg").write_bytes(data)
+    served = decode(data, BIG).pixels
+    assert np.array_equal(read_image(tmp_path / "r.jpg").permute(1, 2, 0).numpy(), served)
+    stored = read_image(tmp_path / "r.jpg", match_size=(40, 60))  # an annotation 40 high
+    assert tuple(stored.shape) == (3, 40, 60)
+    rgba = red_square("RGBA")
+    rgba.putalpha(0)  # fully transparent: white, as the service composites it
+    (tmp_path / "a.png").write_bytes(encode(rgba, "PNG"))
+    assert int(read_image(tmp_path / "a.png").min()) == 255

@@ -388,6 +388,40 @@ def test_concurrent_requests_form_batches(service):
     assert batches > singles, "every batch had one image"
 
 
+def test_multi_image_requests_batch_with_other_requests(service):
+    """Each image of a request enters the batch queue on its own: with requests of three
+    images each, batches of more than four (up to the model's eight) must mix requests."""
+
+    def mixed_batches() -> float:
+        text = service.metrics()
+        return _sample(
+            text, "ray_convnext_serve_batch_size_bucket", model="colours", le="8.0"
+        ) - _sample(text, "ray_convnext_serve_batch_size_bucket", model="colours", le="4.0")
+
+    before = mixed_batches()
+    images = [photo(c)[0] for c in ("red", "green", "blue")]
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(lambda _: service.post("/v1/classify", images), range(48)))
+    assert all(r.status_code == 200 and len(r.json()["results"]) == 3 for r in responses)
+    deadline = time.monotonic() + 60
+    while mixed_batches() <= before and time.monotonic() < deadline:
+        time.sleep(1)
+    assert mixed_batches() > before
+
+
+def test_answers_match_the_documented_schemas(service):
+    """The pydantic models behind /docs (service/schemas.py) describe what is really sent."""
+    from service.schemas import ClassifyResponse, DetectResponse, ModelsResponse, SegmentResponse
+
+    data, _ = photo("red", box=(60, 20, 280, 220))
+    ClassifyResponse.model_validate(service.post("/v1/classify", [data]).json())
+    for masks in ("true", "false"):
+        r = service.post("/v1/detect", [data], params={"masks": masks, "score_threshold": 0})
+        DetectResponse.model_validate(r.json())
+    SegmentResponse.model_validate(service.post("/v1/segment", [data]).json())
+    ModelsResponse.model_validate(requests.get(service.url + "/v1/models", timeout=10).json())
+
+
 def test_every_documented_metric_is_exported(service):
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

@@ -66,7 +66,7 @@ WORKDIR /home/ray
 # no GPU (the KubeRay head) sees none. The RAY_* settings are service/run.py's RAY_SERVING_ENV
 # (user code and router on the replica's event loop, buffered request logs, images in-band
 # rather than through the object store, HTTP through Ray Serve's HAProxy front straight into
-# the gateway replicas), here too so KubeRay's `ray start` nodes get them.
+# the server replicas), here too so KubeRay's `ray start` nodes get them.
 ENV HOME=/home/ray \
     CONVNEXT_SERVE_DEMO_DIR=/opt/convnext-serve/demo \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \

@@ -419,7 +419,8 @@ def test_answers_match_the_documented_schemas(service):
         r = service.post("/v1/detect", [data], params={"masks": masks, "score_threshold": 0})
         DetectResponse.model_validate(r.json())
     SegmentResponse.model_validate(service.post("/v1/segment", [data]).json())
-    ModelsResponse.model_validate(requests.get(service.url + "/v1/models", timeout=10).json())
+    models = requests.get(service.url + "/v1/models", headers=AUTH, timeout=10)
+    ModelsResponse.model_validate(models.json())
 
 
 def test_every_documented_metric_is_exported(service):

@@ -224,10 +224,12 @@ wrk.headers["Content-Type"] = os.getenv("BENCH_CTYPE")
 
 
 def run_wrk(
-    url: str, photos: list[bytes], concurrency: int, seconds: float, per_request: int = 1
-) -> dict:
+    url: str, photos: list[bytes], concurrency: int, seconds: float, per_request: int = 1,
+    raw: bool = False,
+) -> dict:  # fmt: skip
     """Closed-loop load from wrk (C, one thread: a cheap client that leaves the cores to the
-    server): every request carries the same `per_request` photos as a multipart form."""
+    server): every request carries the same `per_request` photos as a multipart form, or
+    (`raw`) one photo as an `image/jpeg` body."""
     import re
     import shutil
     import uuid
@@ -241,10 +243,13 @@ def run_wrk(
         + b"\r\n"
         for i in range(per_request)
     ]
-    (folder / "body").write_bytes(b"".join(parts) + f"--{boundary}--\r\n".encode())
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    ctype = f"multipart/form-data; boundary={boundary}"
+    if raw:
+        body, ctype = photos[0], "image/jpeg"
+    (folder / "body").write_bytes(body)
     (folder / "post.lua").write_text(WRK_SCRIPT)
-    env = {**os.environ, "BENCH_BODY": str(folder / "body"),
-           "BENCH_CTYPE": f"multipart/form-data; boundary={boundary}"}  # fmt: skip
+    env = {**os.environ, "BENCH_BODY": str(folder / "body"), "BENCH_CTYPE": ctype}
     cmd = [shutil.which("wrk") or "wrk", "-t1", f"-c{concurrency}", f"-d{seconds:g}s",
            "--latency", "-s", str(folder / "post.lua"), url]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
@@ -380,7 +385,8 @@ def serve_levels(
             time.sleep(6)  # the metrics export period
             before, cpu_before = scrape(metrics_url), cpu_seconds()
             if args.client == "wrk":
-                result = run_wrk(url, photos, c, args.seconds, args.images_per_request)
+                result = run_wrk(url, photos, c, args.seconds, args.images_per_request,
+                                 args.raw_body)  # fmt: skip
             else:
                 result = run_load(url, photos, c, args.seconds, args.images_per_request,
                                   args.client_processes)  # fmt: skip
@@ -409,6 +415,11 @@ def main() -> None:
         help="clients in flight (default: 1 8 32, and 256 on a GPU)",
     )  # fmt: skip
     parser.add_argument("--images-per-request", type=int, default=1)
+    parser.add_argument(
+        "--raw-body", action="store_true",
+        help="send the photo as a raw image/jpeg body, not a multipart form (wrk, one image "
+        "a request)",
+    )  # fmt: skip
     parser.add_argument(
         "--client", choices=["wrk", "python"], default="wrk" if shutil.which("wrk") else "python",
         help="load generator: wrk (C, cheap; Debian's wrk) or Python aiohttp processes",
@@ -439,6 +450,8 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--skip-naive", action="store_true")
     args = parser.parse_args()
+    if args.raw_body and (args.client != "wrk" or args.images_per_request != 1):
+        parser.error("--raw-body takes the wrk client and one image a request")
 
     import torch
 
@@ -505,8 +518,9 @@ def main() -> None:
     best = raw[best_batch]
     device = torch.cuda.get_device_name() if gpu else f"{cores}-core CPU"
     print()
+    body = "a raw body" if args.raw_body else "a multipart request"
     print(f"{device}, {args.arch} {args.image_size}x{args.image_size} {args.precision}, JPEG "
-          f"640x480 in, {args.images_per_request} a request, {args.client_processes} client "
+          f"640x480 in, {args.images_per_request} {body}, {args.client_processes} client "
           f"process(es); raw model in-process: best {best:.1f} images/s at batch {best_batch}; "
           f"batch 1: {raw[1]:.1f} images/s, {batch1_ms:.1f} ms; service max_batch_size "
           f"{args.max_batch_size}")  # fmt: skip

@@ -47,7 +47,8 @@ class Server:
         keys = os.environ.get(self.config.api_keys_env, "")
         self.api_keys = {k.strip() for k in keys.split(",") if k.strip()}
         self.metrics = gateway_metrics()
-        self.in_flight: dict[str, int] = {}
+        self.in_flight: dict[str, int] = {}  # by endpoint, counted by the guard
+        self.in_flight_reporter = None  # the guard's task that sets the in-flight gauge
         attach(self)  # for the middleware and the routes
 
     def check_health(self) -> None:

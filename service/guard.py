@@ -6,6 +6,7 @@ through a task group and memory streams, a cost every request pays.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import Any
@@ -59,7 +60,7 @@ async def guard(server: Any, app, scope, receive, send) -> None:
     in_flight[endpoint] = in_flight.get(endpoint, 0) + 1
     metrics = server.metrics
     try:  # nothing above can fail; everything taken is given back below
-        metrics.in_flight.set(in_flight[endpoint], tags={"endpoint": endpoint})
+        _report_in_flight(server)
         config = server.config
         headers = Headers(scope=scope)
         refusal: ServiceError | None = None
@@ -78,11 +79,31 @@ async def guard(server: Any, app, scope, receive, send) -> None:
             await app(scope, receive, send_and_note_status)
     finally:
         in_flight[endpoint] -= 1
-        metrics.in_flight.set(in_flight[endpoint], tags={"endpoint": endpoint})
         if api:
             tags = {"endpoint": endpoint, "model": state.get("model", "")}
             metrics.requests.inc(tags={**tags, "status": str(status)})
             metrics.duration.observe(time.perf_counter() - started, tags=tags)
+
+
+IN_FLIGHT_REPORT_S = 1.0
+
+
+def _report_in_flight(server: Any) -> None:
+    """Keep the in-flight gauge current from a task that sets it every second: Ray exports a
+    gauge's last value every few seconds, and setting it twice per request cost the event loop
+    more than any other part of the guard."""
+    if server.in_flight_reporter is None:
+        server.in_flight_reporter = asyncio.get_running_loop().create_task(
+            _report_in_flight_forever(server)
+        )
+
+
+async def _report_in_flight_forever(server: Any) -> None:
+    gauge = server.metrics.in_flight
+    while True:
+        for endpoint, count in list(server.in_flight.items()):
+            gauge.set(count, tags={"endpoint": endpoint})
+        await asyncio.sleep(IN_FLIGHT_REPORT_S)
 
 
 def _authorised(headers: Headers, keys: set[str]) -> bool:

@@ -1,9 +1,9 @@
 """One model inside a server replica: its waiting line, its dynamic batches and its metrics.
 
 A request's images go straight from the route handler into this model's batch queue in the
-same process (no call to another actor, no copy): `@serve.batch` gathers images of concurrent
-requests into batches, which the runtime decodes, preprocesses and runs on the inference
-thread while the event loop keeps taking requests.
+same process (no call to another actor, no copy): the batcher (`service.batching`) gathers
+images of concurrent requests into batches, which the runtime decodes, preprocesses and runs
+on the inference thread while the event loop keeps taking requests.
 """
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ import time
 from concurrent.futures import Future
 from typing import Any
 
-from ray import serve
-
 from .admission import ModelBusy, ModelQueue
+from .batching import Batcher, Call
 from .config import ModelConfig
 from .errors import Overloaded, Timeout
 from .metrics import ModelMetrics, gateway_metrics
@@ -32,14 +31,12 @@ class ModelHost:
         self.meta, self.task = self.runner.meta, self.runner.task
         # Calls (a request's images, up to a batch of them) in flight, and how many may wait.
         self.queue = ModelQueue(config.ongoing, config.max_queued_requests)
-        self._batch.set_max_batch_size(config.max_batch_size)
-        self._batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
-        # Batches being prepared or run: one on a CPU (prepare and run are one step on the
-        # inference thread), two on a GPU (the next batch decodes while this one runs).
-        self._depth = 2 if self.runner.pipelined else 1
-        self._in_pipeline = 0
-        self._gate = asyncio.Event()
-        self._gate.set()
+        # Batches in flight: one on a CPU (prepare and run are one step on the inference
+        # thread), two on a GPU (the next batch decodes while this one runs).
+        self.batcher = Batcher(
+            self._batch, config.max_batch_size, config.batch_wait_timeout_s,
+            depth=2 if self.runner.pipelined else 1,
+        )  # fmt: skip
         self.metrics = ModelMetrics(config.name)
         self._decode = gateway_metrics().decode
         self._decode_tags = {"endpoint": self.task.name}
@@ -78,7 +75,7 @@ class ModelHost:
 
         async def call(chunk: list[Entry]) -> list[Any]:
             async with self.queue.slot():
-                return await self._call(chunk)
+                return await self.batcher(chunk)
 
         async def all_calls() -> list[list[Any]]:
             if not self.warm.done():  # a replica still warming up: wait for it, not 503
@@ -97,43 +94,25 @@ class ModelHost:
             raise Timeout(f"no answer within {timeout_s:g} s") from None
         return [result for answer in answers for result in answer]
 
-    async def _call(self, entries: list[Entry]) -> list[Any]:
-        arrived = time.perf_counter()
-        # Serve forms the next batch as soon as an item arrives, even while the model is busy,
-        # so under load every batch would hold a single image. Holding arrivals here while
-        # the pipeline is full lets them enter the queue together when it frees up, and
-        # `@serve.batch` then takes them as one batch.
-        if not self._gate.is_set():
-            await self._gate.wait()
-        if len(entries) == 1:  # the usual case, without gather's task per item
-            return [await self._batch((arrived, entries[0]))]
-        return await asyncio.gather(*(self._batch((arrived, e)) for e in entries))
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
-    async def _batch(self, items: list[tuple[float, Entry]]) -> list[Any]:
+    async def _batch(self, calls: list[Call[Entry]]) -> list[Any]:
         started = time.perf_counter()
-        self._in_pipeline += 1
-        if self._in_pipeline >= self._depth:
-            self._gate.clear()
-        entries = [entry for _, entry in items]
+        entries = [entry for call in calls for entry in call.items]
         runner = self.runner
-        try:
-            if runner.pipelined:
-                prepared = await asyncio.wrap_future(runner.submit_prepare(entries))
-                results = await asyncio.wrap_future(runner.submit_forward(prepared))
-            else:  # one hop to the inference thread, not two
-                prepared, results = await asyncio.wrap_future(runner.submit(entries))
-        finally:
-            self._in_pipeline -= 1
-            self._gate.set()
+        if runner.pipelined:  # this batch decodes while the previous one runs
+            prepared = await asyncio.wrap_future(runner.submit_prepare(entries))
+            results = await asyncio.wrap_future(runner.submit_forward(prepared))
+        else:  # one hop to the inference thread, not two
+            prepared, results = await asyncio.wrap_future(runner.submit(entries))
         metrics = self.metrics
-        for queued_at, _ in items:
-            metrics.queue_wait.observe(started - queued_at)
+        for call in calls:
+            wait = started - call.arrived
+            for _ in call.items:
+                metrics.queue_wait.observe(wait)
         for seconds in prepared.decode_seconds:
             self._decode.observe(seconds, tags=self._decode_tags)
         metrics.inference.observe(prepared.forward_seconds)
-        metrics.batch_size.observe(len(items))
-        metrics.images.inc(len(items))
+        metrics.batch_size.observe(len(entries))
+        metrics.images.inc(len(entries))
         metrics.info.set(1, tags=self.info_tags)
         return results
 

@@ -389,8 +389,8 @@ def test_concurrent_requests_form_batches(service):
 
 
 def test_multi_image_requests_batch_with_other_requests(service):
-    """Each image of a request enters the batch queue on its own: with requests of three
-    images each, batches of more than four (up to the model's eight) must mix requests."""
+    """A request's images go into a batch together and other requests' join them: with
+    requests of three images each, batches of more than four (up to eight) mix requests."""
 
     def mixed_batches() -> float:
         text = service.metrics()

@@ -24,8 +24,11 @@ run: setup
 demo-models: setup
 	$(PY) -m models.demo
 
-# The serving benchmark (bench/serve_bench.py) and the model benchmarks.
+# The serving benchmark (bench/serve_bench.py) and the model benchmarks. The load comes from
+# wrk (Debian's package, installed here when apt-get can); without it, Python clients.
 bench-serve: setup
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		apt-get update -qq && apt-get install -y -qq wrk >/dev/null; } || echo "note: no wrk: Python load clients"
 	$(PY) bench/serve_bench.py
 
 lint: setup

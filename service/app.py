@@ -61,10 +61,14 @@ class Server:
     def pending_models(self) -> list[str]:
         return sorted(name for name, host in self.hosts.items() if not host.ready)
 
-    def model_for(self, request: Request, task: str, name: str | None) -> ModelHost:
-        """The model a request names (default: the first of the task), refused with 503 when
-        its line is full, before the body is read."""
-        if name is None:
+    def model_for(self, request: Request, task: str | None, name: str | None) -> ModelHost:
+        """The model a request names (default: the first of the task; `task` None: a model of
+        any task, by name), refused with 503 when its line is full, before the body is read."""
+        if task is None:
+            host = self.hosts.get(name or "")
+            if host is None:
+                raise ModelNotFound(f"no model {name!r}; served: {sorted(self.hosts)}")
+        elif name is None:
             host = next((h for h in self.hosts.values() if h.meta.task == task), None)
             if host is None:
                 raise ModelNotFound(f"no {task} model is served")
@@ -81,8 +85,9 @@ class Server:
     async def images(self, request: Request, single: bool = False) -> list[bytes]:
         return await read_images(request, self.config, single)
 
-    async def run(self, host: ModelHost, images: list[bytes], options: Any) -> list[Any]:
-        """The model's outputs for the request's images; a bad image fails the request."""
+    async def run(self, host: ModelHost, images: list[Any], options: Any) -> list[Any]:
+        """The model's outputs for the request's images (encoded bytes, or HWC uint8 arrays
+        of RGB pixels); a bad image fails the request."""
         timeout = host.config.timeout_s or self.config.request_timeout_s
         results = await host.run([Entry(data, options) for data in images], timeout)
         for i, result in enumerate(results):

@@ -25,7 +25,7 @@ async def read_images(request: Request, config: GatewayConfig, single: bool = Fa
             f"send multipart/form-data with 'image' fields or an image/* body, not "
             f"{ctype or 'no content type'}"
         )
-    body = await _read_body(request, config)
+    body = await read_body(request, config)
     images = [body] if ctype.startswith("image/") else await _form_images(request, body, config)
     if not images:
         raise InvalidParameter("the form has no 'image' field")
@@ -38,7 +38,8 @@ async def read_images(request: Request, config: GatewayConfig, single: bool = Fa
     return images
 
 
-async def _read_body(request: Request, config: GatewayConfig) -> bytes:
+async def read_body(request: Request, config: GatewayConfig) -> bytes:
+    """The body, refused (413) as soon as it is over the limit."""
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)

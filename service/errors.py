@@ -1,5 +1,6 @@
 """Every failure a client can be told about, one exception type each, and the one place that
-turns them (and FastAPI's own) into `{"error": {"code", "message"}}` responses (DESIGN 5)."""
+turns them (and FastAPI's own) into responses: `{"error": {"code", "message"}}` (DESIGN 5), or
+on the Open Inference Protocol's routes (`/v2`) the protocol's `{"error": "<message>"}`."""
 
 from __future__ import annotations
 
@@ -86,34 +87,40 @@ def image_error(error: ImageError, index: int, count: int) -> ServiceError:
 
 
 def error_response(
-    status: int, code: str, message: str, headers: dict[str, str] | None = None
+    status: int, code: str, message: str, headers: dict[str, str] | None = None, path: str = ""
 ) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"code": code, "message": message}}, status_code=status, headers=headers
-    )
+    """The error as the route's API words it (`path`: the request's)."""
+    error = message if _is_protocol(path) else {"code": code, "message": message}
+    return JSONResponse({"error": error}, status_code=status, headers=headers)
+
+
+def _is_protocol(path: str) -> bool:
+    return path == "/v2" or path.startswith("/v2/")
 
 
 def install_error_handlers(app: FastAPI) -> None:
     """Our errors, FastAPI's parameter validation and routing errors, and anything else."""
 
     @app.exception_handler(ServiceError)
-    async def _service_error(_: Request, e: ServiceError) -> JSONResponse:
-        return error_response(e.status, e.code, e.message, e.headers)
+    async def _service_error(request: Request, e: ServiceError) -> JSONResponse:
+        return error_response(e.status, e.code, e.message, e.headers, request.url.path)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid_parameter(_: Request, e: RequestValidationError) -> JSONResponse:
+    async def _invalid_parameter(request: Request, e: RequestValidationError) -> JSONResponse:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc'][1:]) or err['loc'][0]}: {err['msg']}"
             for err in e.errors()
         )
-        return error_response(422, InvalidParameter.code, problems)
+        return error_response(422, InvalidParameter.code, problems, path=request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
-        return error_response(e.status_code, code, str(e.detail), getattr(e, "headers", None))
+        headers = getattr(e, "headers", None)
+        return error_response(e.status_code, code, str(e.detail), headers, request.url.path)
 
     @app.exception_handler(Exception)
-    async def _internal(_: Request, e: Exception) -> JSONResponse:
+    async def _internal(request: Request, e: Exception) -> JSONResponse:
         log.exception("internal error")
-        return error_response(500, "internal_error", f"{type(e).__name__}: the server failed")
+        message = f"{type(e).__name__}: the server failed"
+        return error_response(500, "internal_error", message, path=request.url.path)

@@ -21,8 +21,21 @@ ENDPOINTS = {"classify", "detect", "segment", "models", "healthz", "readyz", "do
 
 
 def endpoint_of(path: str) -> str:
+    """The metric label of a path: the /v1 and service routes by name, /v2 routes as
+    v2_infer, v2_ready (a model's readiness), v2_health and v2_metadata."""
+    if path == "/v2" or path.startswith("/v2/"):
+        if path.startswith("/v2/health/"):
+            return "v2_health"
+        last = path.rstrip("/").rsplit("/", 1)[-1]
+        return {"infer": "v2_infer", "ready": "v2_ready"}.get(last, "v2_metadata")
     name = path.rstrip("/").rsplit("/", 1)[-1] or "root"
     return name if name in ENDPOINTS else "other"
+
+
+def takes_keys(path: str) -> bool:
+    """The routes that need an API key (when keys are set) and count against max_in_flight:
+    /v1 and the protocol's model routes; health, docs and the page do not."""
+    return path.startswith(("/v1/", "/v2/models"))
 
 
 class GuardMiddleware:
@@ -41,7 +54,7 @@ class GuardMiddleware:
 
 async def guard(server: Any, app, scope, receive, send) -> None:
     path: str = scope["path"]
-    api = path.startswith("/v1/")
+    api = takes_keys(path)
     endpoint = endpoint_of(path)
     started = time.perf_counter()
     status = 500
@@ -73,7 +86,7 @@ async def guard(server: Any, app, scope, receive, send) -> None:
             refusal = PayloadTooLarge(body_limit_text(config))
         if refusal is not None:
             response = error_response(refusal.status, refusal.code, refusal.message,
-                                      refusal.headers)  # fmt: skip
+                                      refusal.headers, path)  # fmt: skip
             await response(scope, receive, send_and_note_status)
         else:
             await app(scope, receive, send_and_note_status)

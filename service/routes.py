@@ -28,6 +28,7 @@ from .schemas import (
     SegmentResponse,
 )
 from .tasks import ClassifyOptions, DetectOptions, SegmentOptions
+from .v2 import router as v2_router
 
 IMAGE_BODY = {
     "requestBody": {
@@ -96,6 +97,7 @@ def _server(_: Request) -> Any:
 
 install_error_handlers(api)
 api.add_middleware(GuardMiddleware, server=current_server)
+api.include_router(v2_router)  # the Open Inference Protocol (`service/v2.py`)
 
 
 @api.get("/healthz", summary="Liveness: 200 while the process serves", response_model=Health)

@@ -20,6 +20,7 @@ from models.detection import Detections, detect
 from models.segmentation import segment
 
 from . import render as draw
+from .errors import InvalidParameter
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,21 @@ class Task:
     def result(self, meta: CheckpointMeta, output: Any) -> dict:
         raise NotImplementedError
 
+    # The Open Inference Protocol (`service/protocol.py`, `service/v2.py`): the per-request
+    # options as request `parameters`, and the outputs as named tensors.
+
+    def options_from(self, parameters: dict[str, Any]) -> Any:
+        """This task's options from a protocol request's `parameters` (the /v1 query's)."""
+        return self.options()
+
+    def tensor_outputs(self, meta: CheckpointMeta) -> list[tuple[str, str, list[int]]]:
+        """(name, datatype, shape) of each output tensor; -1: any size."""
+        raise NotImplementedError
+
+    def tensors(self, meta: CheckpointMeta, outputs: list[Any], options: Any) -> dict[str, Any]:
+        """{output name: numpy array, or nested lists of bytes for BYTES} for a request."""
+        raise NotImplementedError
+
 
 class Classify(Task):
     name, options = "classify", ClassifyOptions
@@ -69,6 +85,21 @@ class Classify(Task):
             list(zip(ids[i][: o.top_k], scores[i][: o.top_k], strict=True))
             for i, o in enumerate(options)
         ]
+
+    def options_from(self, parameters) -> ClassifyOptions:
+        return ClassifyOptions(_parameter(parameters, "top_k", int, 5, 1, 1000))
+
+    def tensor_outputs(self, meta) -> list[tuple[str, str, list[int]]]:
+        return [("scores", "FP32", [-1, -1]), ("class_ids", "INT32", [-1, -1]),
+                ("labels", "BYTES", [-1, -1])]  # fmt: skip
+
+    def tensors(self, meta, outputs, options) -> dict[str, Any]:
+        ids = np.array([[c for c, _ in out] for out in outputs], np.int32)
+        return {
+            "scores": np.array([[s for _, s in out] for out in outputs], np.float32),
+            "class_ids": ids,
+            "labels": [[meta.labels[c].encode() for c in row] for row in ids.tolist()],
+        }
 
     def result(self, meta, output) -> dict:
         return {
@@ -89,6 +120,36 @@ class Detect(Task):
             masks=[o.masks for o in options],
             output_sizes=sizes,
         )  # fmt: skip
+
+    def options_from(self, parameters) -> DetectOptions:
+        return DetectOptions(
+            _parameter(parameters, "score_threshold", float, 0.5, 0.0, 1.0),
+            _parameter(parameters, "max_detections", int, 100, 1, 1000),
+            _parameter(parameters, "masks", bool, True),
+        )
+
+    def tensor_outputs(self, meta) -> list[tuple[str, str, list[int]]]:
+        return [("boxes", "FP32", [-1, -1, 4]), ("scores", "FP32", [-1, -1]),
+                ("class_ids", "INT32", [-1, -1]), ("num_detections", "INT32", [-1]),
+                ("masks", "BYTES", [-1, -1])]  # fmt: skip
+
+    def tensors(self, meta, outputs: list[Detections], options: DetectOptions) -> dict[str, Any]:
+        """Padded to the request's `max_detections`; `num_detections` says how many are real.
+        Masks (with `masks`) are COCO RLE strings at the image's size, empty for padding."""
+        n, m = len(outputs), options.max_detections
+        boxes, scores = np.zeros((n, m, 4), np.float32), np.zeros((n, m), np.float32)
+        class_ids, counts = np.full((n, m), -1, np.int32), np.zeros(n, np.int32)
+        masks = [[b""] * m for _ in range(n)]
+        for i, out in enumerate(outputs):
+            k = counts[i] = len(out.scores)
+            boxes[i, :k], scores[i, :k], class_ids[i, :k] = out.boxes, out.scores, out.class_ids
+            for j, rle in enumerate(out.masks or []):
+                masks[i][j] = rle["counts"].encode()
+        tensors = {"boxes": boxes, "scores": scores, "class_ids": class_ids,
+                   "num_detections": counts}  # fmt: skip
+        if options.masks:
+            tensors["masks"] = masks
+        return tensors
 
     def result(self, meta, output: Detections) -> dict:
         detections = []
@@ -116,6 +177,18 @@ class Segment(Task):
         dtype = np.uint8 if runner.meta.num_classes <= 256 else np.uint16
         return [m.cpu().numpy().astype(dtype) for m in maps]
 
+    def tensor_outputs(self, meta) -> list[tuple[str, str, list[int]]]:
+        return [("class_map", "UINT8" if meta.num_classes <= 256 else "UINT16", [-1, -1, -1])]
+
+    def tensors(self, meta, outputs: list[np.ndarray], options) -> dict[str, Any]:
+        sizes = {out.shape for out in outputs}
+        if len(sizes) > 1:
+            raise InvalidParameter(
+                f"class maps of one request are one tensor: its images must share a size, "
+                f"not {sorted(sizes)} (send them in separate requests)"
+            )
+        return {"class_map": np.stack(outputs)}
+
     def result(self, meta, output: np.ndarray) -> dict:
         counts = np.bincount(output.ravel(), minlength=meta.num_classes)
         total = max(1, output.size)
@@ -131,6 +204,20 @@ class Segment(Task):
             "classes": classes,
             "mask": {"format": "png", "data": png},
         }
+
+
+def _parameter(parameters: dict[str, Any], name: str, kind: type, default: Any,
+               low: float | None = None, high: float | None = None) -> Any:  # fmt: skip
+    """A request parameter of a type (an int passes as a float, nothing else converts)."""
+    value = parameters.get(name, default)
+    ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        raise InvalidParameter(f"parameter {name!r} is a {kind.__name__}, not {value!r}")
+    if low is not None and not low <= value <= high:
+        raise InvalidParameter(f"parameter {name!r} is {low:g}..{high:g}, not {value!r}")
+    return value
 
 
 TASKS: dict[str, Task] = {t.name: t for t in (Classify(), Detect(), Segment())}

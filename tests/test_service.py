@@ -7,29 +7,23 @@ trained by the project's own training library (`service_models.py`).
 import base64
 import concurrent.futures
 import io
-import os
 import re
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import numpy as np
 import psutil
 import pytest
 import requests
-import yaml
 from PIL import Image
 
 from models.masks import decode_rle
 
 from .colour_shapes import COLOURS, background, draw
+from .live_service import API_KEY, AUTH, run_service
 from .service_models import service_checkpoints
 from .test_imaging import png_header
 
-API_KEY = "test-key-123"
-AUTH = {"X-API-Key": API_KEY}
 METRICS = [
     "convnext_serve_requests_total",
     "convnext_serve_request_duration_seconds",
@@ -43,96 +37,24 @@ METRICS = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Service:
-    def __init__(self, url: str, metrics_url: str, proc: subprocess.Popen, log_path):
-        self.url, self.metrics_url, self.proc, self.log_path = url, metrics_url, proc, log_path
-        self.readiness: list[tuple[int, int]] = []  # (healthz, readyz) seen while starting
-
-    def post(self, path: str, images=(), params=None, headers=AUTH, **kw) -> requests.Response:
-        files = [("image", (f"{i}.bin", data)) for i, data in enumerate(images)]
-        return requests.post(
-            self.url + path, files=files or None, params=params, headers=headers, timeout=120, **kw
-        )
-
-    def metrics(self) -> str:
-        return requests.get(self.metrics_url, timeout=10).text
-
-
-def _status(url: str) -> int:
-    try:
-        return requests.get(url, timeout=2).status_code
-    except requests.RequestException:
-        return 0
-
-
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     ckpt = service_checkpoints()
-    port, metrics_port = free_port(), free_port()
-    config = {
-        "http_options": {"host": "127.0.0.1", "port": port},
-        "applications": [
-            {
-                "name": "convnext-serve",
-                "route_prefix": "/",
-                "import_path": "service.app:build_app",
-                "args": {
-                    "gateway": {"max_body_bytes": 2_000_000, "max_pixels": 4_000_000},
-                    "models": [
-                        {"name": "colours", "checkpoint": str(ckpt["classify"]),
-                         "max_batch_size": 8, "batch_wait_timeout_s": 0.05,
-                         "warmup_batches": 30},
-                        # a long warm-up: /readyz must say 503 while the rest already serves
-                        {"name": "boxes", "checkpoint": str(ckpt["detect"]), "max_batch_size": 4,
-                         "warmup_batches": 30},
-                        {"name": "regions", "checkpoint": str(ckpt["segment"]),
-                         "max_batch_size": 4},
-                        {"name": "one-at-a-time", "checkpoint": str(ckpt["classify"]),
-                         "max_batch_size": 1, "max_ongoing_requests": 1,
-                         "max_queued_requests": 1, "warmup_batches": 0},
-                        {"name": "impatient", "checkpoint": str(ckpt["segment"]),
-                         "timeout_s": 0.001, "warmup_batches": 0, "num_cpus": 0.5},
-                    ],
-                },
-            }
-        ],
-    }  # fmt: skip
-    folder = tmp_path_factory.mktemp("service")
-    (folder / "config.yaml").write_text(yaml.safe_dump(config))
-    log_path = folder / "service.log"
-    env = {**os.environ, "CONVNEXT_SERVE_API_KEYS": f"other-key,{API_KEY}"}
-    cmd = [sys.executable, "-m", "service.cli", "run", "--config", str(folder / "config.yaml"),
-           "--metrics-port", str(metrics_port), "--num-cpus", "8"]  # fmt: skip
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    svc = Service(url, f"http://127.0.0.1:{metrics_port}/metrics", proc, log_path)
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and proc.poll() is None:
-            seen = (_status(url + "/healthz"), _status(url + "/readyz"))
-            svc.readiness.append(seen)
-            if seen[1] == 200:
-                break
-            time.sleep(0.1)
-        else:
-            pytest.fail(f"the service did not become ready:\n{log_path.read_text()[-3000:]}")
-        svc.children = psutil.Process(proc.pid).children(recursive=True)
-        yield svc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    models = [
+        {"name": "colours", "checkpoint": str(ckpt["classify"]),
+         "max_batch_size": 8, "batch_wait_timeout_s": 0.05, "warmup_batches": 30},
+        # a long warm-up: /readyz must say 503 while the rest already serves
+        {"name": "boxes", "checkpoint": str(ckpt["detect"]), "max_batch_size": 4,
+         "warmup_batches": 30},
+        {"name": "regions", "checkpoint": str(ckpt["segment"]), "max_batch_size": 4},
+        {"name": "one-at-a-time", "checkpoint": str(ckpt["classify"]),
+         "max_batch_size": 1, "max_ongoing_requests": 1,
+         "max_queued_requests": 1, "warmup_batches": 0},
+        {"name": "impatient", "checkpoint": str(ckpt["segment"]),
+         "timeout_s": 0.001, "warmup_batches": 0, "num_cpus": 0.5},
+    ]  # fmt: skip
+    gateway = {"max_body_bytes": 2_000_000, "max_pixels": 4_000_000}
+    yield from run_service(tmp_path_factory.mktemp("service"), models, gateway)
 
 
 # ------------------------------------------------------------------------------ images

@@ -1,0 +1,205 @@
+"""The Open Inference Protocol's REST routes (`/v2`, DESIGN 5b): thin handlers over the same
+server replica, batches and decoding as `/v1`.
+
+Each served model is a protocol model of the same name, version "1", with two inputs of which
+a request sends one: `image` (`BYTES [N]`, encoded images, decoded as `/v1` decodes them) or
+`pixels` (`UINT8 [N, H, W, 3]`, RGB, preprocessed as a decoded image). The `/v1` query
+parameters travel as request `parameters`; the outputs are the task's tensors
+(`service.tasks`), JSON or binary as the client asks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from .body import read_body
+from .errors import InvalidParameter, ModelNotFound
+from .protocol import (
+    EXTENSIONS,
+    INFER_EXAMPLE,
+    InferenceResponse,
+    Live,
+    ModelMetadata,
+    ModelReady,
+    ProtocolError,
+    Ready,
+    ResponseOutput,
+    ServerMetadata,
+    encode_response,
+    images_of,
+    parse_request,
+)
+
+VERSION = "1"
+INPUTS = {"image": ("BYTES", [-1]), "pixels": ("UINT8", [-1, -1, -1, 3])}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ProtocolError, "description": text}
+    for status, text in [
+        (400, "not ready (readiness routes)"),
+        (401, "no valid API key"),
+        (404, "no such model or version"),
+        (413, "body or image over the limits"),
+        (422, "a request, tensor or parameter the model cannot take"),
+        (503, "overloaded (with Retry-After)"),
+        (504, "timeout"),
+    ]
+}
+INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"example": INFER_EXAMPLE},
+            "application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"},
+                "description": "the binary tensor extension: the JSON request, "
+                "Inference-Header-Content-Length bytes, then the tensors' bytes",
+            },
+        },
+    }
+}
+
+router = APIRouter(prefix="/v2", tags=["Open Inference Protocol"], responses=ERRORS)
+
+
+def _server(request: Request) -> Any:
+    from .routes import current_server
+
+    return current_server()
+
+
+def _not_ready(body: dict) -> JSONResponse:
+    # the protocol: 200 means ready, a 4xx means not
+    return JSONResponse(body, status_code=400)
+
+
+@router.get("/health/live", summary="Liveness", response_model=Live)
+async def live() -> dict:
+    return {"live": True}
+
+
+@router.get("/health/ready", summary="Readiness: every model warmed up", response_model=Ready)
+async def ready(request: Request) -> JSONResponse:
+    is_ready = not _server(request).pending_models()
+    return JSONResponse({"ready": True}) if is_ready else _not_ready({"ready": False})
+
+
+@router.get("", summary="Server metadata", response_model=ServerMetadata)
+async def server_metadata() -> dict:
+    return {"name": "convnext-serve", "version": VERSION, "extensions": EXTENSIONS}
+
+
+@router.get("/models/{name}", summary="Model metadata", response_model=ModelMetadata)
+@router.get("/models/{name}/versions/{version}", include_in_schema=False)
+async def model_metadata(request: Request, name: str, version: str | None = None) -> dict:
+    host = _model(request, name, version)
+    meta, task = host.meta, host.task
+    return {
+        "name": host.name,
+        "versions": [VERSION],
+        "platform": f"convnext-serve_{task.name}",
+        "inputs": [{"name": n, "datatype": d, "shape": s} for n, (d, s) in INPUTS.items()],
+        "outputs": [
+            {"name": n, "datatype": d, "shape": s} for n, d, s in task.tensor_outputs(meta)
+        ],
+        "parameters": {
+            "task": task.name,
+            "arch": meta.arch,
+            "image_size": meta.image_size,
+            "num_classes": meta.num_classes,
+        },
+    }
+
+
+@router.get("/models/{name}/ready", summary="Model readiness", response_model=ModelReady)
+@router.get("/models/{name}/versions/{version}/ready", include_in_schema=False)
+async def model_ready(request: Request, name: str, version: str | None = None) -> JSONResponse:
+    host = _model(request, name, version)
+    body = {"name": host.name, "ready": host.ready}
+    return JSONResponse(body) if host.ready else _not_ready(body)
+
+
+@router.post(
+    "/models/{name}/infer",
+    summary="Inference: encoded images (BYTES) or RGB pixels (UINT8) in, the task's tensors out",
+    response_model=InferenceResponse,
+    openapi_extra=INFER_BODY,
+)
+@router.post("/models/{name}/versions/{version}/infer", include_in_schema=False)
+async def infer(request: Request, name: str, version: str | None = None) -> Response:
+    server = _server(request)
+    host = server.model_for(request, None, name)
+    _check_version(host.name, version)
+    body = await read_body(request, server.config)
+    infer_request, binary = parse_request(
+        body, request.headers.get("inference-header-content-length")
+    )
+    tensor = _the_input(infer_request.inputs, host.name)
+    images = images_of(tensor, binary.get(tensor.name), server.config)
+    options = host.task.options_from(infer_request.parameters or {})
+    outputs = await server.run(host, images, options)
+    tensors = host.task.tensors(host.meta, outputs, options)
+
+    parameters = infer_request.parameters or {}
+    all_binary = bool(parameters.get("binary_data_output", False))
+    wanted = infer_request.outputs or []
+    for output in wanted:
+        if output.name not in tensors:
+            raise InvalidParameter(
+                f"model {host.name!r} has no output {output.name!r} here; it has {list(tensors)}"
+            )
+    names = [o.name for o in wanted] or list(tensors)
+    asked = {o.name: o.parameters or {} for o in wanted}
+    binary_names = {n for n in names if asked.get(n, {}).get("binary_data", all_binary)}
+    datatypes = {n: d for n, d, _ in host.task.tensor_outputs(host.meta)}
+    response = InferenceResponse(
+        model_name=host.name, model_version=VERSION, id=infer_request.id,
+        outputs=[ResponseOutput(name=n, datatype=datatypes[n], shape=_shape(tensors[n]))
+                 for n in names],
+    )  # fmt: skip
+    content, header_length = encode_response(response, tensors, binary_names)
+    if header_length is None:
+        return Response(content, media_type="application/json")
+    return Response(
+        content, media_type="application/octet-stream",
+        headers={"Inference-Header-Content-Length": str(header_length)},
+    )  # fmt: skip
+
+
+def _model(request: Request, name: str, version: str | None) -> Any:
+    host = _server(request).hosts.get(name)
+    if host is None:
+        raise ModelNotFound(f"no model {name!r}; served: {sorted(_server(request).hosts)}")
+    _check_version(name, version)
+    return host
+
+
+def _check_version(name: str, version: str | None) -> None:
+    if version is not None and version != VERSION:
+        raise ModelNotFound(f"model {name!r} has version {VERSION!r} only, not {version!r}")
+
+
+def _the_input(inputs: list, model: str) -> Any:
+    if len(inputs) != 1:
+        raise InvalidParameter(
+            f"model {model!r} takes one input, 'image' (BYTES) or 'pixels' (UINT8), not "
+            f"{len(inputs)}"
+        )
+    tensor = inputs[0]
+    if tensor.name not in INPUTS:
+        raise InvalidParameter(
+            f"unexpected inference input {tensor.name!r} for model {model!r}: 'image' (BYTES, "
+            f"encoded images) or 'pixels' (UINT8, [N, H, W, 3])"
+        )
+    datatype = INPUTS[tensor.name][0]
+    if tensor.datatype != datatype:
+        raise InvalidParameter(f"input {tensor.name!r} is {datatype}, not {tensor.datatype}")
+    return tensor
+
+
+def _shape(value: Any) -> list[int]:
+    import numpy as np
+
+    return list(np.asarray(value, dtype=object if isinstance(value, list) else None).shape)

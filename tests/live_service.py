@@ -1,0 +1,91 @@
+"""`convnext-serve run` started as a user starts it, for the end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+import yaml
+
+API_KEY = "test-key-123"
+AUTH = {"X-API-Key": API_KEY}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Service:
+    def __init__(self, url: str, metrics_url: str, proc: subprocess.Popen, log_path):
+        self.url, self.metrics_url, self.proc, self.log_path = url, metrics_url, proc, log_path
+        self.readiness: list[tuple[int, int]] = []  # (healthz, readyz) seen while starting
+
+    def post(self, path: str, images=(), params=None, headers=AUTH, **kw) -> requests.Response:
+        files = [("image", (f"{i}.bin", data)) for i, data in enumerate(images)]
+        return requests.post(
+            self.url + path, files=files or None, params=params, headers=headers, timeout=120, **kw
+        )
+
+    def metrics(self) -> str:
+        return requests.get(self.metrics_url, timeout=10).text
+
+
+def _status(url: str) -> int:
+    try:
+        return requests.get(url, timeout=2).status_code
+    except requests.RequestException:
+        return 0
+
+
+def run_service(folder: Path, models: list[dict], gateway: dict) -> Iterator[Service]:
+    """The service with these models and gateway settings (API keys on), until the caller is
+    done; fails the test with the service's log when it does not become ready."""
+    port, metrics_port = free_port(), free_port()
+    config = {
+        "http_options": {"host": "127.0.0.1", "port": port},
+        "applications": [{
+            "name": "convnext-serve", "route_prefix": "/",
+            "import_path": "service.app:build_app",
+            "args": {"gateway": gateway, "models": models},
+        }],
+    }  # fmt: skip
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    log_path = folder / "service.log"
+    env = {**os.environ, "CONVNEXT_SERVE_API_KEYS": f"other-key,{API_KEY}"}
+    cmd = [sys.executable, "-m", "service.cli", "run", "--config", str(folder / "config.yaml"),
+           "--metrics-port", str(metrics_port), "--num-cpus", "8"]  # fmt: skip
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    svc = Service(url, f"http://127.0.0.1:{metrics_port}/metrics", proc, log_path)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            seen = (_status(url + "/healthz"), _status(url + "/readyz"))
+            svc.readiness.append(seen)
+            if seen[1] == 200:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"the service did not become ready:\n{log_path.read_text()[-3000:]}")
+        svc.children = psutil.Process(proc.pid).children(recursive=True)
+        yield svc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

@@ -1,0 +1,219 @@
+"""The Open Inference Protocol (`/v2`) end to end, with NVIDIA's own client (`tritonclient`).
+
+A service of its own (one model per task), started as a user starts it; every answer is
+checked against `/v1` for the same images.
+"""
+
+import base64
+import io
+import json
+import re
+import struct
+import time
+
+import numpy as np
+import pytest
+import requests
+import tritonclient.http as triton
+from PIL import Image
+from tritonclient.utils import InferenceServerException
+
+from models.masks import decode_rle
+
+from .colour_shapes import COLOURS
+from .live_service import AUTH, run_service
+from .service_models import service_checkpoints
+from .test_service import photo
+
+BIG = (60, 20, 280, 220)  # the object fills most of the picture, as in the training data
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    ckpt = service_checkpoints()
+    models = [
+        {"name": "colours", "checkpoint": str(ckpt["classify"]), "max_batch_size": 8},
+        {"name": "boxes", "checkpoint": str(ckpt["detect"]), "max_batch_size": 4},
+        {"name": "regions", "checkpoint": str(ckpt["segment"]), "max_batch_size": 4},
+    ]
+    # room for three 320x240 images as JSON numbers
+    gateway = {"max_body_bytes": 8_000_000, "max_pixels": 4_000_000}
+    yield from run_service(tmp_path_factory.mktemp("protocol"), models, gateway)
+
+
+def auth() -> dict:
+    """The API key, in a dict of its own: tritonclient adds its headers to the one it gets."""
+    return dict(AUTH)
+
+
+@pytest.fixture(scope="module")
+def client(service):
+    return triton.InferenceServerClient(service.url.removeprefix("http://"))
+
+
+def image_input(images: list[bytes], binary: bool) -> triton.InferInput:
+    tensor = triton.InferInput("image", [len(images)], "BYTES")
+    if binary:
+        tensor.set_data_from_numpy(np.array(images, dtype=object), binary_data=True)
+    else:  # JSON carries encoded images as base64 strings
+        b64 = [base64.b64encode(i).decode() for i in images]
+        tensor.set_data_from_numpy(np.array(b64, dtype=object), binary_data=False)
+    return tensor
+
+
+def pixels_input(images: list[bytes], binary: bool) -> triton.InferInput:
+    pixels = np.stack([np.asarray(Image.open(io.BytesIO(i)).convert("RGB")) for i in images])
+    tensor = triton.InferInput("pixels", list(pixels.shape), "UINT8")
+    tensor.set_data_from_numpy(pixels, binary_data=binary)
+    return tensor
+
+
+def outputs(names: list[str], binary: bool) -> list[triton.InferRequestedOutput]:
+    return [triton.InferRequestedOutput(n, binary_data=binary) for n in names]
+
+
+def test_health_and_metadata(service, client):
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("colours", headers=auth())
+    server = client.get_server_metadata()
+    assert server["name"] == "convnext-serve" and "binary_tensor_data" in server["extensions"]
+    meta = client.get_model_metadata("boxes", headers=auth())
+    assert meta["name"] == "boxes" and meta["versions"] == ["1"]
+    assert {(t["name"], t["datatype"]) for t in meta["inputs"]} == {
+        ("image", "BYTES"),
+        ("pixels", "UINT8"),
+    }
+    assert {t["name"] for t in meta["outputs"]} == {
+        "boxes", "scores", "class_ids", "num_detections", "masks"
+    }  # fmt: skip
+    assert client.get_model_metadata("colours", "1", headers=auth())["name"] == "colours"
+    for path in ("/v2/models/colours/versions/2", "/v2/models/nobody"):
+        r = requests.get(service.url + path, headers=auth(), timeout=10)
+        assert r.status_code == 404 and set(r.json()) == {"error"}, r.text
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_classify_bytes_and_pixels_answer_as_v1(service, client, binary):
+    images = [photo(c, box=BIG)[0] for c in ("red", "green", "blue")]
+    v1 = service.post("/v1/classify", images, params={"top_k": 2}).json()["results"]
+    v1_ids = [[p["class_id"] for p in r["predictions"]] for r in v1]
+    v1_scores = [[p["score"] for p in r["predictions"]] for r in v1]
+    names = ["scores", "class_ids", "labels"]
+    result = client.infer("colours", [image_input(images, binary)], outputs=outputs(names, binary),
+                          parameters={"top_k": 2}, headers=auth())  # fmt: skip
+    assert result.as_numpy("class_ids").tolist() == v1_ids
+    np.testing.assert_allclose(result.as_numpy("scores"), v1_scores, atol=1e-5)
+    labels = [[x.decode() if isinstance(x, bytes) else x for x in row]
+              for row in result.as_numpy("labels").tolist()]  # fmt: skip
+    assert labels == [[p["label"] for p in r["predictions"]] for r in v1]
+    # pixels decoded by the client: the same classes (the service's own decode may differ by
+    # the JPEG decoder's rounding and draft mode)
+    result = client.infer("colours", [pixels_input(images, binary)],
+                          outputs=outputs(names, binary), parameters={"top_k": 2},
+                          headers=auth())  # fmt: skip
+    assert result.as_numpy("class_ids")[:, 0].tolist() == [ids[0] for ids in v1_ids]
+
+
+def test_detect_tensors_answer_as_v1(service, client):
+    data, _ = photo("red", box=(60, 50, 180, 170))
+    params = {"score_threshold": 0.3, "max_detections": 5, "masks": True}
+    v1 = service.post("/v1/detect", [data], params=params).json()["results"][0]["detections"]
+    assert v1
+    result = client.infer("boxes", [image_input([data], True)], parameters=params, headers=auth())
+    k = int(result.as_numpy("num_detections")[0])
+    assert k == len(v1)
+    assert result.as_numpy("boxes").shape == (1, 5, 4)  # padded to max_detections
+    np.testing.assert_allclose(result.as_numpy("boxes")[0, :k], [d["box"] for d in v1], atol=0.01)
+    assert result.as_numpy("class_ids")[0, :k].tolist() == [d["class_id"] for d in v1]
+    assert (result.as_numpy("class_ids")[0, k:] == -1).all()
+    masks = result.as_numpy("masks")[0]
+    for j, d in enumerate(v1):
+        rle = {"size": d["mask"]["size"], "counts": masks[j].decode()}
+        assert (decode_rle(rle) == decode_rle(d["mask"])).all()
+
+
+def test_segment_class_map_answers_as_v1(service, client):
+    images = [photo(c, box=BIG)[0] for c in ("green", "blue")]
+    v1 = service.post("/v1/segment", images).json()["results"]
+    result = client.infer("regions", [image_input(images, True)], headers=auth())
+    maps = result.as_numpy("class_map")
+    assert maps.shape == (2, 240, 320) and maps.dtype == np.uint8
+    for class_map, r in zip(maps, v1, strict=True):
+        png = Image.open(io.BytesIO(base64.b64decode(r["mask"]["data"])))
+        assert (class_map == np.asarray(png)).all()
+    # pixels decoded by the client: the same map but for the JPEG decoders' rounding
+    result = client.infer("regions", [pixels_input(images, True)], headers=auth())
+    assert (result.as_numpy("class_map") == maps).mean() > 0.95
+    # one tensor holds one size: images of two sizes are refused, clearly
+    odd = [photo("red")[0], photo("red", size=(200, 100), box=(10, 10, 90, 90))[0]]
+    with pytest.raises(InferenceServerException, match="share a size"):
+        client.infer("regions", [image_input(odd, True)], headers=auth())
+
+
+def _infer_raw(service, model: str, header: dict, tail: bytes = b"", headers=None):
+    body = json.dumps(header).encode()
+    extra = {"Inference-Header-Content-Length": str(len(body))} if tail else {}
+    return requests.post(
+        f"{service.url}/v2/models/{model}/infer", data=body + tail,
+        headers={**AUTH, **extra, **(headers or {})}, timeout=60,
+    )  # fmt: skip
+
+
+def _bytes_tensor(*elements: bytes) -> bytes:
+    return b"".join(struct.pack("<I", len(e)) + e for e in elements)
+
+
+def test_bad_tensors_get_clear_4xx_and_the_service_stays_up(service, client):
+    jpeg = photo("red")[0]
+    good, junk = _bytes_tensor(jpeg), _bytes_tensor(b"nope")
+
+    def image(shape, datatype="BYTES", size=None, name="image") -> dict:
+        size = len(good) if size is None else size
+        parameters = {"binary_data_size": size}
+        return {"inputs": [{"name": name, "shape": shape, "datatype": datatype,
+                            "parameters": parameters}]}  # fmt: skip
+
+    def pixels(shape, data) -> dict:
+        return {"inputs": [{"name": "pixels", "shape": shape, "datatype": "UINT8", "data": data}]}
+
+    too_long = {"Inference-Header-Content-Length": "999999"}
+    cases = {
+        "wrong datatype": (image([1], "FP32"), good, {}),
+        "wrong shape": (image([1, 1]), good, {}),
+        "wrong element count": (image([2]), good, {}),
+        "binary_data_size beyond the body": (image([1], size=len(good) + 10), good, {}),
+        "header length beyond the body": (image([1]), good, too_long),
+        "unknown input name": (image([1], name="picture"), good, {}),
+        "pixels of the wrong shape": (pixels([1, 2, 2], [0] * 4), b"", {}),
+        "pixel values beyond 255": (pixels([1, 1, 1, 3], [0, 300, 0]), b"", {}),
+        "not an image": (image([1], size=len(junk)), junk, {}),
+        "bad parameter": ({**image([1]), "parameters": {"top_k": "many"}}, good, {}),
+        "no inputs": ({"inputs": []}, b"", {}),
+    }
+    for what, (header, tail, headers) in cases.items():
+        r = _infer_raw(service, "colours", header, tail, headers)
+        assert 400 <= r.status_code < 500, (what, r.status_code, r.text)
+        body = r.json()
+        assert set(body) == {"error"} and isinstance(body["error"], str) and body["error"], what
+    not_json = requests.post(service.url + "/v2/models/colours/infer", data=b"{", headers=auth(),
+                             timeout=10)  # fmt: skip
+    assert not_json.status_code == 422 and "error" in not_json.json()
+    no_key = requests.post(service.url + "/v2/models/colours/infer", data=b"{}", timeout=10)
+    assert no_key.status_code == 401 and set(no_key.json()) == {"error"}
+    with pytest.raises(InferenceServerException, match="nobody"):
+        client.infer("nobody", [image_input([jpeg], True)], headers=auth())
+    # still serving
+    assert client.is_server_live() and client.is_server_ready()
+    result = client.infer("colours", [image_input([jpeg], True)], headers=auth())
+    assert result.as_numpy("class_ids").shape == (1, min(5, len(COLOURS)))
+
+
+def test_v2_is_in_the_docs_and_the_metrics(service, client):
+    paths = requests.get(service.url + "/openapi.json", timeout=10).json()["paths"]
+    assert {"/v2", "/v2/health/live", "/v2/models/{name}/infer"} <= set(paths)
+    client.infer("colours", [image_input([photo("blue")[0]], True)], headers=auth())
+    pattern = re.compile(r'convnext_serve_requests_total\{[^}]*endpoint="v2_infer"[^}]*\}')
+    deadline = time.monotonic() + 60
+    while not pattern.search(service.metrics()) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert pattern.search(service.metrics())

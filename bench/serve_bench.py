@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import itertools
 import os
 import shutil
 import signal
@@ -221,37 +222,74 @@ wrk.method = "POST"
 local f = io.open(os.getenv("BENCH_BODY"), "rb")
 wrk.body = f:read("*all")
 f:close()
-wrk.headers["Content-Type"] = os.getenv("BENCH_CTYPE")
+for line in string.gmatch(os.getenv("BENCH_HEADERS"), "[^\\n]+") do
+  local name, value = string.match(line, "^([^:]+): (.*)$")
+  wrk.headers[name] = value
+end
 """
+
+# What a request carries: /v1 as a multipart form or a raw image/jpeg body; the Open Inference
+# Protocol with the binary tensor extension, JPEGs (BYTES) or pixels the client decoded (UINT8).
+BODIES = ("multipart", "raw", "v2-image", "v2-pixels")
+
+
+def request_of(kind: str, photos: list[bytes], per_request: int) -> tuple[str, bytes, dict]:
+    """(path and query, body, headers) of a classify request of `kind` (BODIES)."""
+    import json
+    import struct
+    import uuid
+
+    chosen = [photos[i % len(photos)] for i in range(per_request)]
+    if kind == "multipart":
+        boundary = uuid.uuid4().hex
+        parts = [
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="p.jpg"'
+            f"\r\nContent-Type: image/jpeg\r\n\r\n".encode()
+            + photo
+            + b"\r\n"
+            for photo in chosen
+        ]
+        body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+        return ("/v1/classify?top_k=5", body,
+                {"Content-Type": f"multipart/form-data; boundary={boundary}"})  # fmt: skip
+    if kind == "raw":
+        return "/v1/classify?top_k=5", chosen[0], {"Content-Type": "image/jpeg"}
+    if kind == "v2-image":
+        tensor = b"".join(struct.pack("<I", len(photo)) + photo for photo in chosen)
+        name, datatype, shape = "image", "BYTES", [len(chosen)]
+    else:
+        pixels = np.stack([np.asarray(Image.open(io.BytesIO(p)).convert("RGB")) for p in chosen])
+        tensor = pixels.tobytes()
+        name, datatype, shape = "pixels", "UINT8", list(pixels.shape)
+    header = json.dumps({
+        "inputs": [{"name": name, "datatype": datatype, "shape": shape,
+                    "parameters": {"binary_data_size": len(tensor)}}],
+        "outputs": [{"name": n, "parameters": {"binary_data": True}}
+                    for n in ("scores", "class_ids")],
+        "parameters": {"top_k": 5},
+    }).encode()  # fmt: skip
+    headers = {"Content-Type": "application/octet-stream",
+               "Inference-Header-Content-Length": str(len(header))}  # fmt: skip
+    return "/v2/models/tiny/infer", header + tensor, headers
 
 
 def run_wrk(
     url: str, photos: list[bytes], concurrency: int, seconds: float, per_request: int = 1,
-    raw: bool = False,
+    kind: str = "multipart",
 ) -> dict:  # fmt: skip
     """Closed-loop load from wrk (C, one thread: a cheap client that leaves the cores to the
-    server): every request carries the same `per_request` photos as a multipart form, or
-    (`raw`) one photo as an `image/jpeg` body."""
+    server) on the service at `url`: every request the same, a classify request of `kind`
+    (BODIES) with `per_request` photos."""
     import re
     import shutil
-    import uuid
 
     folder = Path(tempfile.mkdtemp(prefix="wrk-"))
-    boundary = uuid.uuid4().hex
-    parts = [
-        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="p.jpg"'
-        f"\r\nContent-Type: image/jpeg\r\n\r\n".encode()
-        + photos[i % len(photos)]
-        + b"\r\n"
-        for i in range(per_request)
-    ]
-    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
-    ctype = f"multipart/form-data; boundary={boundary}"
-    if raw:
-        body, ctype = photos[0], "image/jpeg"
+    path, body, headers = request_of(kind, photos, per_request)
     (folder / "body").write_bytes(body)
     (folder / "post.lua").write_text(WRK_SCRIPT)
-    env = {**os.environ, "BENCH_BODY": str(folder / "body"), "BENCH_CTYPE": ctype}
+    env = {**os.environ, "BENCH_BODY": str(folder / "body"),
+           "BENCH_HEADERS": "\n".join(f"{k}: {v}" for k, v in headers.items())}  # fmt: skip
+    url = url + path
     # wrk gives up on a request after 2 s by default and leaves it out of the latencies; a
     # slow model at high concurrency answers later than that
     cmd = [shutil.which("wrk") or "wrk", "-t1", f"-c{concurrency}", f"-d{seconds:g}s",
@@ -387,16 +425,18 @@ def serve_levels(
     try:
         wait_http(f"http://127.0.0.1:{port}/readyz", proc)
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-        url = f"http://127.0.0.1:{port}/v1/classify?top_k=5"
-        for c in args.concurrency:
+        url = f"http://127.0.0.1:{port}"
+        kinds = ["raw" if args.raw_body else "multipart"]
+        if args.protocol == "v2":
+            kinds += ["v2-image", "v2-pixels"]
+        for c, kind in itertools.product(args.concurrency, kinds):
             time.sleep(6)  # the metrics export period
             before, cpu_before = scrape(metrics_url), cpu_seconds()
             if args.client == "wrk":
-                result = run_wrk(url, photos, c, args.seconds, args.images_per_request,
-                                 args.raw_body)  # fmt: skip
+                result = run_wrk(url, photos, c, args.seconds, args.images_per_request, kind)
             else:
-                result = run_load(url, photos, c, args.seconds, args.images_per_request,
-                                  args.client_processes)  # fmt: skip
+                result = run_load(url + "/v1/classify?top_k=5", photos, c, args.seconds,
+                                  args.images_per_request, args.client_processes)  # fmt: skip
             cpu_after = cpu_seconds()
             time.sleep(12)
             after = scrape(metrics_url)
@@ -405,8 +445,9 @@ def serve_levels(
             images = max(1.0, after["images"] - before["images"])
             result["cpu_ms"] = {k: 1e3 * (cpu_after[k] - cpu_before[k]) / images
                                 for k in cpu_after}  # fmt: skip
-            rows.append((f"service, {label}", c, result))
-            print(f"(b) service {label} c={c}: {result}", flush=True)
+            name = f"service, {label}" + ("" if kind in ("multipart", "raw") else f", {kind}")
+            rows.append((name, c, result))
+            print(f"(b) {name} c={c}: {result}", flush=True)
     finally:
         stop(proc)
         log.close()
@@ -457,10 +498,17 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument(
+        "--protocol", choices=["v1", "v2"], default="v1",
+        help="v2: also the Open Inference Protocol (binary tensors: the JPEGs as BYTES, and "
+        "pixels the client decoded as UINT8) beside /v1 at each level (wrk)",
+    )  # fmt: skip
     parser.add_argument("--raw-only", action="store_true", help="(a) only: the raw model")
     args = parser.parse_args()
     if args.raw_body and (args.client != "wrk" or args.images_per_request != 1):
         parser.error("--raw-body takes the wrk client and one image a request")
+    if args.protocol == "v2" and args.client != "wrk":
+        parser.error("--protocol v2 takes the wrk client")
 
     import torch
 
@@ -516,10 +564,13 @@ def main() -> None:
         )  # fmt: skip
         try:
             wait_http(f"http://127.0.0.1:{port}/healthz", naive)
-            url = f"http://127.0.0.1:{port}/v1/classify"
-            for c in args.concurrency:
-                result = run_load(url, photos, c, args.seconds, args.images_per_request,
-                                  args.client_processes)  # fmt: skip
+            url = f"http://127.0.0.1:{port}"
+            for c in args.concurrency:  # the same load generator as the service's rows
+                if args.client == "wrk":
+                    result = run_wrk(url, photos, c, args.seconds, args.images_per_request)
+                else:
+                    result = run_load(url + "/v1/classify", photos, c, args.seconds,
+                                      args.images_per_request, args.client_processes)  # fmt: skip
                 result["mean_batch"] = float(args.images_per_request)
                 rows.append(("naive FastAPI", c, result))
                 print(f"(c) naive c={c}: {result}", flush=True)

@@ -11,7 +11,7 @@ from models import build_model, save_checkpoint
 from models.checkpoint import CheckpointMeta, Provenance
 from models.cpu import cpu_description, has_native_bf16
 
-from .test_service import free_port
+from .live_service import free_port
 
 
 @pytest.mark.skipif(has_native_bf16(), reason="this CPU runs bf16: the replica loads")

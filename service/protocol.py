@@ -262,10 +262,37 @@ def _first_line(error: Exception) -> str:
 # -------------------------------------------------------------------------- responses
 
 
-def encode_response(
+def answer(
+    model: str, version: str, request: InferenceRequest, tensors: dict[str, Any],
+    datatypes: dict[str, str],
+) -> tuple[bytes, int | None]:  # fmt: skip
+    """The response body to `request` from the model's output `tensors` (the outputs it asked
+    for, else all; binary where asked), and the JSON header's length when any is binary."""
+    wanted = request.outputs or []
+    for output in wanted:
+        if output.name not in tensors:
+            raise InvalidParameter(
+                f"model {model!r} has no output {output.name!r} here; it has {list(tensors)}"
+            )
+    names = [o.name for o in wanted] or list(tensors)
+    all_binary = bool((request.parameters or {}).get("binary_data_output", False))
+    asked = {o.name: o.parameters or {} for o in wanted}
+    binary = {n for n in names if asked.get(n, {}).get("binary_data", all_binary)}
+    response = InferenceResponse(
+        model_name=model, model_version=version, id=request.id,
+        outputs=[ResponseOutput(name=n, datatype=datatypes[n], shape=_shape(tensors[n]))
+                 for n in names],
+    )  # fmt: skip
+    return _encode(response, tensors, binary)
+
+
+def _shape(value: np.ndarray | list) -> list[int]:
+    return list(np.asarray(value, dtype=object if isinstance(value, list) else None).shape)
+
+
+def _encode(
     response: InferenceResponse, tensors: dict[str, np.ndarray | list], binary: set[str]
 ) -> tuple[bytes, int | None]:
-    """The response body, and the JSON header's length when any output goes binary."""
     chunks = []
     for output in response.outputs:
         value = tensors[output.name]

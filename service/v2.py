@@ -26,9 +26,8 @@ from .protocol import (
     ModelReady,
     ProtocolError,
     Ready,
-    ResponseOutput,
     ServerMetadata,
-    encode_response,
+    answer,
     images_of,
     parse_request,
 )
@@ -141,25 +140,8 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
     options = host.task.options_from(infer_request.parameters or {})
     outputs = await server.run(host, images, options)
     tensors = host.task.tensors(host.meta, outputs, options)
-
-    parameters = infer_request.parameters or {}
-    all_binary = bool(parameters.get("binary_data_output", False))
-    wanted = infer_request.outputs or []
-    for output in wanted:
-        if output.name not in tensors:
-            raise InvalidParameter(
-                f"model {host.name!r} has no output {output.name!r} here; it has {list(tensors)}"
-            )
-    names = [o.name for o in wanted] or list(tensors)
-    asked = {o.name: o.parameters or {} for o in wanted}
-    binary_names = {n for n in names if asked.get(n, {}).get("binary_data", all_binary)}
     datatypes = {n: d for n, d, _ in host.task.tensor_outputs(host.meta)}
-    response = InferenceResponse(
-        model_name=host.name, model_version=VERSION, id=infer_request.id,
-        outputs=[ResponseOutput(name=n, datatype=datatypes[n], shape=_shape(tensors[n]))
-                 for n in names],
-    )  # fmt: skip
-    content, header_length = encode_response(response, tensors, binary_names)
+    content, header_length = answer(host.name, VERSION, infer_request, tensors, datatypes)
     if header_length is None:
         return Response(content, media_type="application/json")
     return Response(
@@ -197,9 +179,3 @@ def _the_input(inputs: list, model: str) -> Any:
     if tensor.datatype != datatype:
         raise InvalidParameter(f"input {tensor.name!r} is {datatype}, not {tensor.datatype}")
     return tensor
-
-
-def _shape(value: Any) -> list[int]:
-    import numpy as np
-
-    return list(np.asarray(value, dtype=object if isinstance(value, list) else None).shape)

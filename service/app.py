@@ -23,6 +23,7 @@ from models.images import ImageError
 from .body import read_images
 from .config import AppConfig, GatewayConfig, ModelConfig
 from .errors import ModelNotFound, image_error
+from .grpc_api import GrpcInference
 from .host import ModelHost
 from .metrics import gateway_metrics
 from .routes import api, attach
@@ -31,8 +32,9 @@ from .runtime import Entry
 
 @serve.deployment
 @serve.ingress(api)
-class Server:
-    """A server replica: the HTTP API (`service.routes`) over the models it hosts."""
+class Server(GrpcInference):
+    """A server replica: the HTTP API (`service.routes`) and the protocol's gRPC methods
+    (`service.grpc_api`) over the models it hosts."""
 
     def __init__(self, gateway: dict, models: list[dict]):
         self.config = GatewayConfig.model_validate(gateway)

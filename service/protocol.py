@@ -280,13 +280,15 @@ def answer(
     binary = {n for n in names if asked.get(n, {}).get("binary_data", all_binary)}
     response = InferenceResponse(
         model_name=model, model_version=version, id=request.id,
-        outputs=[ResponseOutput(name=n, datatype=datatypes[n], shape=_shape(tensors[n]))
-                 for n in names],
+        outputs=[
+            ResponseOutput(name=n, datatype=datatypes[n], shape=tensor_shape(tensors[n]))
+            for n in names
+        ],
     )  # fmt: skip
     return _encode(response, tensors, binary)
 
 
-def _shape(value: np.ndarray | list) -> list[int]:
+def tensor_shape(value: np.ndarray | list) -> list[int]:
     return list(np.asarray(value, dtype=object if isinstance(value, list) else None).shape)
 
 
@@ -297,7 +299,7 @@ def _encode(
     for output in response.outputs:
         value = tensors[output.name]
         if output.name in binary:
-            raw = _raw(value, output.datatype)
+            raw = raw_tensor(value, output.datatype)
             output.parameters = {**(output.parameters or {}), "binary_data_size": len(raw)}
             chunks.append(raw)
         elif output.datatype == "BYTES":
@@ -310,7 +312,7 @@ def _encode(
     return header + b"".join(chunks), len(header)
 
 
-def _raw(value: np.ndarray | list, datatype: str) -> bytes:
+def raw_tensor(value: np.ndarray | list, datatype: str) -> bytes:
     if datatype == "BYTES":
         return b"".join(struct.pack("<I", len(v)) + v for v in _flat_bytes(value))
     return np.ascontiguousarray(value, dtype=DTYPES[datatype]).tobytes()

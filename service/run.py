@@ -156,9 +156,15 @@ def run(
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
+        # gRPC (the Open Inference Protocol's service, `service/grpc_api.py`) where the
+        # config asks for it with `grpc_options`
+        grpc = (
+            {"grpc_options": schema.grpc_options.model_dump()} if "grpc_options" in config else {}
+        )
         client = serve_api.serve_start(
             http_options=schema.http_options.model_dump(),
             proxy_location=schema.proxy_location,
+            **grpc,
         )
         client.deploy_apps(schema, _blocking=False)
         shown_host = "127.0.0.1" if http["host"] in ("0.0.0.0", "::") else http["host"]

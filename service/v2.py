@@ -135,7 +135,7 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
     infer_request, binary = parse_request(
         body, request.headers.get("inference-header-content-length")
     )
-    tensor = _the_input(infer_request.inputs, host.name)
+    tensor = the_input(infer_request.inputs, host.name)
     images = images_of(tensor, binary.get(tensor.name), server.config)
     options = host.task.options_from(infer_request.parameters or {})
     outputs = await server.run(host, images, options)
@@ -163,7 +163,7 @@ def _check_version(name: str, version: str | None) -> None:
         raise ModelNotFound(f"model {name!r} has version {VERSION!r} only, not {version!r}")
 
 
-def _the_input(inputs: list, model: str) -> Any:
+def the_input(inputs: list, model: str) -> Any:
     if len(inputs) != 1:
         raise InvalidParameter(
             f"model {model!r} takes one input, 'image' (BYTES) or 'pixels' (UINT8), not "

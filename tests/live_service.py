@@ -48,9 +48,12 @@ def _status(url: str) -> int:
         return 0
 
 
-def run_service(folder: Path, models: list[dict], gateway: dict) -> Iterator[Service]:
-    """The service with these models and gateway settings (API keys on), until the caller is
-    done; fails the test with the service's log when it does not become ready."""
+def run_service(
+    folder: Path, models: list[dict], gateway: dict, extra: dict | None = None
+) -> Iterator[Service]:
+    """The service with these models and gateway settings (API keys on; `extra`: more of the
+    serve config), until the caller is done; fails the test with the service's log when it
+    does not become ready."""
     port, metrics_port = free_port(), free_port()
     config = {
         "http_options": {"host": "127.0.0.1", "port": port},
@@ -59,6 +62,7 @@ def run_service(folder: Path, models: list[dict], gateway: dict) -> Iterator[Ser
             "import_path": "service.app:build_app",
             "args": {"gateway": gateway, "models": models},
         }],
+        **(extra or {}),
     }  # fmt: skip
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
     log_path = folder / "service.log"

@@ -14,14 +14,16 @@ import time
 import numpy as np
 import pytest
 import requests
+import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from models.masks import decode_rle
+from service.grpc_api import SERVICER
 
 from .colour_shapes import COLOURS
-from .live_service import AUTH, run_service
+from .live_service import AUTH, free_port, run_service
 from .service_models import service_checkpoints
 from .test_service import photo
 
@@ -38,7 +40,10 @@ def service(tmp_path_factory):
     ]
     # room for three 320x240 images as JSON numbers
     gateway = {"max_body_bytes": 8_000_000, "max_pixels": 4_000_000}
-    yield from run_service(tmp_path_factory.mktemp("protocol"), models, gateway)
+    grpc = {"grpc_options": {"port": free_port(), "grpc_servicer_functions": [SERVICER]}}
+    for svc in run_service(tmp_path_factory.mktemp("protocol"), models, gateway, grpc):
+        svc.grpc_url = f"127.0.0.1:{grpc['grpc_options']['port']}"
+        yield svc
 
 
 def auth() -> dict:
@@ -217,3 +222,30 @@ def test_v2_is_in_the_docs_and_the_metrics(service, client):
     while not pattern.search(service.metrics()) and time.monotonic() < deadline:
         time.sleep(1)
     assert pattern.search(service.metrics())
+
+
+def test_grpc_with_tritonclient(service):
+    """The same models over gRPC (`GRPCInferenceService`), answers equal to /v1."""
+    client = triton_grpc.InferenceServerClient(service.grpc_url)
+    key = [("x-api-key", AUTH["X-API-Key"])]
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("colours")
+    meta = client.get_model_metadata("boxes", headers=dict(key), as_json=True)
+    assert meta["name"] == "boxes" and {t["name"] for t in meta["inputs"]} == {"image", "pixels"}
+    images = [photo(c, box=BIG)[0] for c in ("red", "green", "blue")]
+    v1 = service.post("/v1/classify", images, params={"top_k": 2}).json()["results"]
+    tensor = triton_grpc.InferInput("image", [len(images)], "BYTES")
+    tensor.set_data_from_numpy(np.array(images, dtype=object))
+    result = client.infer("colours", [tensor], parameters={"top_k": 2}, headers=dict(key))
+    assert result.as_numpy("class_ids").tolist() == [
+        [p["class_id"] for p in r["predictions"]] for r in v1
+    ]
+    with pytest.raises(InferenceServerException, match="unauthorized|API key"):
+        client.infer("colours", [tensor])  # no key
+    wrong = triton_grpc.InferInput("image", [len(images)], "FP32")
+    wrong.set_data_from_numpy(np.zeros(len(images), np.float32))
+    with pytest.raises(InferenceServerException, match="BYTES"):
+        client.infer("colours", [wrong], headers=dict(key))
+    with pytest.raises(InferenceServerException, match="nobody"):
+        client.infer("nobody", [tensor], headers=dict(key))
+    assert client.is_server_live()

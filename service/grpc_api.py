@@ -1,0 +1,127 @@
+"""The Open Inference Protocol over gRPC (`GRPCInferenceService`, the servicer tritonclient ships).
+
+Ray Serve's gRPC ingress calls the server replica's method of each RPC's name with the request
+message; these methods are a mixin of `service.app.Server`, so gRPC requests go through the
+same models, batches and decoders as HTTP. Enabled by `grpc_options` in the serve config (see
+README, "Open Inference Protocol"). Tensors travel as `raw_input_contents` /
+`raw_output_contents`, as tritonclient sends and reads them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from tritonclient.grpc import service_pb2 as pb
+
+from .errors import InvalidParameter, ModelNotFound, ServiceError, Unauthorized
+from .protocol import EXTENSIONS, RequestInput, images_of, raw_tensor, tensor_shape
+
+SERVICER = "tritonclient.grpc.service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server"
+STATUS = {
+    400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
+    404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.INVALID_ARGUMENT,
+    415: grpc.StatusCode.INVALID_ARGUMENT, 422: grpc.StatusCode.INVALID_ARGUMENT,
+    503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}  # fmt: skip
+
+
+class GrpcInference:
+    """The RPCs of `inference.GRPCInferenceService` on a server replica."""
+
+    async def ServerLive(self, request: pb.ServerLiveRequest) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=not self.pending_models())
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, grpc_context) -> Any:
+        host = self.hosts.get(request.name)
+        return pb.ModelReadyResponse(ready=host is not None and host.ready)
+
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest) -> Any:
+        return pb.ServerMetadataResponse(name="convnext-serve", version="1", extensions=EXTENSIONS)
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, grpc_context) -> Any:
+        from .v2 import INPUTS, VERSION
+
+        try:
+            self._check_grpc_key(grpc_context)
+            host = self._grpc_model(request.name, request.version)
+        except ServiceError as e:
+            return _refuse(grpc_context, e, pb.ModelMetadataResponse())
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=host.name, versions=[VERSION], platform=f"convnext-serve_{host.task.name}",
+            inputs=[tensor(name=n, datatype=d, shape=s) for n, (d, s) in INPUTS.items()],
+            outputs=[tensor(name=n, datatype=d, shape=s)
+                     for n, d, s in host.task.tensor_outputs(host.meta)],
+        )  # fmt: skip
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, grpc_context) -> Any:
+        from .v2 import VERSION, the_input
+
+        try:
+            self._check_grpc_key(grpc_context)
+            host = self._grpc_model(request.model_name, request.model_version)
+            if host.full():
+                raise host.overloaded()
+            inputs = [
+                RequestInput(name=t.name, shape=list(t.shape), datatype=t.datatype)
+                for t in request.inputs
+            ]
+            tensor = the_input(inputs, host.name)
+            if len(request.raw_input_contents) != 1:
+                raise InvalidParameter("send the input's data as raw_input_contents")
+            images = images_of(tensor, request.raw_input_contents[0], self.config)
+            options = host.task.options_from(_parameters(request.parameters))
+            outputs = await self.run(host, images, options)
+            tensors = host.task.tensors(host.meta, outputs, options)
+            names = [o.name for o in request.outputs] or list(tensors)
+            unknown = [n for n in names if n not in tensors]
+            if unknown:
+                raise InvalidParameter(f"model {host.name!r} has no output {unknown[0]!r} here")
+        except ServiceError as e:
+            return _refuse(grpc_context, e, pb.ModelInferResponse())
+        datatypes = {n: d for n, d, _ in host.task.tensor_outputs(host.meta)}
+        response = pb.ModelInferResponse(model_name=host.name, model_version=VERSION,
+                                         id=request.id)  # fmt: skip
+        for name in names:
+            response.outputs.add(name=name, datatype=datatypes[name],
+                                 shape=tensor_shape(tensors[name]))  # fmt: skip
+            response.raw_output_contents.append(raw_tensor(tensors[name], datatypes[name]))
+        return response
+
+    def _grpc_model(self, name: str, version: str) -> Any:
+        from .v2 import VERSION
+
+        host = self.hosts.get(name)
+        if host is None:
+            raise ModelNotFound(f"no model {name!r}; served: {sorted(self.hosts)}")
+        if version and version != VERSION:
+            raise ModelNotFound(f"model {name!r} has version {VERSION!r} only, not {version!r}")
+        return host
+
+    def _check_grpc_key(self, grpc_context) -> None:
+        if not self.api_keys:
+            return
+        metadata = dict(grpc_context.invocation_metadata() or ())
+        auth = metadata.get("authorization", "")
+        key = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+        if (key or metadata.get("x-api-key", "")) not in self.api_keys:
+            raise Unauthorized()
+
+
+def _refuse(grpc_context, error: ServiceError, empty: Any) -> Any:
+    grpc_context.set_code(STATUS.get(error.status, grpc.StatusCode.INTERNAL))
+    grpc_context.set_details(error.message)
+    return empty
+
+
+def _parameters(parameters: Any) -> dict[str, Any]:
+    """A request's `map<string, InferParameter>` as plain values."""
+    values = {}
+    for name, parameter in parameters.items():
+        kind = parameter.WhichOneof("parameter_choice")
+        values[name] = getattr(parameter, kind) if kind else None
+    return values

@@ -26,6 +26,7 @@ from .errors import ModelNotFound, image_error
 from .grpc_api import GrpcInference
 from .host import ModelHost
 from .metrics import gateway_metrics
+from .protocol import VERSION
 from .routes import api, attach
 from .runtime import Entry
 
@@ -63,13 +64,23 @@ class Server(GrpcInference):
     def pending_models(self) -> list[str]:
         return sorted(name for name, host in self.hosts.items() if not host.ready)
 
-    def model_for(self, request: Request, task: str | None, name: str | None) -> ModelHost:
+    def model_named(self, name: str, version: str | None = None) -> ModelHost:
+        """A model by its name (and protocol version, where given), of any task."""
+        host = self.hosts.get(name)
+        if host is None:
+            raise ModelNotFound(f"no model {name!r}; served: {sorted(self.hosts)}")
+        if version and version != VERSION:
+            raise ModelNotFound(f"model {name!r} has version {VERSION!r} only, not {version!r}")
+        return host
+
+    def model_for(
+        self, request: Request, task: str | None, name: str | None, version: str | None = None
+    ) -> ModelHost:
         """The model a request names (default: the first of the task; `task` None: a model of
-        any task, by name), refused with 503 when its line is full, before the body is read."""
+        any task, by name and version), refused with 503 when its line is full, before the
+        body is read."""
         if task is None:
-            host = self.hosts.get(name or "")
-            if host is None:
-                raise ModelNotFound(f"no model {name!r}; served: {sorted(self.hosts)}")
+            host = self.model_named(name or "", version)
         elif name is None:
             host = next((h for h in self.hosts.values() if h.meta.task == task), None)
             if host is None:

@@ -12,10 +12,21 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+from google.protobuf import json_format
 from tritonclient.grpc import service_pb2 as pb
 
-from .errors import InvalidParameter, ModelNotFound, ServiceError, Unauthorized
-from .protocol import EXTENSIONS, RequestInput, images_of, raw_tensor, tensor_shape
+from .errors import InvalidParameter, ServiceError, Unauthorized
+from .guard import authorised
+from .protocol import (
+    EXTENSIONS,
+    VERSION,
+    RequestInput,
+    images_of,
+    model_metadata,
+    raw_tensor,
+    tensor_shape,
+    the_input,
+)
 
 SERVICER = "tritonclient.grpc.service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server"
 STATUS = {
@@ -40,30 +51,24 @@ class GrpcInference:
         return pb.ModelReadyResponse(ready=host is not None and host.ready)
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest) -> Any:
-        return pb.ServerMetadataResponse(name="convnext-serve", version="1", extensions=EXTENSIONS)
+        return pb.ServerMetadataResponse(
+            name="convnext-serve", version=VERSION, extensions=EXTENSIONS
+        )
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, grpc_context) -> Any:
-        from .v2 import INPUTS, VERSION
-
         try:
             self._check_grpc_key(grpc_context)
-            host = self._grpc_model(request.name, request.version)
+            host = self.model_named(request.name, request.version)
         except ServiceError as e:
             return _refuse(grpc_context, e, pb.ModelMetadataResponse())
-        tensor = pb.ModelMetadataResponse.TensorMetadata
-        return pb.ModelMetadataResponse(
-            name=host.name, versions=[VERSION], platform=f"convnext-serve_{host.task.name}",
-            inputs=[tensor(name=n, datatype=d, shape=s) for n, (d, s) in INPUTS.items()],
-            outputs=[tensor(name=n, datatype=d, shape=s)
-                     for n, d, s in host.task.tensor_outputs(host.meta)],
-        )  # fmt: skip
+        metadata = model_metadata(host.name, host.task, host.meta)
+        del metadata["parameters"]  # not a field of the gRPC message
+        return json_format.ParseDict(metadata, pb.ModelMetadataResponse())
 
     async def ModelInfer(self, request: pb.ModelInferRequest, grpc_context) -> Any:
-        from .v2 import VERSION, the_input
-
         try:
             self._check_grpc_key(grpc_context)
-            host = self._grpc_model(request.model_name, request.model_version)
+            host = self.model_named(request.model_name, request.model_version)
             if host.full():
                 raise host.overloaded()
             inputs = [
@@ -92,23 +97,10 @@ class GrpcInference:
             response.raw_output_contents.append(raw_tensor(tensors[name], datatypes[name]))
         return response
 
-    def _grpc_model(self, name: str, version: str) -> Any:
-        from .v2 import VERSION
-
-        host = self.hosts.get(name)
-        if host is None:
-            raise ModelNotFound(f"no model {name!r}; served: {sorted(self.hosts)}")
-        if version and version != VERSION:
-            raise ModelNotFound(f"model {name!r} has version {VERSION!r} only, not {version!r}")
-        return host
-
     def _check_grpc_key(self, grpc_context) -> None:
         if not self.api_keys:
             return
-        metadata = dict(grpc_context.invocation_metadata() or ())
-        auth = metadata.get("authorization", "")
-        key = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
-        if (key or metadata.get("x-api-key", "")) not in self.api_keys:
+        if not authorised(dict(grpc_context.invocation_metadata() or ()), self.api_keys):
             raise Unauthorized()
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from starlette.datastructures import Headers
@@ -77,7 +77,7 @@ async def guard(server: Any, app, scope, receive, send) -> None:
         config = server.config
         headers = Headers(scope=scope)
         refusal: ServiceError | None = None
-        if api and server.api_keys and not _authorised(headers, server.api_keys):
+        if api and server.api_keys and not authorised(headers, server.api_keys):
             refusal = Unauthorized()
         elif api and count >= config.max_in_flight:
             refusal = Overloaded("the server is at its in-flight request limit",
@@ -119,7 +119,9 @@ async def _report_in_flight_forever(server: Any) -> None:
         await asyncio.sleep(IN_FLIGHT_REPORT_S)
 
 
-def _authorised(headers: Headers, keys: set[str]) -> bool:
+def authorised(headers: Mapping[str, str], keys: set[str]) -> bool:
+    """Whether the request carries one of the keys (`Authorization: Bearer` or `X-API-Key`;
+    HTTP headers, or gRPC metadata)."""
     auth = headers.get("authorization", "")
     key = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
     return (key or headers.get("x-api-key", "")) in keys

@@ -26,8 +26,11 @@ DTYPES = {
     "UINT64": np.uint64, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32,
     "INT64": np.int64, "FP16": np.float16, "FP32": np.float32, "FP64": np.float64,
 }  # fmt: skip
-DATATYPE_OF = {np.dtype(v): k for k, v in DTYPES.items()}
 EXTENSIONS = ["binary_tensor_data"]
+# Each served model is a protocol model of version "1" with two inputs, of which a request
+# sends one: encoded images, or RGB pixels the client decoded.
+VERSION = "1"
+INPUTS = {"image": ("BYTES", [-1]), "pixels": ("UINT8", [-1, -1, -1, 3])}
 
 
 class TensorMetadata(BaseModel):
@@ -110,6 +113,47 @@ class InferenceResponse(BaseModel):
     id: str | None = None
     parameters: dict[str, Any] | None = None
     outputs: list[ResponseOutput]
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def model_metadata(name: str, task: Any, meta: Any) -> dict[str, Any]:
+    """A model's metadata (`ModelMetadata`'s fields) from its task adapter and checkpoint."""
+    return {
+        "name": name,
+        "versions": [VERSION],
+        "platform": f"convnext-serve_{task.name}",
+        "inputs": [{"name": n, "datatype": d, "shape": s} for n, (d, s) in INPUTS.items()],
+        "outputs": [
+            {"name": n, "datatype": d, "shape": s} for n, d, s in task.tensor_outputs(meta)
+        ],
+        "parameters": {
+            "task": task.name,
+            "arch": meta.arch,
+            "image_size": meta.image_size,
+            "num_classes": meta.num_classes,
+        },
+    }
+
+
+def the_input(inputs: list[RequestInput], model: str) -> RequestInput:
+    """The request's one input, named and typed as the model's inputs say."""
+    if len(inputs) != 1:
+        raise InvalidParameter(
+            f"model {model!r} takes one input, 'image' (BYTES) or 'pixels' (UINT8), not "
+            f"{len(inputs)}"
+        )
+    tensor = inputs[0]
+    if tensor.name not in INPUTS:
+        raise InvalidParameter(
+            f"unexpected inference input {tensor.name!r} for model {model!r}: 'image' (BYTES, "
+            f"encoded images) or 'pixels' (UINT8, [N, H, W, 3])"
+        )
+    datatype = INPUTS[tensor.name][0]
+    if tensor.datatype != datatype:
+        raise InvalidParameter(f"input {tensor.name!r} is {datatype}, not {tensor.datatype}")
+    return tensor
 
 
 # --------------------------------------------------------------------------- requests

@@ -16,10 +16,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from .body import read_body
-from .errors import InvalidParameter, ModelNotFound
 from .protocol import (
     EXTENSIONS,
     INFER_EXAMPLE,
+    VERSION,
     InferenceResponse,
     Live,
     ModelMetadata,
@@ -29,11 +29,11 @@ from .protocol import (
     ServerMetadata,
     answer,
     images_of,
+    model_metadata,
     parse_request,
+    the_input,
 )
 
-VERSION = "1"
-INPUTS = {"image": ("BYTES", [-1]), "pixels": ("UINT8", [-1, -1, -1, 3])}
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ProtocolError, "description": text}
     for status, text in [
@@ -92,30 +92,15 @@ async def server_metadata() -> dict:
 
 @router.get("/models/{name}", summary="Model metadata", response_model=ModelMetadata)
 @router.get("/models/{name}/versions/{version}", include_in_schema=False)
-async def model_metadata(request: Request, name: str, version: str | None = None) -> dict:
-    host = _model(request, name, version)
-    meta, task = host.meta, host.task
-    return {
-        "name": host.name,
-        "versions": [VERSION],
-        "platform": f"convnext-serve_{task.name}",
-        "inputs": [{"name": n, "datatype": d, "shape": s} for n, (d, s) in INPUTS.items()],
-        "outputs": [
-            {"name": n, "datatype": d, "shape": s} for n, d, s in task.tensor_outputs(meta)
-        ],
-        "parameters": {
-            "task": task.name,
-            "arch": meta.arch,
-            "image_size": meta.image_size,
-            "num_classes": meta.num_classes,
-        },
-    }
+async def get_model_metadata(request: Request, name: str, version: str | None = None) -> dict:
+    host = _server(request).model_named(name, version)
+    return model_metadata(host.name, host.task, host.meta)
 
 
 @router.get("/models/{name}/ready", summary="Model readiness", response_model=ModelReady)
 @router.get("/models/{name}/versions/{version}/ready", include_in_schema=False)
 async def model_ready(request: Request, name: str, version: str | None = None) -> JSONResponse:
-    host = _model(request, name, version)
+    host = _server(request).model_named(name, version)
     body = {"name": host.name, "ready": host.ready}
     return JSONResponse(body) if host.ready else _not_ready(body)
 
@@ -129,8 +114,7 @@ async def model_ready(request: Request, name: str, version: str | None = None) -
 @router.post("/models/{name}/versions/{version}/infer", include_in_schema=False)
 async def infer(request: Request, name: str, version: str | None = None) -> Response:
     server = _server(request)
-    host = server.model_for(request, None, name)
-    _check_version(host.name, version)
+    host = server.model_for(request, None, name, version)
     body = await read_body(request, server.config)
     infer_request, binary = parse_request(
         body, request.headers.get("inference-header-content-length")
@@ -148,34 +132,3 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
         content, media_type="application/octet-stream",
         headers={"Inference-Header-Content-Length": str(header_length)},
     )  # fmt: skip
-
-
-def _model(request: Request, name: str, version: str | None) -> Any:
-    host = _server(request).hosts.get(name)
-    if host is None:
-        raise ModelNotFound(f"no model {name!r}; served: {sorted(_server(request).hosts)}")
-    _check_version(name, version)
-    return host
-
-
-def _check_version(name: str, version: str | None) -> None:
-    if version is not None and version != VERSION:
-        raise ModelNotFound(f"model {name!r} has version {VERSION!r} only, not {version!r}")
-
-
-def the_input(inputs: list, model: str) -> Any:
-    if len(inputs) != 1:
-        raise InvalidParameter(
-            f"model {model!r} takes one input, 'image' (BYTES) or 'pixels' (UINT8), not "
-            f"{len(inputs)}"
-        )
-    tensor = inputs[0]
-    if tensor.name not in INPUTS:
-        raise InvalidParameter(
-            f"unexpected inference input {tensor.name!r} for model {model!r}: 'image' (BYTES, "
-            f"encoded images) or 'pixels' (UINT8, [N, H, W, 3])"
-        )
-    datatype = INPUTS[tensor.name][0]
-    if tensor.datatype != datatype:
-        raise InvalidParameter(f"input {tensor.name!r} is {datatype}, not {tensor.datatype}")
-    return tensor

@@ -76,7 +76,10 @@ ENV HOME=/home/ray \
     RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE=1000 \
     RAY_SERVE_LOG_TO_STDERR=0 \
     RAY_max_direct_call_object_size=1048576 \
-    RAY_SERVE_ENABLE_HA_PROXY=1
+    RAY_SERVE_ENABLE_HA_PROXY=1 \
+    RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=2 \
+    RAY_SERVE_HAPROXY_RETRY_ON="conn-failure empty-response" \
+    RAY_SERVE_HAPROXY_TUNE_BUFSIZE=262144
 # 8000: HTTP API (Ray Serve's HAProxy front); 8080: Prometheus metrics (Ray's metrics export port).
 EXPOSE 8000 8080
 HEALTHCHECK --interval=30s --timeout=5s --start-period=5m --retries=3 \

@@ -25,9 +25,13 @@ def resize_crop(
     uint8 (3, H, W) in and out, so the bytes that cross to the model stay compact.
     """
     short = int(image_size / crop_pct)  # presets.ClassifyPreset.resize_size
-    image = TF.resize(
-        as_chw_uint8(image), [short], interpolation=INTERPOLATION[interpolation], antialias=True
-    )
+    image = as_chw_uint8(image)
+    h, w = image.shape[-2:]
+    if max(h, w) > 2 * min(h, w):
+        # Only the centre survives the crop: resize the centre square, not the whole strip
+        # (a 1 x 40000 image would otherwise ask for a 256 x 10,240,000 resize).
+        image = TF.center_crop(image, [min(h, w), min(h, w)])
+    image = TF.resize(image, [short], interpolation=INTERPOLATION[interpolation], antialias=True)
     return TF.center_crop(image, [image_size, image_size])
 
 

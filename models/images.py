@@ -42,7 +42,11 @@ class DecodedImage:
     height: int
 
 
-def _orientation(image: Image.Image) -> int:
+def _orientation(image: Image.Image, loaded: bool = False) -> int:
+    if image.format == "PNG" and not loaded and "exif" not in image.info:
+        # Pillow would decode the pixels to look for an eXIf chunk after them, and a failure
+        # there would be swallowed here, leaving half-decoded pixels: read it after `load`
+        return 1
     try:
         return int(image.getexif().get(0x0112, 1))
     except Exception:  # a broken EXIF block is no reason to refuse the pixels
@@ -109,7 +113,8 @@ def decode_image(
     read from these bytes.
     """
     header = header or read_header(data, max_pixels, orient)
-    image, orientation = header.image, header.orientation
+    image, orientation = header.image, header.orientation if orient else 1
+    width, height = header.width, header.height
     try:
         if image.format in ("JPEG", "MPO") and min_short_side:
             scale = min(image.size) / min_short_side
@@ -119,13 +124,17 @@ def decode_image(
                 image.draft("RGB", (image.size[0] // factor, image.size[1] // factor))
         image.seek(0)  # GIF and multi-page TIFF: the first frame
         image.load()
+        if orient and image.format == "PNG" and orientation == 1:  # eXIf after the pixels
+            orientation = _orientation(image, loaded=True)
+            if orientation in _SWAPS_AXES:
+                width, height = height, width
         image = ImageOps.exif_transpose(image) if orientation != 1 else image
         pixels = _to_rgb(image)
     except ImageError:
         raise
     except Exception as e:  # truncated or corrupt pixel data
         raise ImageError("invalid_image", f"the image data is truncated or corrupt: {e}") from None
-    return DecodedImage(pixels=pixels, width=header.width, height=header.height)
+    return DecodedImage(pixels=pixels, width=width, height=height)
 
 
 def orient_chw(image: torch.Tensor, orientation: int) -> torch.Tensor:
@@ -167,7 +176,7 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
-    return np.asarray(image.convert("RGB"))
+    return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))  # no copy
 
 
 def read_image(

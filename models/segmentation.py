@@ -177,9 +177,9 @@ def argmax_at_size(
     """Class ids (H, W) from low-resolution logits (C, h, w), resized bilinearly before argmax.
 
     `valid` is the fraction (rows, cols) of the logits that covers the image (the rest is
-    padding). The resize is one `grid_sample` per strip of output rows, so a 40-megapixel image
-    never holds C full-size float planes at once; with no padding it equals
-    `F.interpolate(mode="bilinear", align_corners=False)`.
+    padding). The resize is one `grid_sample` per tile of at most `max_elems` logits, so a
+    40-megapixel image (or a 1 x 40,000,000 strip) never holds C full-size float planes at
+    once; with no padding it equals `F.interpolate(mode="bilinear", align_corners=False)`.
     """
     c = logits.shape[0]
     out_h, out_w = out_hw
@@ -187,16 +187,18 @@ def argmax_at_size(
     # Output pixel centres -> normalised coordinates of the padded logits map.
     gx = (torch.arange(out_w, device=dev) + 0.5) * (2 * valid[1] / out_w) - 1
     gy = (torch.arange(out_h, device=dev) + 0.5) * (2 * valid[0] / out_h) - 1
-    rows = max(1, max_elems // max(1, c * out_w))
+    cols = max(1, min(out_w, max_elems // max(1, c)))
+    rows = max(1, max_elems // max(1, c * cols))
     out = torch.empty(out_h, out_w, dtype=torch.int64, device=dev)
     src = logits[None].float()
     for r0 in range(0, out_h, rows):
-        y = gy[r0 : r0 + rows]
-        grid = torch.stack(torch.meshgrid(y, gx, indexing="ij")[::-1], dim=-1)[None]
-        strip = F.grid_sample(
-            src, grid, mode="bilinear", padding_mode="border", align_corners=False
-        )
-        out[r0 : r0 + rows] = strip[0].argmax(0)
+        for c0 in range(0, out_w, cols):
+            y, x = gy[r0 : r0 + rows], gx[c0 : c0 + cols]
+            grid = torch.stack(torch.meshgrid(y, x, indexing="ij")[::-1], dim=-1)[None]
+            tile = F.grid_sample(
+                src, grid, mode="bilinear", padding_mode="border", align_corners=False
+            )
+            out[r0 : r0 + rows, c0 : c0 + cols] = tile[0].argmax(0)
     return out
 
 

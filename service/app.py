@@ -119,6 +119,9 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     options: dict[str, Any] = {
         "name": "server",
         "max_ongoing_requests": gateway.max_in_flight + 64,  # the guard answers 503 beyond
+        # A stopping replica finishes what it holds (checked every 0.2 s, not Serve's 2 s).
+        "graceful_shutdown_wait_loop_s": 0.2,
+        "graceful_shutdown_timeout_s": config.longest_request_s() + 5,
         "ray_actor_options": {
             "num_cpus": max([gateway.num_cpus, *(m.num_cpus for m in config.models)]),
             "num_gpus": _gpus_per_replica(config),

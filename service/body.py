@@ -6,11 +6,20 @@ enforced while reading, and the form's parts are bounded in number and size.
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import Request
+from python_multipart.multipart import parse_options_header
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from .config import GatewayConfig
-from .errors import InvalidMultipart, InvalidParameter, PayloadTooLarge, UnsupportedMediaType
+from .errors import (
+    InvalidMultipart,
+    InvalidParameter,
+    PayloadTooLarge,
+    RequestTimeout,
+    UnsupportedMediaType,
+)
 
 
 def body_limit_text(config: GatewayConfig) -> str:
@@ -39,17 +48,36 @@ async def read_images(request: Request, config: GatewayConfig, single: bool = Fa
 
 
 async def read_body(request: Request, config: GatewayConfig) -> bytes:
-    """The body, refused (413) as soon as it is over the limit."""
+    """The body, refused (413) as soon as it is over the limit, and (408) when it has not
+    arrived within `body_timeout_s`: a client sending slowly holds one coroutine, for a while."""
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > config.max_body_bytes:
-            raise PayloadTooLarge(body_limit_text(config))
-        chunks.append(chunk)
+
+    async def read() -> None:
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > config.max_body_bytes:
+                raise PayloadTooLarge(body_limit_text(config))
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(read(), config.body_timeout_s)
+    except asyncio.TimeoutError:
+        raise RequestTimeout(
+            f"the request body did not arrive within {config.body_timeout_s:g} s"
+        ) from None
     return b"".join(chunks)
 
 
 async def _form_images(request: Request, body: bytes, config: GatewayConfig) -> list[bytes]:
+    _, params = parse_options_header(request.headers.get("content-type", ""))
+    boundary = params.get(b"boundary", b"")
+    if not boundary:
+        raise InvalidMultipart("the multipart content type names no boundary")
+    # The parser takes a body cut off mid-part as a form without that part; say what it is.
+    if not body.rstrip(b"\r\n").endswith(b"--" + boundary + b"--"):
+        raise InvalidMultipart("the multipart body ends before its closing boundary (cut off?)")
+
     async def stream():
         yield body
 

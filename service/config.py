@@ -80,6 +80,9 @@ class GatewayConfig(BaseSettings):
     max_pixels: int = Field(40_000_000, ge=1)
     max_images_per_request: int = Field(32, ge=1)
     request_timeout_s: float = Field(30.0, gt=0)
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="a request body must arrive within this (408 beyond)"
+    )
     max_in_flight: int = Field(256, ge=1, description="beyond this: 503 overloaded")
     api_keys_env: str = Field(
         "CONVNEXT_SERVE_API_KEYS", description="comma-separated keys; unset: no auth"
@@ -103,6 +106,10 @@ class AppConfig(BaseModel):
         if len(names) != len(set(names)):
             raise ValueError(f"model names must be unique: {names}")
         return self
+
+    def longest_request_s(self) -> float:
+        """The longest a request may take: what a stopping replica waits for."""
+        return max([self.gateway.request_timeout_s, *(m.timeout_s or 0 for m in self.models)])
 
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> AppConfig:

@@ -43,6 +43,10 @@ class Unauthorized(ServiceError):
         super().__init__(message, {"WWW-Authenticate": "Bearer"})
 
 
+class RequestTimeout(ServiceError):
+    status, code = 408, "request_timeout"
+
+
 class ModelNotFound(ServiceError):
     status, code = 404, "model_not_found"
 

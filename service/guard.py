@@ -93,7 +93,8 @@ async def guard(server: Any, app, scope, receive, send) -> None:
     finally:
         in_flight[endpoint] -= 1
         if api:
-            tags = {"endpoint": endpoint, "model": state.get("model", "")}
+            # the model the route resolved (a served name), whatever the client asked for
+            tags = {"endpoint": endpoint, "model": state.get("model") or "unknown"}
             metrics.requests.inc(tags={**tags, "status": str(status)})
             metrics.duration.observe(time.perf_counter() - started, tags=tags)
 

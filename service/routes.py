@@ -62,6 +62,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         (415, "unsupported_media_type"),
         (422, "invalid_parameter"),
         (503, "overloaded (with Retry-After)"),
+        (408, "request_timeout"),
         (504, "timeout"),
     ]
 }

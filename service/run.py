@@ -7,6 +7,7 @@ config the three demo models are served (trained once on first use).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -34,6 +35,15 @@ RAY_SERVING_ENV = {
     "RAY_SERVE_LOG_TO_STDERR": "0",
     "RAY_max_direct_call_object_size": str(1 << 20),
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    # A replica that stops keeps taking requests this long so HAProxy's reload lands before
+    # its listener closes (on every node of a cluster): 2 s does that; Ray's 30 s default made
+    # every stop take 33 s.
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+    # Requests are idempotent (inference): one whose replica died before answering is retried
+    # on another. HAProxy retries only what fits its buffer: 256 KiB takes a typical photo
+    # (a 640x480 JPEG) and bounds its memory at 2 GiB with all 4096 connections uploading.
+    "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
+    "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": str(256 << 10),
 }
 
 
@@ -151,6 +161,8 @@ def run(
 
     def stop(*_):
         nonlocal stopping
+        if stopping:  # a second signal: stop without waiting for the requests in flight
+            raise KeyboardInterrupt
         stopping = True
 
     signal.signal(signal.SIGTERM, stop)
@@ -181,16 +193,54 @@ def run(
             _print_banner(url, metrics_port, shown_host)
         while not stopping:
             time.sleep(0.2)
-        print("convnext-serve: shutting down", flush=True)
+        print("convnext-serve: shutting down: finishing the requests in flight", flush=True)
         return 0
     finally:
         from ray import serve
 
         try:
             if not failed:  # nothing to drain; Serve would wait 30 s on a controller still retrying
+                with contextlib.suppress(KeyboardInterrupt):
+                    _drain([app.name for app in schema.applications], drain_timeout_s(config))
                 serve.shutdown()
         finally:
             ray.shutdown()
+
+
+def drain_timeout_s(config: dict[str, Any]) -> float:
+    """How long a stop waits for the requests in flight: the longest a request of any
+    application may take, and a margin (the replicas' own graceful_shutdown_timeout_s is that
+    plus 5 s). Kubernetes' and compose's grace periods are set above the default's 40 s."""
+    from .config import AppConfig
+
+    longest = [
+        AppConfig.from_args(app.get("args") or {}).longest_request_s()
+        for app in config["applications"]
+        if app.get("import_path") == "service.app:build_app"
+    ]
+    return max([30.0, *longest]) + 10
+
+
+def _drain(apps: list[str], timeout_s: float) -> None:
+    """Stop taking requests and let the ones in flight finish before anything is killed.
+
+    `serve.shutdown()` alone kills HAProxy first, cutting every request in flight. Deleting
+    the applications first drains their replicas while HAProxy still delivers the answers:
+    each replica leaves HAProxy's backends, finishes what it holds, then exits.
+    """
+    from ray import serve
+
+    for name in apps:
+        serve.delete(name, _blocking=False)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if not set(apps) & set(serve.status().applications):
+                break
+        except Exception:  # the controller busy: ask again
+            pass
+        time.sleep(0.2)
+    time.sleep(0.5)  # HAProxy writes the last answers out to their clients
 
 
 def _print_banner(url: str, metrics_port: int, host: str) -> None:

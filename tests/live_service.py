@@ -67,6 +67,10 @@ def run_service(
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
     log_path = folder / "service.log"
     env = {**os.environ, "CONVNEXT_SERVE_API_KEYS": f"other-key,{API_KEY}"}
+    # Ray's HAProxy and its fallback proxy take fixed ports: free ones let two services run
+    for name in ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT",
+                 "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"):  # fmt: skip
+        env[name] = str(free_port())
     cmd = [sys.executable, "-m", "service.cli", "run", "--config", str(folder / "config.yaml"),
            "--metrics-port", str(metrics_port), "--num-cpus", "8"]  # fmt: skip
     with open(log_path, "wb") as log:

@@ -219,6 +219,8 @@ def test_argmax_at_size_in_strips_equals_interpolate():
     ref = ref[0].argmax(0)
     strips = argmax_at_size(logits, (1.0, 1.0), (101, 77), max_elems=5 * 77 * 7)  # 7-row strips
     assert (strips == ref).float().mean() > 0.999  # ties aside, identical
+    tiles = argmax_at_size(logits, (1.0, 1.0), (101, 77), max_elems=5 * 10)  # 1 x 10 tiles
+    assert (tiles == strips).all()
 
 
 def test_dense_checkpoints_round_trip(tmp_path):

@@ -512,4 +512,23 @@ def test_image_carries_the_ray_serving_settings():
 
     dockerfile = (ROOT / "Dockerfile").read_text()
     for key, value in RAY_SERVING_ENV.items():
-        assert f"{key}={value}" in dockerfile, key
+        assert f"{key}={value}" in dockerfile or f'{key}="{value}"' in dockerfile, key
+
+
+def test_grace_periods_cover_the_drain(objects):
+    """SIGTERM finishes the requests in flight (service/run.py): compose and Kubernetes wait
+    longer than that before they kill, and a worker pod drains its node before Ray stops."""
+    from service.run import drain_timeout_s
+
+    config = yaml.safe_load((DEPLOY / "serve_config.yaml").read_text())
+    drain = drain_timeout_s(config)
+    for name, svc in compose()["services"].items():
+        if name.startswith("serve-"):
+            assert int(svc["stop_grace_period"].removesuffix("s")) > drain, name
+    for group in one(objects, "RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
+        spec = group["template"]["spec"]
+        (ray,) = spec["containers"]
+        script = " ".join(ray["lifecycle"]["preStop"]["exec"]["command"])
+        waits = int(re.search(r"seq (\d+)", script).group(1))
+        assert "ray drain-node" in script and script.rstrip().endswith("ray stop")
+        assert spec["terminationGracePeriodSeconds"] > waits >= 30 + 5  # longest request + 5

@@ -7,7 +7,9 @@ import zlib
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from torchvision.transforms.v2 import functional as TF
 
 from models.images import ImageError
 from models.images import decode_image as decode
@@ -145,3 +147,46 @@ def test_training_reads_the_pixels_the_service_decodes(tmp_path):
     rgba.putalpha(0)  # fully transparent: white, as the service composites it
     (tmp_path / "a.png").write_bytes(encode(rgba, "PNG"))
     assert int(read_image(tmp_path / "a.png").min()) == 255
+
+
+def corrupt_png() -> bytes:
+    """A PNG whose zlib stream is damaged mid-way (its header is fine)."""
+    pixels = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    data = bytearray(encode(Image.fromarray(pixels), "PNG"))
+    start = data.find(b"IDAT") + 4
+    for i in range(start + 200, start + 240):
+        data[i] ^= 0x5A
+    return bytes(data)
+
+
+def test_a_corrupt_png_is_refused_not_half_decoded():
+    with pytest.raises(ImageError) as e:
+        decode(corrupt_png(), BIG)
+    assert e.value.code == "invalid_image"
+
+
+def test_png_exif_orientation_is_applied():
+    image = red_square()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # 90 degrees clockwise
+    out = decode(encode(image, "PNG", exif=exif), BIG)
+    assert out.pixels.shape == (60, 40, 3) and (out.width, out.height) == (40, 60)
+
+
+def test_the_classify_preset_does_not_resize_a_whole_strip():
+    from models.classification import resize_crop
+
+    strip = torch.arange(40_000, dtype=torch.float32).div(40_000 / 255).to(torch.uint8)
+    strip = strip.expand(3, 1, 40_000).contiguous()  # 1 x 40000: a 256 x 10,240,000 resize
+    out = resize_crop(strip, 224)
+    assert out.shape == (3, 224, 224)
+    assert abs(int(out[0, 112, 112]) - 127) <= 2  # the centre of the strip
+    # an elongated photo (smooth, as photos are): the centre square gives the same crop
+    y, x = torch.meshgrid(torch.arange(90.0), torch.arange(300.0), indexing="ij")
+    wide = (127 + 100 * torch.sin(x / 9) * torch.cos(y / 7)).to(torch.uint8).expand(3, 90, 300)
+    short = TF.resize(wide, [73], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    out = resize_crop(wide, 64).int()
+    left = (short.shape[-1] - 64) // 2  # the same view, give or take the crop's rounding
+    diffs = [(out - short[..., 4:68, left + d : left + d + 64].int()).abs().float().mean()
+             for d in (-1, 0, 1, 2)]  # fmt: skip
+    assert min(diffs) < 2, diffs

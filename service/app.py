@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from typing import Any
+from urllib.parse import parse_qsl, unquote
 
 import torch
 from fastapi import Request
@@ -49,6 +50,8 @@ class Server(GrpcInference):
             host.start_warmup()
         keys = os.environ.get(self.config.api_keys_env, "")
         self.api_keys = {k.strip() for k in keys.split(",") if k.strip()}
+        self.default = {task: next((h for h in self.hosts.values() if h.meta.task == task), None)
+                        for task in TASK_PATHS.values()}  # fmt: skip
         self.metrics = gateway_metrics()
         self.in_flight: dict[str, int] = {}  # by endpoint, counted by the guard
         self.in_flight_reporter = None  # the guard's task that sets the in-flight gauge
@@ -95,6 +98,19 @@ class Server(GrpcInference):
             raise host.overloaded()
         return host
 
+    def full_model(self, path: str, query: bytes) -> ModelHost | None:
+        """The model an inference request names, when its line is full; from the path and
+        query alone, so the guard refuses it before FastAPI routes it (half the cost of a
+        refusal in the route, which counts when a burst of them holds the event loop)."""
+        if path in TASK_PATHS:
+            name = _query_value(query, b"model")
+            host = self.hosts.get(name) if name is not None else self.default[TASK_PATHS[path]]
+        elif path.startswith("/v2/models/") and path.endswith("/infer"):
+            host = self.hosts.get(unquote(path.split("/")[3]))
+        else:
+            return None
+        return host if host is not None and host.full() else None
+
     async def images(self, request: Request, single: bool = False) -> list[bytes]:
         return await read_images(request, self.config, single)
 
@@ -107,6 +123,18 @@ class Server(GrpcInference):
             if isinstance(result, ImageError):
                 raise image_error(result, i, len(results))
         return results
+
+
+TASK_PATHS = {f"/v1/{task}": task for task in ("classify", "detect", "segment")}
+
+
+def _query_value(query: bytes, key: bytes) -> str | None:
+    """The last value of `key` in a query string (FastAPI's choice), without parsing the rest."""
+    if key + b"=" not in query:
+        return None
+    values = [v for k, v in parse_qsl(query.decode("latin-1"), keep_blank_values=True)
+              if k == key.decode()]  # fmt: skip
+    return values[-1] if values else None
 
 
 # ----------------------------------------------------------------------------- the builder

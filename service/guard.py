@@ -84,6 +84,9 @@ async def guard(server: Any, app, scope, receive, send) -> None:
                                  config.retry_after_s)  # fmt: skip
         elif _content_length(headers) > config.max_body_bytes:
             refusal = PayloadTooLarge(body_limit_text(config))
+        elif api and (full := server.full_model(path, scope["query_string"])) is not None:
+            state["model"] = full.name
+            refusal = full.overloaded()
         if refusal is not None:
             response = error_response(refusal.status, refusal.code, refusal.message,
                                       refusal.headers, path)  # fmt: skip

@@ -207,12 +207,16 @@ def drain(folder: Path, checkpoint: Path, photo: bytes) -> list[tuple]:
     in_flight = [s for t, s, lat in results if t < term < t + lat]
     later = [s for t, s, _ in results if t > term]
     return [
-        ("SIGTERM with 32 clients: requests in flight, answered 200",
-         f"{len(in_flight)}, {in_flight.count(200)}"),
-        ("  requests sent after SIGTERM: answered 200, other answers, refused connections",
-         f"{later.count(200)}, {sum(isinstance(s, int) and s != 200 for s in later)} "
-         f"{sorted({s for s in later if isinstance(s, int) and s != 200})}, "
-         f"{sum(isinstance(s, str) for s in later)}"),
+        (
+            "SIGTERM with 32 clients: requests in flight, answered 200",
+            f"{len(in_flight)}, {in_flight.count(200)}",
+        ),
+        (
+            "  requests sent after SIGTERM: answered 200, other answers, refused connections",
+            f"{later.count(200)}, {sum(isinstance(s, int) and s != 200 for s in later)} "
+            f"{sorted({s for s in later if isinstance(s, int) and s != 200})}, "
+            f"{sum(isinstance(s, str) for s in later)}",
+        ),
         ("  exit after SIGTERM (s)", f"{exited - sent_at[0]:.1f}"),
         ("  exit code", f"{proc.returncode}"),
     ]

@@ -31,6 +31,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_bench import ROOT, free_port, make_checkpoint, make_photos, stop, wait_http
 
+from tests.live_service import closed_loop
+
 CAPACITY = 2 * (8 + 8)  # two replicas, each queue 8 in flight + 8 waiting
 WRK_COUNTING = """
 wrk.method = "POST"
@@ -84,32 +86,9 @@ def replicas(proc: subprocess.Popen) -> list[psutil.Process]:
 
 def clients(url: str, photo: bytes, n: int, seconds: float, pause_s: float = 0.0,
             side=None) -> list[tuple[float, object, float]]:  # fmt: skip
-    """`n` Python clients posting `photo` for `seconds`: (start, status or error, latency)
-    of each request; `side` runs a third of the way in."""
-    started = time.monotonic()
-    results: list[tuple[float, object, float]] = []
-
-    def client() -> None:
-        session = requests.Session()
-        while time.monotonic() - started < seconds:
-            t = time.monotonic()
-            try:
-                r = session.post(url + "/v1/classify", data=photo, timeout=60,
-                                 headers={"Content-Type": "image/jpeg"})  # fmt: skip
-                results.append((t - started, r.status_code, time.monotonic() - t))
-            except requests.RequestException as e:
-                results.append((t - started, type(e).__name__, time.monotonic() - t))
-            time.sleep(pause_s)
-
-    threads = [threading.Thread(target=client) for _ in range(n)]
-    for thread in threads:
-        thread.start()
-    if side is not None:
-        time.sleep(seconds / 3)
-        side()
-    for thread in threads:
-        thread.join()
-    return results
+    """`n` closed-loop clients posting `photo`: (start, status or error, latency) of each."""
+    results = closed_loop(url + "/v1/classify", photo, n, seconds, side=side, pause_s=pause_s)
+    return [(t, status, latency) for t, status, latency, _ in results]
 
 
 def pct(values: list[float], q: float) -> float:

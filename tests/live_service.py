@@ -7,8 +7,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -97,3 +98,36 @@ def run_service(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def closed_loop(url: str, body: bytes, clients: int, seconds: float,
+                headers: dict[str, str] | None = None, side: Callable[[], None] | None = None,
+                pause_s: float = 0.0) -> list[tuple[float, int | str, float, dict]]:  # fmt: skip
+    """`clients` threads posting `body` (an image/jpeg) to `url` for `seconds`, each sending
+    its next request when the last is answered: (start, status or the error, latency, response
+    headers) of every request; `side` runs on the side a third of the way in."""
+    started = time.monotonic()
+    results: list[tuple[float, int | str, float, dict]] = []
+    headers = {**(headers or {}), "Content-Type": "image/jpeg"}
+
+    def client() -> None:
+        session = requests.Session()
+        while time.monotonic() - started < seconds:
+            t = time.monotonic()
+            try:
+                r = session.post(url, data=body, timeout=60, headers=headers)
+                results.append((t - started, r.status_code, time.monotonic() - t, r.headers))
+            except requests.RequestException as e:
+                error = f"{type(e).__name__}: {e}"[:300]
+                results.append((t - started, error, time.monotonic() - t, {}))
+            time.sleep(pause_s)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    if side is not None:
+        time.sleep(seconds / 3)
+        side()
+    for thread in threads:
+        thread.join()
+    return results

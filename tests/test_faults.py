@@ -15,7 +15,6 @@ import re
 import signal
 import socket
 import struct
-import threading
 import time
 import zlib
 from collections.abc import Callable
@@ -27,7 +26,7 @@ import pytest
 import requests
 from PIL import Image
 
-from .live_service import API_KEY, AUTH, run_service
+from .live_service import API_KEY, AUTH, closed_loop, run_service
 from .service_models import service_checkpoints
 from .test_imaging import corrupt_png, png_header
 from .test_service import photo
@@ -429,33 +428,7 @@ def _replicas(service) -> list[psutil.Process]:
 
 def _load(service, clients: int, seconds: float, on_the_way: Callable[[], None] | None = None
           ) -> list[tuple[float, int | str, float, dict]]:  # fmt: skip
-    """`clients` loops posting one photo for `seconds`: (start, status or error, latency,
-    headers) of every request; `on_the_way` runs on the side a third of the way in."""
-    data = red()
-    started = time.monotonic()
-    results = []
-
-    def client() -> None:
-        session = requests.Session()
-        while time.monotonic() - started < seconds:
-            t = time.monotonic()
-            try:
-                r = session.post(service.url + "/v1/classify", data=data, timeout=60,
-                                 headers={**AUTH, "Content-Type": "image/jpeg"})  # fmt: skip
-                results.append((t - started, r.status_code, time.monotonic() - t, r.headers))
-            except requests.RequestException as e:
-                error = f"{type(e).__name__}: {e}"[:300]
-                results.append((t - started, error, time.monotonic() - t, {}))
-
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    for thread in threads:
-        thread.start()
-    if on_the_way is not None:
-        time.sleep(seconds / 3)
-        on_the_way()
-    for thread in threads:
-        thread.join()
-    return results
+    return closed_loop(service.url + "/v1/classify", red(), clients, seconds, AUTH, on_the_way)
 
 
 def test_overload_is_refused_fast_and_the_service_recovers(service):

@@ -176,7 +176,7 @@ def parse_request(body: bytes, header_length: str | None) -> tuple[InferenceRequ
         header, rest = body[:length], body[length:]
     try:
         request = InferenceRequest.model_validate(json.loads(header))
-    except (ValueError, ValidationError) as e:
+    except (ValueError, ValidationError, RecursionError) as e:  # RecursionError: nested deep
         raise InvalidParameter(f"not an inference request: {_first_line(e)}") from None
     binary, offset = {}, 0
     for tensor in request.inputs:

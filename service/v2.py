@@ -10,16 +10,20 @@ parameters travel as request `parameters`; the outputs are the task's tensors
 
 from __future__ import annotations
 
+import asyncio
+import functools
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from .body import read_body
+from .config import GatewayConfig
 from .protocol import (
     EXTENSIONS,
     INFER_EXAMPLE,
     VERSION,
+    InferenceRequest,
     InferenceResponse,
     Live,
     ModelMetadata,
@@ -116,11 +120,10 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
     server = _server(request)
     host = server.model_for(request, None, name, version)
     body = await read_body(request, server.config)
-    infer_request, binary = parse_request(
-        body, request.headers.get("inference-header-content-length")
-    )
-    tensor = the_input(infer_request.inputs, host.name)
-    images = images_of(tensor, binary.get(tensor.name), server.config)
+    header_length = request.headers.get("inference-header-content-length")
+    # a large JSON body takes a while to parse: off the event loop, where other requests wait
+    parse = functools.partial(_request_images, body, header_length, host.name, server.config)
+    infer_request, images = parse() if len(body) < LARGE_BODY else await asyncio.to_thread(parse)
     options = host.task.options_from(infer_request.parameters or {})
     outputs = await server.run(host, images, options)
     tensors = host.task.tensors(host.meta, outputs, options)
@@ -132,3 +135,15 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
         content, media_type="application/octet-stream",
         headers={"Inference-Header-Content-Length": str(header_length)},
     )  # fmt: skip
+
+
+LARGE_BODY = 1 << 20
+
+
+def _request_images(
+    body: bytes, header_length: str | None, model: str, config: GatewayConfig
+) -> tuple[InferenceRequest, list]:
+    """The request and its images, every inconsistency the client's error."""
+    infer_request, binary = parse_request(body, header_length)
+    tensor = the_input(infer_request.inputs, model)
+    return infer_request, images_of(tensor, binary.get(tensor.name), config)

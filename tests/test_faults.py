@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import http.client
 import io
+import json
 import re
 import signal
 import socket
@@ -290,6 +291,32 @@ def test_bad_input_gets_its_status_and_code(service, case):
         body = r.json()
         assert set(body) == {"error"} and body["error"]["code"] == case.code, body
         assert body["error"]["message"]
+
+
+def _pixels_json(h: int, w: int) -> bytes:
+    pixels = np.random.default_rng(0).integers(0, 256, (1, h, w, 3)).tolist()
+    return json.dumps({"inputs": [{"name": "pixels", "datatype": "UINT8",
+                                   "shape": [1, h, w, 3], "data": pixels}]}).encode()  # fmt: skip
+
+
+V2_CASES = [  # (name, body, headers, status): the protocol's error body, {"error": "..."}
+    ("nested 100000 deep", b"[" * 100_000 + b"]" * 100_000, {}, 422),
+    ("not an object", b'"infer"', {}, 422),
+    ("not json", b"\xff\xfe", {}, 422),
+    ("header length beyond the body", b"{}", {"Inference-Header-Content-Length": "99"}, 422),
+    ("header length not a number", b"{}", {"Inference-Header-Content-Length": "x"}, 422),
+    ("1.4 MB of JSON pixels", _pixels_json(240, 320), {}, 200),  # parsed off the event loop
+]
+
+
+@pytest.mark.parametrize("case", V2_CASES, ids=[c[0] for c in V2_CASES])
+def test_protocol_bodies_get_their_status(service, case):
+    _, body, headers, status = case
+    r = requests.post(service.url + "/v2/models/colours/infer", data=body, timeout=120,
+                      headers={**AUTH, "Content-Type": "application/json", **headers})  # fmt: skip
+    assert r.status_code == status, r.text[:300]
+    if status != 200:
+        assert isinstance(r.json()["error"], str) and r.json()["error"]
 
 
 def test_a_lying_content_length_gets_408_not_a_hang(service):

@@ -61,8 +61,12 @@ async def read_body(request: Request, config: GatewayConfig) -> bytes:
             chunks.append(chunk)
 
     try:
-        await asyncio.wait_for(read(), config.body_timeout_s)
-    except asyncio.TimeoutError:
+        if hasattr(asyncio, "timeout"):  # 3.11+: a timer, where wait_for makes a task
+            async with asyncio.timeout(config.body_timeout_s):
+                await read()
+        else:
+            await asyncio.wait_for(read(), config.body_timeout_s)
+    except (asyncio.TimeoutError, TimeoutError):
         raise RequestTimeout(
             f"the request body did not arrive within {config.body_timeout_s:g} s"
         ) from None

@@ -49,6 +49,12 @@ class ModelHost:
     def start_warmup(self) -> None:
         """Warm up in the background (on the inference thread, after every model loaded)."""
         self.warm = self.runner.start_warmup()
+        self.warm.add_done_callback(self._warmed)
+
+    def _warmed(self, warm: Future) -> None:
+        """The info gauge exists from readiness on (set once, not per batch)."""
+        if warm.exception() is None:
+            self.metrics.info.set(1, tags=self.info_tags)
 
     @property
     def ready(self) -> bool:
@@ -113,9 +119,7 @@ class ModelHost:
         metrics.inference.observe(prepared.forward_seconds)
         metrics.batch_size.observe(len(entries))
         metrics.images.inc(len(entries))
-        metrics.info.set(1, tags=self.info_tags)
         return results
 
     def describe(self) -> dict[str, Any]:
-        self.metrics.info.set(1, tags=self.info_tags)  # the info gauge exists from readiness on
         return {**self.runner.describe(), "ready": self.ready}

@@ -8,10 +8,11 @@ with the task's adapter. Errors are raised as `service.errors` types and answere
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from models.images import decode_image
 
@@ -99,6 +100,15 @@ def _server(_: Request) -> Any:
 install_error_handlers(api)
 api.add_middleware(GuardMiddleware, server=current_server)
 api.include_router(v2_router)  # the Open Inference Protocol (`service/v2.py`)
+
+
+PAGE = (Path(__file__).resolve().parent / "page" / "index.html").read_text()
+
+
+@api.get("/", include_in_schema=False, response_class=HTMLResponse)
+async def page() -> HTMLResponse:
+    """The page for people: pick or drop images, see the answers drawn (`service/page`)."""
+    return HTMLResponse(PAGE)
 
 
 @api.get("/healthz", summary="Liveness: 200 while the process serves", response_model=Health)

@@ -254,6 +254,7 @@ def _print_banner(url: str, metrics_port: int, host: str) -> None:
     lines = [
         "",
         f"convnext-serve is ready at {url}",
+        f"  the page:  {url}/  (pick or drop images, see the answers drawn)",
         f"  API docs:  {url}/docs",
         f"  models:    {url}/v1/models",
         f"  metrics:   http://{host}:{metrics_port}/metrics",

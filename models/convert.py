@@ -95,6 +95,22 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CONVNEXT_SERVE_CACHE", default))
 
 
+def pretrained_checkpoint(name: str) -> Path:
+    """The served checkpoint of an official release (`convnext_tiny_1k`): downloaded and
+    converted on first use into the cache, with the release's labels and preprocessing."""
+    if name not in OFFICIAL_RELEASES:
+        raise ValueError(
+            f"{name!r} is not an official release; one of: {', '.join(OFFICIAL_RELEASES)}"
+        )
+    out = cache_dir() / "served" / f"{name}.safetensors"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".part.safetensors")
+        convert_checkpoint(name, tmp)
+        os.replace(tmp, out)
+    return out
+
+
 def download(url: str, dest: Path) -> Path:
     """Fetch `url` (http(s) or file://) to `dest` with a progress bar; reuse `dest` if present."""
     if dest.is_file():

@@ -92,7 +92,10 @@ def _eval(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from .run import run
 
-    return run(args.config, args.host, args.port, args.metrics_port, args.num_cpus)
+    if args.pretrained and args.config:
+        raise SystemExit("convnext-serve run: --pretrained or --config, not both")
+    return run(args.config, args.host, args.port, args.metrics_port, args.num_cpus,
+               pretrained=args.pretrained)  # fmt: skip
 
 
 def _demo_models(args: argparse.Namespace) -> int:
@@ -151,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="HTTP port (default: the config's, else 8000)")
     p.add_argument("--metrics-port", type=int, default=8080, help="Prometheus metrics port")
     p.add_argument("--num-cpus", type=int, help="logical CPUs Ray schedules (default: >= 4)")
+    p.add_argument(
+        "--pretrained", action="append", metavar="RELEASE",
+        help="serve an official release (e.g. convnext_tiny_1k; repeatable), downloaded and "
+        "converted on first use ($CONVNEXT_SERVE_WEIGHTS_URL: a mirror; `convert --list`)",
+    )  # fmt: skip
     p.set_defaults(handler=_run)
 
     p = sub.add_parser("demo-models", help="train the demo models if missing")

@@ -139,6 +139,17 @@ def read_serve_config(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def pretrained_serve_config(names: list[str]) -> dict[str, Any]:
+    """The config of `convnext-serve run --pretrained NAME ...`: the official releases."""
+    models = [{"name": name, "checkpoint": f"pretrained:{name}"} for name in names]
+    return {
+        "applications": [{
+            "name": "convnext-serve", "route_prefix": "/",
+            "import_path": "service.app:build_app", "args": {"models": models},
+        }]
+    }  # fmt: skip
+
+
 def demo_serve_config(port: int = 8000, host: str = "127.0.0.1") -> dict[str, Any]:
     """The config `convnext-serve run` uses without --config: the three demo models."""
     return {

@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from .config import demo_serve_config, read_serve_config
+from .config import demo_serve_config, pretrained_serve_config, read_serve_config
 
 # Ray settings for a serving node (each is left alone if the environment already sets it):
 # the user code and the handle router run on the replica's own event loop instead of extra
@@ -125,8 +125,16 @@ def run(
     metrics_port: int,
     num_cpus: int | None = None,
     ready_timeout_s: float = 600,
+    pretrained: list[str] | None = None,
 ) -> int:
-    config = read_serve_config(config_path) if config_path else demo_serve_config()
+    if pretrained:
+        from models.convert import pretrained_checkpoint
+
+        for name in pretrained:  # downloaded and converted here, with the progress shown
+            print(f"convnext-serve: {name}: {pretrained_checkpoint(name)}", flush=True)
+        config = pretrained_serve_config(pretrained)
+    else:
+        config = read_serve_config(config_path) if config_path else demo_serve_config()
     http = config.setdefault("http_options", {})
     if host:
         http["host"] = host

@@ -48,11 +48,16 @@ class UnsupportedPrecision(ValueError):
 
 
 def resolve_checkpoint(spec: str) -> Path:
-    """`demo:<task>` -> the demo model's path (built by `convnext-serve run` beforehand)."""
+    """`demo:<task>` -> the demo model's path (built by `convnext-serve run` beforehand);
+    `pretrained:<release>` -> the official release, converted (on this node, if not yet)."""
     if spec.startswith("demo:"):
         from models.demo import demo_checkpoint
 
         return demo_checkpoint(spec.removeprefix("demo:"))
+    if spec.startswith("pretrained:"):
+        from models.convert import pretrained_checkpoint
+
+        return pretrained_checkpoint(spec.removeprefix("pretrained:"))
     return Path(spec).expanduser()
 
 

@@ -50,6 +50,7 @@ class Server(GrpcInference):
             host.start_warmup()
         keys = os.environ.get(self.config.api_keys_env, "")
         self.api_keys = {k.strip() for k in keys.split(",") if k.strip()}
+        # each task's default model: the first configured
         self.default = {task: next((h for h in self.hosts.values() if h.meta.task == task), None)
                         for task in TASK_PATHS.values()}  # fmt: skip
         self.metrics = gateway_metrics()
@@ -85,7 +86,7 @@ class Server(GrpcInference):
         if task is None:
             host = self.model_named(name or "", version)
         elif name is None:
-            host = next((h for h in self.hosts.values() if h.meta.task == task), None)
+            host = self.default[task]
             if host is None:
                 raise ModelNotFound(f"no {task} model is served")
         else:

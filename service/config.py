@@ -139,35 +139,26 @@ def read_serve_config(path: str | Path) -> dict[str, Any]:
     return data
 
 
+IMPORT_PATH = "service.app:build_app"  # the application builder a serve config names
+
+
+def app_serve_config(models: list[dict[str, Any]], **http: Any) -> dict[str, Any]:
+    """A serve config of this service's application with `models` (`http`: http_options)."""
+    app = {"name": "convnext-serve", "route_prefix": "/", "import_path": IMPORT_PATH,
+           "args": {"models": models}}  # fmt: skip
+    return {**({"http_options": http} if http else {}), "applications": [app]}
+
+
 def pretrained_serve_config(names: list[str]) -> dict[str, Any]:
     """The config of `convnext-serve run --pretrained NAME ...`: the official releases."""
-    models = [{"name": name, "checkpoint": f"pretrained:{name}"} for name in names]
-    return {
-        "applications": [{
-            "name": "convnext-serve", "route_prefix": "/",
-            "import_path": "service.app:build_app", "args": {"models": models},
-        }]
-    }  # fmt: skip
+    return app_serve_config([{"name": n, "checkpoint": f"pretrained:{n}"} for n in names])
 
 
 def demo_serve_config(port: int = 8000, host: str = "127.0.0.1") -> dict[str, Any]:
     """The config `convnext-serve run` uses without --config: the three demo models."""
-    return {
-        "http_options": {"host": host, "port": port},
-        "applications": [
-            {
-                "name": "convnext-serve",
-                "route_prefix": "/",
-                "import_path": "service.app:build_app",
-                "args": {
-                    "models": [
-                        {"name": "shapes-classifier", "checkpoint": "demo:classify"},
-                        {"name": "shapes-detector", "checkpoint": "demo:detect",
-                         "max_batch_size": 4},
-                        {"name": "shapes-segmenter", "checkpoint": "demo:segment",
-                         "max_batch_size": 4},
-                    ]
-                },
-            }
-        ],
-    }  # fmt: skip
+    models = [
+        {"name": "shapes-classifier", "checkpoint": "demo:classify"},
+        {"name": "shapes-detector", "checkpoint": "demo:detect", "max_batch_size": 4},
+        {"name": "shapes-segmenter", "checkpoint": "demo:segment", "max_batch_size": 4},
+    ]
+    return app_serve_config(models, host=host, port=port)

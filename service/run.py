@@ -219,12 +219,12 @@ def drain_timeout_s(config: dict[str, Any]) -> float:
     """How long a stop waits for the requests in flight: the longest a request of any
     application may take, and a margin (the replicas' own graceful_shutdown_timeout_s is that
     plus 5 s). Kubernetes' and compose's grace periods are set above the default's 40 s."""
-    from .config import AppConfig
+    from .config import IMPORT_PATH, AppConfig
 
     longest = [
         AppConfig.from_args(app.get("args") or {}).longest_request_s()
         for app in config["applications"]
-        if app.get("import_path") == "service.app:build_app"
+        if app.get("import_path") == IMPORT_PATH
     ]
     return max([30.0, *longest]) + 10
 

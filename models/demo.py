@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from .checkpoint import CheckpointError, read_checkpoint_meta
+from .train.progress import progress_path, write_progress
 
 SEED = 0
 
@@ -84,9 +85,6 @@ def build_demo_models(
     folder: Path | None = None, tasks=("classify", "detect", "segment"), force: bool = False
 ) -> dict[str, Path]:
     """Synthesise the data and train each demo model that is missing; returns their paths."""
-    from .data import synth
-    from .train import TrainConfig, train
-
     folder = folder or demo_dir()
     paths = {}
     for task in tasks:
@@ -94,26 +92,43 @@ def build_demo_models(
         paths[task] = out
         if out.is_file() and is_usable(out) and not force:
             continue
-        synth_args, train_args = DEMO_RECIPES[task]
-        data = folder / "data" / task
-        stamp = data / ".complete"  # holds the synth arguments: a changed recipe re-synthesises
-        if not (stamp.is_file() and stamp.read_text() == _synth_stamp(synth_args)):
-            import shutil
-
-            shutil.rmtree(data, ignore_errors=True)
-            print(f"[demo] synthesising {task} data in {data}", file=sys.stderr)
-            synth(task, data, seed=SEED, **synth_args)
-            stamp.write_text(_synth_stamp(synth_args))
-        extra = {} if task == "classify" else {"init": str(demo_checkpoint("classify", folder))}
-        print(f"[demo] training the {task} demo model -> {out}", file=sys.stderr)
-        started = time.perf_counter()
-        cfg = TrainConfig.for_task(
-            task, data=str(data), out=str(out), seed=SEED, **train_args, **extra
-        )
-        metrics = train(cfg)
-        minutes = (time.perf_counter() - started) / 60
+        try:
+            minutes, metrics = _build(task, folder, out)
+        except BaseException as e:  # a waiting service shows why; KeyboardInterrupt included
+            write_progress(progress_path(out), state="failed", error=f"{type(e).__name__}: {e}")
+            raise
         print(f"[demo] {task}: {metrics} in {minutes:.1f} min", file=sys.stderr)
     return paths
+
+
+def _build(task: str, folder: Path, out: Path) -> tuple[float, dict]:
+    """Synthesise `task`'s data (unless there) and train its model: (minutes, metrics)."""
+    from .data import synth
+    from .train import TrainConfig, train
+
+    synth_args, train_args = DEMO_RECIPES[task]
+    if os.environ.get("CONVNEXT_SERVE_DEMO_SMOKE") == "1":
+        # a smoke run (the tests, a new image): little data, two steps an epoch; the models
+        # answer, but know little
+        synth_args = {**synth_args, "n": 64, "n_val": 16}
+        train_args = {**train_args, "epochs": min(2, train_args["epochs"]),
+                      "max_steps_per_epoch": 2}  # fmt: skip
+    data = folder / "data" / task
+    stamp = data / ".complete"  # holds the synth arguments: a changed recipe re-synthesises
+    started = time.perf_counter()
+    if not (stamp.is_file() and stamp.read_text() == _synth_stamp(synth_args)):
+        import shutil
+
+        shutil.rmtree(data, ignore_errors=True)
+        print(f"[demo] synthesising {task} data in {data}", file=sys.stderr)
+        write_progress(progress_path(out), state="synthesising")
+        synth(task, data, seed=SEED, **synth_args)
+        stamp.write_text(_synth_stamp(synth_args))
+    extra = {} if task == "classify" else {"init": str(demo_checkpoint("classify", folder))}
+    print(f"[demo] training the {task} demo model -> {out}", file=sys.stderr)
+    cfg = TrainConfig.for_task(task, data=str(data), out=str(out), seed=SEED, **train_args, **extra)
+    metrics = train(cfg)
+    return (time.perf_counter() - started) / 60, metrics
 
 
 def main(argv: list[str] | None = None) -> int:

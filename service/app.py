@@ -17,19 +17,22 @@ from urllib.parse import parse_qsl, unquote
 
 import torch
 from fastapi import Request
+from pydantic import ValidationError
 from ray import serve
 
 from models.images import ImageError
+from models.train.progress import read_progress
 
 from .body import read_images
-from .config import AppConfig, GatewayConfig, ModelConfig
-from .errors import ModelNotFound, image_error
+from .config import AppConfig, GatewayConfig, ModelConfig, TrainingModel
+from .errors import ModelNotFound, ModelTraining, image_error
 from .grpc_api import GrpcInference
 from .host import ModelHost
 from .metrics import gateway_metrics
 from .protocol import VERSION
 from .routes import api, attach
 from .runtime import Entry
+from .schemas import TrainingProgress
 
 
 @serve.deployment
@@ -38,9 +41,10 @@ class Server(GrpcInference):
     """A server replica: the HTTP API (`service.routes`) and the protocol's gRPC methods
     (`service.grpc_api`) over the models it hosts."""
 
-    def __init__(self, gateway: dict, models: list[dict]):
+    def __init__(self, gateway: dict, models: list[dict], training: list[dict] | None = None):
         self.config = GatewayConfig.model_validate(gateway)
         configs = [ModelConfig.model_validate(m) for m in models]
+        self.training = [TrainingModel.model_validate(t) for t in training or []]
         # Loading is quick and a bad checkpoint fails the replica here; warm-up runs in the
         # background, so /healthz answers and /readyz says what is still warming.
         self.hosts = {
@@ -68,10 +72,39 @@ class Server(GrpcInference):
     def pending_models(self) -> list[str]:
         return sorted(name for name, host in self.hosts.items() if not host.ready)
 
+    def training_status(self) -> list[dict[str, Any]]:
+        """The models still training, each with the progress its training last wrote (what
+        the file holds beyond the documented fields is left out; a file that is not what a
+        training run writes reads as waiting)."""
+        status = []
+        for t in self.training:
+            named = {"name": t.name, "task": t.task}
+            try:
+                progress = TrainingProgress.model_validate({**read_progress(t.progress_file),
+                                                            **named})  # fmt: skip
+            except ValidationError:
+                progress = TrainingProgress(state="waiting", **named)
+            status.append(progress.model_dump())
+        return status
+
+    def _refuse_training(self, task: str | None, name: str | None) -> None:
+        """503 `model_training` for a model still training: the one named, or the task's."""
+        for t in self.training:
+            if (t.name == name or name is None) and task in (None, t.task):
+                progress = read_progress(t.progress_file)
+                eta = progress.get("eta_s")
+                done = progress.get("fraction")
+                how_far = f" ({done:.0%} done)" if isinstance(done, (int, float)) else ""
+                raise ModelTraining(
+                    f"model {t.name!r} is still training{how_far}; it is served once trained",
+                    int(min(max(eta, 1), 600)) if isinstance(eta, (int, float)) else 30,
+                )
+
     def model_named(self, name: str, version: str | None = None) -> ModelHost:
         """A model by its name (and protocol version, where given), of any task."""
         host = self.hosts.get(name)
         if host is None:
+            self._refuse_training(None, name)
             raise ModelNotFound(f"no model {name!r}; served: {sorted(self.hosts)}")
         if version and version != VERSION:
             raise ModelNotFound(f"model {name!r} has version {VERSION!r} only, not {version!r}")
@@ -88,9 +121,12 @@ class Server(GrpcInference):
         elif name is None:
             host = self.default[task]
             if host is None:
+                self._refuse_training(task, None)
                 raise ModelNotFound(f"no {task} model is served")
         else:
             host = self.hosts.get(name)
+            if host is None:
+                self._refuse_training(task, name)
             if host is None or host.meta.task != task:
                 served = [n for n, h in self.hosts.items() if h.meta.task == task]
                 raise ModelNotFound(f"no {task} model {name!r}; served: {served}")
@@ -164,7 +200,9 @@ def build_app(args: dict[str, Any]) -> serve.Application:
             [gateway.num_replicas, *(m.num_replicas for m in config.models)]
         )
     return Server.options(**options).bind(
-        gateway.model_dump(), [m.model_dump() for m in config.models]
+        gateway.model_dump(),
+        [m.model_dump() for m in config.models],
+        [t.model_dump() for t in config.training],
     )
 
 

@@ -92,17 +92,31 @@ class GatewayConfig(BaseSettings):
     retry_after_s: int = Field(1, ge=1)
 
 
+class TrainingModel(BaseModel):
+    """A model not served yet because it is still training: shown, with the progress its
+    training writes (`models.train.progress`), in /readyz and /v1/models; requests for it get
+    503 `model_training`. `convnext-serve run` lists here the demo models it trains in the
+    background, and serves each as it finishes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    task: Task
+    progress_file: str = Field(description="the JSON file the training writes its progress to")
+
+
 class AppConfig(BaseModel):
     """The application args: the models and the gateway."""
 
     model_config = ConfigDict(extra="forbid")
 
     models: list[ModelConfig] = Field(min_length=1)
+    training: list[TrainingModel] = Field(default_factory=list)
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
 
     @model_validator(mode="after")
     def _unique_names(self) -> AppConfig:
-        names = [m.name for m in self.models]
+        names = [m.name for m in [*self.models, *self.training]]
         if len(names) != len(set(names)):
             raise ValueError(f"model names must be unique: {names}")
         return self

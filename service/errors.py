@@ -74,6 +74,16 @@ class Overloaded(ServiceError):
         super().__init__(f"{message}; retry shortly", {"Retry-After": str(retry_after_s)})
 
 
+class ModelTraining(ServiceError):
+    """The model is still training (a demo model `convnext-serve run` trains in the
+    background): retry after about the time its training expects to need."""
+
+    status, code = 503, "model_training"
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message, {"Retry-After": str(retry_after_s)})
+
+
 class Timeout(ServiceError):
     status, code = 504, "timeout"
 

@@ -62,7 +62,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         (413, "payload_too_large, image_too_large"),
         (415, "unsupported_media_type"),
         (422, "invalid_parameter"),
-        (503, "overloaded (with Retry-After)"),
+        (503, "overloaded, model_training (with Retry-After)"),
         (408, "request_timeout"),
         (504, "timeout"),
     ]
@@ -123,10 +123,15 @@ async def healthz() -> dict:
     responses={503: {"model": Readiness, "description": "models still warming up"}},
 )
 async def readyz(request: Request) -> JSONResponse:
-    pending = _server(request).pending_models()
+    server = _server(request)
+    training = server.training_status()
+    extra = {"training": training} if training else {}  # not served yet: not waited for
+    pending = server.pending_models()
     if pending:
-        return JSONResponse({"status": "starting", "waiting_for": pending}, status_code=503)
-    return JSONResponse({"status": "ready", "models": sorted(_server(request).hosts)})
+        return JSONResponse(
+            {"status": "starting", "waiting_for": pending, **extra}, status_code=503
+        )
+    return JSONResponse({"status": "ready", "models": sorted(server.hosts), **extra})
 
 
 @api.get(
@@ -135,7 +140,11 @@ async def readyz(request: Request) -> JSONResponse:
     response_model=ModelsResponse,
 )
 async def models(request: Request) -> dict:
-    return {"models": [host.describe() for host in _server(request).hosts.values()]}
+    server = _server(request)
+    return {
+        "models": [host.describe() for host in server.hosts.values()],
+        "training": server.training_status(),
+    }
 
 
 @api.post(

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import demo_serve_config, pretrained_serve_config, read_serve_config
+from .demo_training import BackgroundTraining, demo_tasks
 
 # Ray settings for a serving node (each is left alone if the environment already sets it):
 # the user code and the handle router run on the replica's own event loop instead of extra
@@ -62,17 +63,6 @@ def apply_serving_env() -> None:
         if key == "RAY_SERVE_ENABLE_HA_PROXY" and not haproxy_available():
             continue
         os.environ.setdefault(key, value)
-
-
-def _demo_tasks(config: dict[str, Any]) -> list[str]:
-    tasks = []
-    for app in config["applications"]:
-        for model in (app.get("args") or {}).get("models", []):
-            spec = str(model.get("checkpoint", ""))
-            if spec.startswith("demo:"):
-                tasks.append(spec.removeprefix("demo:"))
-    order = ["classify", "detect", "segment"]
-    return sorted(set(tasks), key=order.index)
 
 
 def _deploy_failure() -> str | None:
@@ -143,11 +133,17 @@ def run(
     http.setdefault("host", "127.0.0.1")
     http.setdefault("port", 8000)
 
-    demo = _demo_tasks(config)
+    background = None
+    demo = demo_tasks(config)
     if demo:
-        from models.demo import build_demo_models
+        from models.demo import build_demo_models, demo_checkpoint, demo_dir, is_usable
 
-        build_demo_models(tasks=demo)
+        missing = [t for t in demo if not is_usable(demo_checkpoint(t))]
+        if len(missing) == len(demo):  # nothing to serve yet: the first is trained now
+            build_demo_models(tasks=[missing.pop(0)])
+        if missing:
+            background = BackgroundTraining(config, missing, demo_dir() / "training.log")
+            config = background.config()
 
     apply_serving_env()
     import ray
@@ -199,12 +195,22 @@ def run(
                 return 1
         else:
             _print_banner(url, metrics_port, shown_host)
+        if background is not None:
+            background.start()
+            print(f"convnext-serve: training {', '.join(background.waiting)} in the background "
+                  f"(log: {background.log}); each is served once trained", flush=True)  # fmt: skip
+        next_check = time.monotonic()
         while not stopping:
             time.sleep(0.2)
+            if background is not None and time.monotonic() >= next_check:
+                background, next_check = _join_trained(background, client, url), next_check + 2
         print("convnext-serve: shutting down: finishing the requests in flight", flush=True)
         return 0
     finally:
         from ray import serve
+
+        if background is not None:
+            background.stop()
 
         try:
             if not failed:  # nothing to drain; Serve would wait 30 s on a controller still retrying
@@ -213,6 +219,25 @@ def run(
                 serve.shutdown()
         finally:
             ray.shutdown()
+
+
+def _join_trained(background: BackgroundTraining, client: Any, url: str
+                  ) -> BackgroundTraining | None:  # fmt: skip
+    """Deploy the models the background training has finished; None once nothing is left."""
+    from ray.serve.schema import ServeDeploySchema
+
+    done = background.finished()
+    if done:
+        client.deploy_apps(ServeDeploySchema.model_validate(background.config()), _blocking=False)
+        print(f"convnext-serve: {', '.join(done)} trained: joining the service ({url}/v1/models)",
+              flush=True)  # fmt: skip
+    code = background.failed()
+    if code is not None:
+        untrained = ", ".join(background.waiting)
+        print(f"convnext-serve: the background training stopped (exit code {code}) before "
+              f"{untrained}; see {background.log}", file=sys.stderr, flush=True)  # fmt: skip
+        return None
+    return background if background.waiting else None
 
 
 def drain_timeout_s(config: dict[str, Any]) -> float:
@@ -254,9 +279,10 @@ def _drain(apps: list[str], timeout_s: float) -> None:
 def _print_banner(url: str, metrics_port: int, host: str) -> None:
     try:
         with urllib.request.urlopen(f"{url}/v1/models", timeout=5) as r:
-            models = json.loads(r.read())["models"]
+            listed = json.loads(r.read())
+        models, training = listed["models"], listed.get("training", [])
     except Exception:
-        models = []
+        models, training = [], []
     example = Path(__file__).resolve().parent.parent / "docs" / "example.jpg"
     image = str(example) if example.is_file() else "photo.jpg"
     lines = [
@@ -271,6 +297,9 @@ def _print_banner(url: str, metrics_port: int, host: str) -> None:
         lines.append(
             f"  - {m['name']:20s} {m['task']:9s} on {m.get('device')} ({m.get('precision')})"
         )
+    for t in training:
+        lines.append(f"  - {t['name']:20s} {t['task']:9s} training in the background: "
+                     "served once trained (progress: /readyz, /v1/models)")  # fmt: skip
     tasks = {m["task"] for m in models} or {"classify", "detect", "segment"}
     examples = {
         "classify": f"curl -F image=@{image} '{url}/v1/classify?top_k=3'",

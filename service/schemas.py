@@ -138,8 +138,26 @@ class ModelInfo(BaseModel):
     serving: dict[str, Any] = Field(description="batching and scaling settings")
 
 
+class TrainingProgress(BaseModel):
+    model_config = _example({"name": "shapes-detector", "task": "detect", "state": "training",
+                             "epoch": 1, "epochs": 2, "fraction": 0.31, "eta_s": 540})  # fmt: skip
+    name: str
+    task: Literal["classify", "detect", "segment"]
+    state: Literal["waiting", "synthesising", "training", "done", "failed"] = Field(
+        description="done: trained, joining the served models"
+    )
+    epoch: int | None = None
+    epochs: int | None = None
+    fraction: float | None = Field(None, ge=0, le=1, description="of the whole training")
+    eta_s: float | None = Field(None, description="seconds it expects to need still")
+    error: str | None = Field(None, description="why it failed")
+
+
 class ModelsResponse(BaseModel):
     models: list[ModelInfo]
+    training: list[TrainingProgress] = Field(
+        default_factory=list, description="models still training: served once trained"
+    )
 
 
 class Health(BaseModel):
@@ -151,3 +169,6 @@ class Readiness(BaseModel):
     status: Literal["ready", "starting"]
     models: list[str] | None = None
     waiting_for: list[str] | None = None
+    training: list[TrainingProgress] | None = Field(
+        None, description="models still training, not waited for: served once trained"
+    )

@@ -50,18 +50,19 @@ def _status(url: str) -> int:
 
 
 def run_service(
-    folder: Path, models: list[dict], gateway: dict, extra: dict | None = None
-) -> Iterator[Service]:
+    folder: Path, models: list[dict], gateway: dict, extra: dict | None = None,
+    training: list[dict] | None = None,
+) -> Iterator[Service]:  # fmt: skip
     """The service with these models and gateway settings (API keys on; `extra`: more of the
-    serve config), until the caller is done; fails the test with the service's log when it
-    does not become ready."""
+    serve config; `training`: models listed as still training), until the caller is done;
+    fails the test with the service's log when it does not become ready."""
     port, metrics_port = free_port(), free_port()
     config = {
         "http_options": {"host": "127.0.0.1", "port": port},
         "applications": [{
             "name": "convnext-serve", "route_prefix": "/",
             "import_path": "service.app:build_app",
-            "args": {"gateway": gateway, "models": models},
+            "args": {"gateway": gateway, "models": models, "training": training or []},
         }],
         **(extra or {}),
     }  # fmt: skip

@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from models.train.progress import write_progress
+
 from .live_service import API_KEY, run_service
 from .service_models import service_checkpoints
 from .test_service import photo
@@ -40,7 +42,11 @@ def service(tmp_path_factory):
         {"name": "boxes", "checkpoint": str(ckpt["detect"]), "max_batch_size": 4},
         {"name": "regions", "checkpoint": str(ckpt["segment"]), "max_batch_size": 4},
     ]
-    yield from run_service(tmp_path_factory.mktemp("page"), models, {})
+    folder = tmp_path_factory.mktemp("page")
+    progress = folder / "later.progress.json"  # as a training run writes it
+    write_progress(progress, state="training", epoch=1, epochs=2, fraction=0.4, eta_s=300)
+    training = [{"name": "later-boxes", "task": "detect", "progress_file": str(progress)}]
+    yield from run_service(folder, models, {}, training=training)
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +154,13 @@ def test_segment_draws_the_map_and_a_legend(page, tmp_path):
     assert changed[y0 + 20 : y1 - 20, x0 + 20 : x1 - 20].mean() > 0.9  # the object's class
     assert changed[5:30, 250:315].mean() < 0.05  # the background class, left as it was
     screenshot(page, "segment")
+
+
+def test_a_model_still_training_is_listed_with_its_progress(page):
+    Select(page.find_element(By.ID, "task")).select_by_value("detect")
+    options = Select(page.find_element(By.ID, "model")).options
+    assert [(o.text, o.is_enabled()) for o in options] == [
+        ("boxes", True), ("later-boxes (training, 40%)", False)]  # fmt: skip
 
 
 def test_a_bad_file_shows_the_services_error(page, tmp_path):

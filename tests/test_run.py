@@ -1,5 +1,6 @@
 """`convnext-serve run` when a model cannot be served: it stops with the reason, at once."""
 
+import json
 import subprocess
 import sys
 import time
@@ -102,3 +103,103 @@ def test_pretrained_release_is_downloaded_converted_and_served(tmp_path):
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=90)
+
+
+def test_demo_models_join_the_running_service_as_they_finish(tmp_path):
+    """`convnext-serve run` on a machine without the demo models: the classifier is trained
+    first and served; the detector and the segmenter train in the background, shown with their
+    progress in /readyz and /v1/models and refused with 503 `model_training` until each joins
+    the service (smoke recipes: a few steps each)."""
+    import os
+    import signal
+
+    import psutil
+    import requests
+
+    from service.schemas import ModelsResponse, Readiness
+
+    env = {**os.environ, "CONVNEXT_SERVE_DEMO_DIR": str(tmp_path / "demo"),
+           "CONVNEXT_SERVE_DEMO_SMOKE": "1"}  # fmt: skip
+    env.pop("CONVNEXT_SERVE_API_KEYS", None)
+    port = free_port()
+    cmd = [sys.executable, "-m", "service.cli", "run", "--port", str(port),
+           "--metrics-port", str(free_port()), "--num-cpus", "4"]  # fmt: skip
+    log = tmp_path / "run.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+
+    def served() -> dict:
+        return requests.get(url + "/v1/models", timeout=10).json()
+
+    try:
+        deadline = time.monotonic() + 420
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                ready = requests.get(url + "/readyz", timeout=2)
+                if ready.status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        assert proc.poll() is None and ready.status_code == 200, log.read_text()[-3000:]
+        # the first answer: the classifier, while the others are still to come
+        assert ready.json()["models"] == ["shapes-classifier"]
+        assert {t["name"] for t in ready.json()["training"]} == {
+            "shapes-detector", "shapes-segmenter"}  # fmt: skip
+        listed = served()
+        ModelsResponse.model_validate(listed)
+        Readiness.model_validate(ready.json())
+        assert [m["name"] for m in listed["models"]] == ["shapes-classifier"]
+        states = {t["name"]: t["state"] for t in listed["training"]}
+        assert set(states) == {"shapes-detector", "shapes-segmenter"}
+        assert set(states.values()) <= {"waiting", "synthesising", "training", "done"}
+        photo = _shape_photo()
+        jpeg = {"Content-Type": "image/jpeg"}
+        r = requests.post(url + "/v1/classify", data=photo, headers=jpeg, timeout=60)
+        assert r.status_code == 200, r.text
+        r = requests.post(url + "/v1/segment", data=photo, headers=jpeg, timeout=60)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_training", r.text
+        assert "shapes-segmenter" in r.json()["error"]["message"]
+        assert 1 <= int(r.headers["Retry-After"]) <= 600
+        # each joins once trained, and answers
+        deadline = time.monotonic() + 420
+        while time.monotonic() < deadline and len(served()["models"]) < 3:
+            time.sleep(1)
+        assert sorted(m["name"] for m in served()["models"]) == [
+            "shapes-classifier",
+            "shapes-detector",
+            "shapes-segmenter",
+        ], log.read_text()[-3000:]
+        while time.monotonic() < deadline and requests.get(url + "/readyz").status_code != 200:
+            time.sleep(0.5)
+        listed = served()
+        assert listed["training"] == [] and all(m["ready"] for m in listed["models"])
+        for task in ("detect", "segment"):
+            r = requests.post(f"{url}/v1/{task}", data=photo, headers=jpeg, timeout=60)
+            assert r.status_code == 200, r.text
+        text = log.read_text()
+        assert "training detect, segment in the background" in text
+        assert text.count("trained: joining the service") >= 1
+        progress = json.loads((tmp_path / "demo" / "detect.progress.json").read_text())
+        assert progress["state"] == "done" and "bbox_AP" in progress["metrics"]
+    finally:
+        children = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=90)
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE
+                and "models.demo" in " ".join(c.cmdline())]  # fmt: skip
+
+
+def _shape_photo() -> bytes:
+    """A JPEG like the demo's data: a red square on a grey ground."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (160, 120), (128, 128, 128))
+    ImageDraw.Draw(image).rectangle((40, 30, 100, 90), fill=(220, 30, 30))
+    buf = io.BytesIO()
+    image.save(buf, "JPEG")
+    return buf.getvalue()

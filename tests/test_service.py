@@ -18,6 +18,7 @@ import requests
 from PIL import Image
 
 from models.masks import decode_rle
+from models.train.progress import write_progress
 
 from .colour_shapes import COLOURS, background, draw
 from .live_service import API_KEY, AUTH, run_service
@@ -54,7 +55,12 @@ def service(tmp_path_factory):
          "timeout_s": 0.001, "warmup_batches": 0, "num_cpus": 0.5},
     ]  # fmt: skip
     gateway = {"max_body_bytes": 2_000_000, "max_pixels": 4_000_000}
-    yield from run_service(tmp_path_factory.mktemp("service"), models, gateway)
+    folder = tmp_path_factory.mktemp("service")
+    # a model still training: listed with the progress its run writes, refused until served
+    progress = folder / "later.progress.json"
+    write_progress(progress, state="training", epoch=2, epochs=10, fraction=0.15, eta_s=42)
+    training = [{"name": "later-regions", "task": "segment", "progress_file": str(progress)}]
+    yield from run_service(folder, models, gateway, training=training)
 
 
 # ------------------------------------------------------------------------------ images
@@ -182,6 +188,21 @@ def test_models_lists_metadata_and_settings(service):
     assert by_name["colours"]["metadata"]["labels"] == sorted(COLOURS)
     assert by_name["colours"]["serving"]["max_batch_size"] == 8
     assert by_name["boxes"]["metadata"]["task"] == "detect"
+
+
+def test_a_model_still_training_is_listed_and_refused_with_503(service):
+    ready = requests.get(service.url + "/readyz", timeout=10).json()
+    (listed,) = requests.get(service.url + "/v1/models", headers=AUTH, timeout=10).json()[
+        "training"]  # fmt: skip
+    assert ready["training"] == [listed] and "later-regions" not in ready["models"]
+    assert listed["name"] == "later-regions" and listed["task"] == "segment"
+    assert (listed["state"], listed["epoch"], listed["fraction"]) == ("training", 2, 0.15)
+    data, _ = photo("red", box=(60, 20, 280, 220))
+    r = service.post("/v1/segment", [data], params={"model": "later-regions"})
+    assert r.status_code == 503 and error_of(r) == "model_training"
+    assert "15% done" in r.json()["error"]["message"] and r.headers["Retry-After"] == "42"
+    assert service.post("/v1/detect", [data], params={"model": "later-regions"}).status_code == 404
+    assert service.post("/v1/segment", [data]).status_code == 200  # the task's served model
 
 
 def test_docs_show_every_endpoint(service):

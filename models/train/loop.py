@@ -32,6 +32,7 @@ from ..checkpoint import save_checkpoint
 from ..cpu import has_native_bf16
 from .config import TrainConfig
 from .optim import param_groups, warmup_cosine, warmup_poly
+from .progress import ProgressFile, progress_path, write_progress
 from .tasks import TASKS
 
 
@@ -208,14 +209,17 @@ def fit(cfg: TrainConfig, worker: Worker | None = None) -> dict:
     log_path = out.with_name(out.stem + ".log.jsonl")
     if worker.is_main and not cfg.resume:
         log_path.unlink(missing_ok=True)  # a fresh run starts a fresh log
-    best = {"metrics": {}, "weights": "model"}
+    progress = (
+        ProgressFile(progress_path(out), cfg.epochs, steps_per_epoch, start_epoch)
+        if worker.is_main else None
+    )  # fmt: skip
     try:
         for epoch in range(start_epoch, cfg.epochs):
             seed_epoch(cfg.seed, epoch + 1, worker.rank)
             sampler.set_epoch(epoch)
             row = _train_epoch(
                 cfg, task, train_model, model, ema, loader, steps_per_epoch, optimizer,
-                scheduler, scaler, dtype, worker, epoch,
+                scheduler, scaler, dtype, worker, epoch, progress,
             )  # fmt: skip
             if worker.is_main:
                 row.update(_evaluate(task, model, ema, device))
@@ -270,6 +274,7 @@ def fit(cfg: TrainConfig, worker: Worker | None = None) -> dict:
         },
     )
     save_checkpoint(weights, out, meta)
+    write_progress(progress_path(out), state="done", metrics=metrics)
     return metrics
 
 
@@ -297,7 +302,7 @@ def _evaluate(task, model: nn.Module, ema, device) -> dict:
 
 def _train_epoch(
     cfg, task, train_model, model, ema, loader, steps, optimizer, scheduler, scaler, dtype,
-    worker, epoch,
+    worker, epoch, progress: ProgressFile | None = None,
 ) -> dict:  # fmt: skip
     device = worker.device
     train_model.train()
@@ -336,6 +341,8 @@ def _train_epoch(
             img_s=f"{n_images / elapsed:.1f}",
         )  # fmt: skip
         bar.update()
+        if progress is not None:
+            progress.step(epoch, step)
     bar.close()
     elapsed = time.perf_counter() - started
     row = {"epoch": epoch + 1, "lr": max(g["lr"] for g in optimizer.param_groups)}

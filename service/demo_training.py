@@ -1,0 +1,108 @@
+"""The demo models `convnext-serve run` trains while the service already answers.
+
+On a fresh machine the first demo model is trained before the service starts (there is nothing
+to serve without one); the others train in a background process and join the running service
+as each finishes. Until then each is listed under `training` in the application's args: the
+service shows it, with its progress, in /readyz and /v1/models, and answers requests for it
+with 503 `model_training`.
+"""
+
+from __future__ import annotations
+
+import copy
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+DEMO_PREFIX = "demo:"
+
+
+def demo_tasks(config: dict[str, Any]) -> list[str]:
+    """The demo tasks a serve config names (`checkpoint: demo:<task>`), in training order."""
+    tasks = []
+    for app in config["applications"]:
+        for model in (app.get("args") or {}).get("models", []):
+            spec = str(model.get("checkpoint", ""))
+            if spec.startswith(DEMO_PREFIX):
+                tasks.append(spec.removeprefix(DEMO_PREFIX))
+    order = ["classify", "detect", "segment"]
+    return sorted(set(tasks), key=order.index)
+
+
+def with_training(config: dict[str, Any], tasks: list[str]) -> dict[str, Any]:
+    """`config` with the models of these demo tasks moved from `models` to `training`."""
+    from models.demo import demo_checkpoint
+    from models.train.progress import progress_path
+
+    config = copy.deepcopy(config)
+    for app in config["applications"]:
+        args = app.get("args") or {}
+        later = [m for m in args.get("models", [])
+                 if str(m.get("checkpoint", "")).removeprefix(DEMO_PREFIX) in tasks
+                 and str(m.get("checkpoint", "")).startswith(DEMO_PREFIX)]  # fmt: skip
+        if not later:
+            continue
+        args["models"] = [m for m in args["models"] if m not in later]
+        args["training"] = [*args.get("training", []), *(
+            {"name": m["name"], "task": (task := m["checkpoint"].removeprefix(DEMO_PREFIX)),
+             "progress_file": str(progress_path(demo_checkpoint(task)))}
+            for m in later
+        )]  # fmt: skip
+    return config
+
+
+class BackgroundTraining:
+    """`python -m models.demo --tasks ...` in a child process, and what it has finished."""
+
+    def __init__(self, config: dict[str, Any], tasks: list[str], log: Path):
+        self.full_config, self.waiting, self.log = config, list(tasks), log
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        from models.demo import demo_checkpoint
+        from models.train.progress import progress_path, write_progress
+
+        for task in self.waiting:  # not what an earlier run left there
+            write_progress(progress_path(demo_checkpoint(task)), state="waiting")
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "models.demo", "--tasks", *self.waiting],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+
+    def config(self) -> dict[str, Any]:
+        """The serve config now: the finished models served, the others still training."""
+        return with_training(self.full_config, self.waiting)
+
+    def finished(self) -> list[str]:
+        """The tasks whose models were trained since the last call."""
+        from models.demo import demo_checkpoint, is_usable
+        from models.train.progress import progress_path, read_progress
+
+        def trained(task: str) -> bool:  # "done" is written once the checkpoint is complete
+            path = demo_checkpoint(task)
+            return read_progress(progress_path(path)).get("state") == "done" and is_usable(path)
+
+        done = [t for t in self.waiting if trained(t)]
+        self.waiting = [t for t in self.waiting if t not in done]
+        return done
+
+    def failed(self) -> int | None:
+        """The training process's exit code when it stopped with models untrained."""
+        if self.proc is None or self.proc.poll() is None or not self.waiting:
+            return None
+        return self.proc.returncode
+
+    def stop(self) -> None:
+        """Interrupt the training (as Ctrl-C would) and wait for it a little."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()

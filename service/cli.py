@@ -69,10 +69,26 @@ def _train(args: argparse.Namespace) -> int:
         missing = [f"--{k}" for k in ("data", "arch", "out") if k not in given]
         if missing:
             raise SystemExit(f"convnext-serve train: {', '.join(missing)} required")
+        if args.train_task == "classify":
+            given = _with_recipe(given)
         cfg = TrainConfig.for_task(args.train_task, **given)
     metrics = train(cfg)
     print(f"wrote {cfg.out}: {json.dumps(metrics)}")
     return 0
+
+
+def _with_recipe(given: dict) -> dict:
+    """The classification recipe's values under what the user typed; says which and why."""
+    from models.train.config import TrainConfig
+    from models.train.recipes import choose_recipe
+
+    epochs = given.get("epochs", TrainConfig.model_fields["epochs"].default)
+    name, values, why = choose_recipe(given.get("recipe", "auto"), given["data"], epochs)
+    shown = ", ".join(f"{k} {v}" for k, v in values.items() if k not in given)
+    other = "paper" if name == "small" else "small"
+    print(f"convnext-serve train: the {name} recipe ({why}){': ' + shown if shown else ''}; "
+          f"--recipe {other} for the other", file=sys.stderr)  # fmt: skip
+    return {**values, **given, "recipe": name}
 
 
 def _eval(args: argparse.Namespace) -> int:

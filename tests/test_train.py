@@ -198,3 +198,30 @@ def test_two_ray_train_workers_on_cpu(datasets, tmp_path):
     assert set(metrics) == {"top1", "top5"}
     _, meta = load_checkpoint(out)
     assert meta.provenance.model_extra["recipe"]["num_workers"] == 2
+
+
+def test_the_cli_picks_the_small_data_recipe_which_learns_real_digits(tmp_path, capsys):
+    """scikit-learn's handwritten digits (real 8 px scans, 1,437 train / 360 val) with the
+    CLI's defaults: it says it picks the small-data recipe, and ConvNeXt-atto learns them from
+    scratch in 20 epochs (the paper's ImageNet recipe, `--recipe paper`, stays far below:
+    bench/small_data.py)."""
+    pytest.importorskip("sklearn")
+    from models.train.recipes import choose_recipe
+
+    from .digits import write_digits
+
+    data = write_digits(tmp_path / "digits")
+    out = tmp_path / "digits.safetensors"
+    cmd = ["train", "classify", "--data", str(data), "--arch", "convnext_atto", "--out",
+           str(out), "--epochs", "20", "--hflip", "0", "--no-progress"]  # fmt: skip
+    assert cli(cmd) == 0
+    said = capsys.readouterr().err
+    assert "the small recipe (1,437 training images, 8 px short side (median))" in said
+    assert "--recipe paper for the other" in said
+    _, meta = load_checkpoint(out)
+    recipe = meta.provenance.model_extra["recipe"]
+    assert (recipe["recipe"], recipe["image_size"], recipe["mixup"]) == ("small", 32, 0.0)
+    assert recipe["hflip"] == 0.0  # what the user typed wins over the recipe
+    assert meta.image_size == 32 and meta.labels == [str(d) for d in range(10)]
+    assert meta.provenance.metrics["top1"] >= 0.9
+    assert choose_recipe("paper", data, 20) == ("paper", {}, "asked for")

@@ -17,6 +17,12 @@ class TrainConfig(BaseModel):
     data: str
     arch: str
     out: str
+    recipe: Literal["auto", "paper", "small"] = Field(
+        "paper",
+        description="classify: the paper's ImageNet recipe, or one for small data (below "
+        "100,000 images); auto picks by the dataset's size (the CLI's default). Values given "
+        "explicitly win over the recipe's",
+    )
     epochs: int = Field(300, ge=1)
     batch_size: int = Field(128, ge=1, description="per process")
     accum_steps: int = Field(1, ge=1)
@@ -34,6 +40,9 @@ class TrainConfig(BaseModel):
     init: str | None = None
     layer_decay: float | None = None
     # classification augmentation and regularisation
+    hflip: float = Field(
+        0.5, ge=0.0, le=1.0, description="horizontal flip probability (0 for digits, text)"
+    )
     vflip: float = Field(0.0, ge=0.0, le=1.0, description="vertical flip probability")
     randaug_ops: int = 2
     randaug_magnitude: int = 9

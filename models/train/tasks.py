@@ -64,8 +64,9 @@ class ClassifyTask:
                 interpolation=InterpolationMode.BICUBIC,
                 antialias=True,
             ),
-            T.RandomHorizontalFlip(),
         ]
+        if cfg.hflip > 0:
+            steps.append(T.RandomHorizontalFlip(cfg.hflip))
         if cfg.vflip > 0:
             steps.append(T.RandomVerticalFlip(cfg.vflip))
         if cfg.randaug_ops > 0:

@@ -73,31 +73,18 @@ class Server(GrpcInference):
         return sorted(name for name, host in self.hosts.items() if not host.ready)
 
     def training_status(self) -> list[dict[str, Any]]:
-        """The models still training, each with the progress its training last wrote (what
-        the file holds beyond the documented fields is left out; a file that is not what a
-        training run writes reads as waiting)."""
-        status = []
-        for t in self.training:
-            named = {"name": t.name, "task": t.task}
-            try:
-                progress = TrainingProgress.model_validate({**read_progress(t.progress_file),
-                                                            **named})  # fmt: skip
-            except ValidationError:
-                progress = TrainingProgress(state="waiting", **named)
-            status.append(progress.model_dump())
-        return status
+        """The models still training, each with the progress its training last wrote."""
+        return [_progress(t).model_dump() for t in self.training]
 
     def _refuse_training(self, task: str | None, name: str | None) -> None:
         """503 `model_training` for a model still training: the one named, or the task's."""
         for t in self.training:
             if (t.name == name or name is None) and task in (None, t.task):
-                progress = read_progress(t.progress_file)
-                eta = progress.get("eta_s")
-                done = progress.get("fraction")
-                how_far = f" ({done:.0%} done)" if isinstance(done, (int, float)) else ""
+                progress = _progress(t)
+                done = "" if progress.fraction is None else f" ({progress.fraction:.0%} done)"
                 raise ModelTraining(
-                    f"model {t.name!r} is still training{how_far}; it is served once trained",
-                    int(min(max(eta, 1), 600)) if isinstance(eta, (int, float)) else 30,
+                    f"model {t.name!r} is still training{done}; it is served once trained",
+                    30 if progress.eta_s is None else int(min(max(progress.eta_s, 1), 600)),
                 )
 
     def model_named(self, name: str, version: str | None = None) -> ModelHost:
@@ -163,6 +150,16 @@ class Server(GrpcInference):
 
 
 TASK_PATHS = {f"/v1/{task}": task for task in ("classify", "detect", "segment")}
+
+
+def _progress(model: TrainingModel) -> TrainingProgress:
+    """What a model's training last wrote, as documented (other fields left out); a file that
+    is not what a training run writes reads as waiting."""
+    named = {"name": model.name, "task": model.task}
+    try:
+        return TrainingProgress.model_validate({**read_progress(model.progress_file), **named})
+    except ValidationError:
+        return TrainingProgress(state="waiting", **named)
 
 
 def _query_value(query: bytes, key: bytes) -> str | None:

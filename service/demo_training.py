@@ -19,16 +19,18 @@ from typing import Any
 DEMO_PREFIX = "demo:"
 
 
+def demo_task(model: dict[str, Any]) -> str | None:
+    """The demo task a model of a serve config names (`checkpoint: demo:<task>`), if any."""
+    spec = str(model.get("checkpoint", ""))
+    return spec.removeprefix(DEMO_PREFIX) if spec.startswith(DEMO_PREFIX) else None
+
+
 def demo_tasks(config: dict[str, Any]) -> list[str]:
-    """The demo tasks a serve config names (`checkpoint: demo:<task>`), in training order."""
-    tasks = []
-    for app in config["applications"]:
-        for model in (app.get("args") or {}).get("models", []):
-            spec = str(model.get("checkpoint", ""))
-            if spec.startswith(DEMO_PREFIX):
-                tasks.append(spec.removeprefix(DEMO_PREFIX))
+    """The demo tasks a serve config names, in training order."""
+    tasks = {demo_task(model) for app in config["applications"]
+             for model in (app.get("args") or {}).get("models", [])} - {None}  # fmt: skip
     order = ["classify", "detect", "segment"]
-    return sorted(set(tasks), key=order.index)
+    return sorted(tasks, key=order.index)
 
 
 def with_training(config: dict[str, Any], tasks: list[str]) -> dict[str, Any]:
@@ -39,15 +41,13 @@ def with_training(config: dict[str, Any], tasks: list[str]) -> dict[str, Any]:
     config = copy.deepcopy(config)
     for app in config["applications"]:
         args = app.get("args") or {}
-        later = [m for m in args.get("models", [])
-                 if str(m.get("checkpoint", "")).removeprefix(DEMO_PREFIX) in tasks
-                 and str(m.get("checkpoint", "")).startswith(DEMO_PREFIX)]  # fmt: skip
+        later = [m for m in args.get("models", []) if demo_task(m) in tasks]
         if not later:
             continue
         args["models"] = [m for m in args["models"] if m not in later]
         args["training"] = [*args.get("training", []), *(
-            {"name": m["name"], "task": (task := m["checkpoint"].removeprefix(DEMO_PREFIX)),
-             "progress_file": str(progress_path(demo_checkpoint(task)))}
+            {"name": m["name"], "task": demo_task(m),
+             "progress_file": str(progress_path(demo_checkpoint(demo_task(m))))}
             for m in later
         )]  # fmt: skip
     return config

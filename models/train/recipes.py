@@ -16,16 +16,16 @@ from typing import Any
 
 SMALL_DATASET = 100_000  # training images: below this, `auto` picks the small-data recipe
 RECIPES = ("auto", "paper", "small")
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
 
 def dataset_shape(data: str | Path, sample: int = 64) -> tuple[int, int]:
     """(training images, median short side in pixels of an even sample of them) of an
     ImageFolder dataset; sizes come from the image headers."""
     from PIL import Image
+    from torchvision.datasets.folder import IMG_EXTENSIONS  # what ImageFolder trains on
 
     files = sorted(p for p in (Path(data) / "train").rglob("*")
-                   if p.suffix.lower() in IMAGE_SUFFIXES)  # fmt: skip
+                   if p.suffix.lower() in IMG_EXTENSIONS)  # fmt: skip
     if not files:
         return 0, 0
     step = max(1, len(files) // sample)

@@ -66,7 +66,9 @@ WORKDIR /home/ray
 # no GPU (the KubeRay head) sees none. The RAY_* settings are service/run.py's RAY_SERVING_ENV
 # (user code and router on the replica's event loop, buffered request logs, images in-band
 # rather than through the object store, HTTP through Ray Serve's HAProxy front straight into
-# the server replicas), here too so KubeRay's `ray start` nodes get them.
+# the server replicas), here too so KubeRay's `ray start` nodes get them; and HAProxy starts
+# through convnext-serve-haproxy with serve_config.yaml's limits (service/haproxy_front.py;
+# `convnext-serve run` sets them from the config it runs).
 ENV HOME=/home/ray \
     CONVNEXT_SERVE_DEMO_DIR=/opt/convnext-serve/demo \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
@@ -79,7 +81,9 @@ ENV HOME=/home/ray \
     RAY_SERVE_ENABLE_HA_PROXY=1 \
     RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=2 \
     RAY_SERVE_HAPROXY_RETRY_ON="conn-failure empty-response" \
-    RAY_SERVE_HAPROXY_TUNE_BUFSIZE=262144
+    RAY_SERVE_HAPROXY_TUNE_BUFSIZE=262144 \
+    RAY_SERVE_HAPROXY_BINARY_PATH=/usr/local/bin/convnext-serve-haproxy \
+    CONVNEXT_SERVE_HAPROXY_RULES='{"shed_at": 256, "retry_after_s": 1, "body_timeout_s": 30.0}'
 # 8000: HTTP API (Ray Serve's HAProxy front); 8080: Prometheus metrics (Ray's metrics export port).
 EXPOSE 8000 8080
 HEALTHCHECK --interval=30s --timeout=5s --start-period=5m --retries=3 \

@@ -125,6 +125,15 @@ class AppConfig(BaseModel):
         """The longest a request may take: what a stopping replica waits for."""
         return max([self.gateway.request_timeout_s, *(m.timeout_s or 0 for m in self.models)])
 
+    def server_capacity(self) -> int:
+        """The API requests a server replica holds before it surely refuses more (503): its
+        in-flight limit, or every model's calls and waiting line where those are bounded and
+        fewer. HAProxy refuses beyond it (`service.haproxy_front`)."""
+        if any(m.max_queued_requests < 0 for m in self.models):
+            return self.gateway.max_in_flight
+        lines = sum(m.ongoing + m.max_queued_requests for m in self.models)
+        return min(self.gateway.max_in_flight, lines)
+
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> AppConfig:
         """From a serve config's `args`, with the environment's overrides applied."""

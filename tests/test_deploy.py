@@ -515,6 +515,23 @@ def test_image_carries_the_ray_serving_settings():
         assert f"{key}={value}" in dockerfile or f'{key}="{value}"' in dockerfile, key
 
 
+def test_image_starts_haproxy_with_its_configs_limits():
+    """KubeRay's nodes start HAProxy without `convnext-serve run`: the image names the script
+    that adds the service's rules (installed where pip puts console scripts in the Python
+    image) and carries the limits of the config it serves, which the RayService embeds."""
+    from service.config import read_serve_config
+    from service.haproxy_front import RULES_ENV
+    from service.run import front_rules
+
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "RAY_SERVE_HAPROXY_BINARY_PATH=/usr/local/bin/convnext-serve-haproxy" in dockerfile
+    assert 'convnext-serve-haproxy = "service.haproxy_front:main"' in (
+        ROOT / "pyproject.toml").read_text()  # fmt: skip
+    rules = re.search(rf"{RULES_ENV}='([^']*)'", dockerfile)
+    expected = front_rules(read_serve_config(ROOT / "deploy" / "serve_config.yaml"))
+    assert rules and json.loads(rules.group(1)) == json.loads(expected.to_env())
+
+
 def test_grace_periods_cover_the_drain(objects):
     """SIGTERM finishes the requests in flight (service/run.py): compose and Kubernetes wait
     longer than that before they kill, and a worker pod drains its node before Ray stops."""

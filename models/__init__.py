@@ -3,7 +3,7 @@
 Nothing here imports `service`: the serving side builds on this package, never the reverse.
 """
 
-from . import convnext, detection, segmentation  # noqa: F401  (register the architectures)
+from . import cascade, convnext, detection, segmentation  # noqa: F401  (register the architectures)
 from .checkpoint import CheckpointError, CheckpointMeta, load_checkpoint, save_checkpoint
 from .convert import convert_checkpoint
 from .registry import build_model, list_models

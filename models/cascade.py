@@ -123,8 +123,10 @@ class CascadeRoIHeads(nn.Module):
             # positives: their object's class; the rest: the class they look most like
             guess = torch.where(labels_all > 0, labels_all, logits[:, 1:].argmax(1) + 1)
             boxes = stage.decode(regression, proposals, guess)
-            matched_gt = torch.cat([t["boxes"][m] if len(t["boxes"]) else torch.zeros_like(p)
-                                    for t, m, p in zip(targets, matched, proposals, strict=True)])  # fmt: skip
+            matched_gt = torch.cat([
+                t["boxes"][m] if len(t["boxes"]) else torch.zeros_like(p)
+                for t, m, p in zip(targets, matched, proposals, strict=True)
+            ])  # fmt: skip
             positive = labels_all > 0
             # mmdet's averages: both over every sampled RoI, the box loss summed on positives
             losses[f"s{i}_loss_classifier"] = weight * F.cross_entropy(logits, labels_all)
@@ -197,22 +199,21 @@ def cascade_maskrcnn_convnext(
 ) -> MaskRCNN:
     """Cascade Mask R-CNN with a ConvNeXt-`arch` + FPN backbone; other `kw` as
     `maskrcnn_convnext` takes them (image sizes, normalisation, RPN settings)."""
-    model = maskrcnn_convnext(arch, num_classes=num_classes, fpn_channels=fpn_channels,
-                              box_head_dim=box_head_dim, mask_head_dim=mask_head_dim, **kw)  # fmt: skip
+    model = maskrcnn_convnext(
+        arch, num_classes=num_classes, fpn_channels=fpn_channels, box_head_dim=box_head_dim,
+        mask_head_dim=mask_head_dim, **kw,
+    )  # fmt: skip
     classes = num_classes + 1
+    predictor = AgnosticBoxPredictor if class_agnostic else FastRCNNPredictor
     stages = [
         CascadeStage(
-            FastRCNNConvFCHead(
-                (fpn_channels, 7, 7), [fpn_channels] * 4, [box_head_dim], norm_layer=nn.BatchNorm2d
-            ),  # fmt: skip
-            (AgnosticBoxPredictor if class_agnostic else FastRCNNPredictor)(box_head_dim, classes),
-            iou,
-            weights,
-            box_batch_size_per_image,
-            box_positive_fraction,
-        )  # fmt: skip
+            FastRCNNConvFCHead((fpn_channels, 7, 7), [fpn_channels] * 4, [box_head_dim],
+                               norm_layer=nn.BatchNorm2d),
+            predictor(box_head_dim, classes),
+            iou, weights, box_batch_size_per_image, box_positive_fraction,
+        )
         for iou, weights in zip(STAGE_IOUS, STAGE_CODER_WEIGHTS, strict=True)
-    ]
+    ]  # fmt: skip
     heads = model.roi_heads
     model.roi_heads = CascadeRoIHeads(
         heads.box_roi_pool,

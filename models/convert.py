@@ -250,8 +250,17 @@ def convert_checkpoint(
     """Convert `src` (a file, a URL, or an official release name) into a served checkpoint.
 
     Preprocessing defaults follow the source: the official release table, torchvision's weight
-    metadata (bilinear, its resize size), otherwise 224 / 0.875 / bicubic.
+    metadata (bilinear, its resize size), otherwise 224 / 0.875 / bicubic. The paper's released
+    detectors and segmenters (a dense release name, or a detect/segment `arch`) go to
+    `models.convert_dense`.
     """
+    from .convert_dense import DENSE_RELEASES, convert_dense_checkpoint
+    from .registry import model_task
+
+    if str(src) in DENSE_RELEASES or (arch is not None and model_task(arch) != "classify"):
+        if isinstance(labels, (str, os.PathLike)):
+            labels = read_labels_file(labels)
+        return convert_dense_checkpoint(src, out, arch, labels, image_size)
     release = OFFICIAL_RELEASES.get(str(src))
     if release is not None:
         arch = arch or release.arch

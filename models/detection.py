@@ -20,7 +20,7 @@ from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
-from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign, roi_align
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from .checkpoint import IMAGENET_MEAN, IMAGENET_STD
@@ -51,6 +51,34 @@ class ConvNeXtFPN(nn.Module):
         return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(feats)))
 
 
+class AlignedRoIAlign(MultiScaleRoIAlign):
+    """mmdet's RoI extractor, for weights trained with it: half-pixel-aligned RoIAlign
+    (`aligned=True`) with adaptive sampling, each box on the FPN level of strides 4..32 that
+    floor(log2(sqrt(area) / 56)) picks. torchvision's `MultiScaleRoIAlign`, which this replaces
+    for them, samples unaligned (two points a bin) and has no switch for it."""
+
+    STRIDES = (4, 8, 16, 32)
+
+    def __init__(self, featmap_names: list[str], output_size: int, sampling_ratio: int = 0):
+        super().__init__(featmap_names, output_size, sampling_ratio)
+
+    def forward(self, x: dict[str, torch.Tensor], boxes: list[torch.Tensor],
+                image_shapes: list[tuple[int, int]]) -> torch.Tensor:  # fmt: skip
+        rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], 1)
+                          for i, b in enumerate(boxes)])  # fmt: skip
+        feats = [x[name] for name in self.featmap_names]
+        scale = ((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2])).sqrt()
+        levels = torch.floor(torch.log2(scale / 56 + 1e-6)).clamp(0, len(feats) - 1).long()
+        size = self.output_size
+        out = feats[0].new_zeros((len(rois), feats[0].shape[1], *size))
+        for level, (feat, stride) in enumerate(zip(feats, self.STRIDES, strict=False)):
+            index = torch.where(levels == level)[0]
+            if len(index):
+                out[index] = roi_align(feat, rois[index].to(feat.dtype), size, 1 / stride,
+                                       self.sampling_ratio, aligned=True)  # fmt: skip
+        return out
+
+
 def _named_parameters(*functions) -> frozenset[str]:
     return frozenset(
         name
@@ -78,14 +106,23 @@ def maskrcnn_convnext(
     fpn_channels: int = 256,
     box_head_dim: int = 1024,
     mask_head_dim: int = 256,
+    roi_align: str = "torchvision",
     **kw,
 ) -> MaskRCNN:
     """Mask R-CNN with a ConvNeXt-`arch` + FPN backbone; extra `kw` go to torchvision's MaskRCNN.
 
     The widths default to the paper's (FPN 256, box head 2 x fc 1024, mask head 4 x conv 256);
     narrower heads are for small images with few classes, where the RoI heads, not the
-    backbone, take most of a training step.
+    backbone, take most of a training step. `roi_align="mmdet"`: RoIAlign as the paper's
+    released weights were trained with it (`AlignedRoIAlign`).
     """
+    if roi_align not in ("torchvision", "mmdet"):
+        raise ValueError(f"roi_align must be 'torchvision' or 'mmdet', got {roi_align!r}")
+    if roi_align == "mmdet":
+        levels = ["0", "1", "2", "3"]
+        kw.update(
+            box_roi_pool=AlignedRoIAlign(levels, 7), mask_roi_pool=AlignedRoIAlign(levels, 14)
+        )
     unknown = sorted(set(kw) - MASKRCNN_OPTIONS)
     if unknown:
         # torchvision passes unknown keywords on to its transform, which ignores them: a typo

@@ -14,12 +14,15 @@ import sys
 def _convert(args: argparse.Namespace) -> int:
     from models import convert_checkpoint
     from models.convert import OFFICIAL_RELEASES
+    from models.convert_dense import DENSE_RELEASES
 
     if args.list:
         for name, r in OFFICIAL_RELEASES.items():
             print(
                 f"{name:28s} {r.arch:20s} {r.num_classes:6d} classes  {r.image_size}px  {r.dataset}"
             )
+        for name, d in DENSE_RELEASES.items():
+            print(f"{name:44s} {d.arch:32s} {d.dataset:7s} {d.image_size}px  paper: {d.paper}")
         return 0
     if not args.src or not args.out:
         raise SystemExit("convnext-serve convert: SRC and --out are required (or --list)")
@@ -185,8 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "convert",
         help="turn upstream ConvNeXt weights into a served checkpoint",
-        description="SRC is a file (.pth/.safetensors: official, timm or torchvision layout), "
-        "a URL, or an official release name such as convnext_tiny_1k (see --list).",
+        description="SRC is a file (.pth/.safetensors: official, timm or torchvision layout; "
+        "mmdetection/mmsegmentation for a detect/segment --arch), a URL, or an official release "
+        "name such as convnext_tiny_1k or cascade_maskrcnn_convnext_tiny_1k_3x_coco (--list).",
     )
     p.add_argument("src", nargs="?", help="file, URL or official release name")
     p.add_argument("--arch", help="architecture, e.g. convnext_tiny (implied by a release name)")

@@ -3,6 +3,8 @@ learning, and the same inference API and checkpoints as Mask R-CNN."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -10,8 +12,10 @@ import torch
 from models import build_model, load_checkpoint, save_checkpoint
 from models.cascade import CascadeRoIHeads
 from models.checkpoint import CheckpointMeta, Provenance
+from models.data import synth
 from models.detection import detect
 from models.masks import decode_rle
+from service.cli import main as cli
 
 from .test_dense import assert_each_loss_falls, shapes_batch, train_steps
 
@@ -82,3 +86,27 @@ def test_detects_through_the_same_api_and_round_trips_its_checkpoint(tmp_path):
     [again] = detect(loaded, [image], score_threshold=0.0, max_detections=7)
     np.testing.assert_array_equal(found.boxes, again.boxes)
     np.testing.assert_array_equal(found.scores, again.scores)
+
+
+def test_convnext_serve_train_detect_trains_a_cascade(tmp_path, capsys):
+    """The same CLI and COCO layout as Mask R-CNN: `convnext-serve train detect --arch
+    cascade_maskrcnn_convnext_atto` writes a served checkpoint that `eval` reads back."""
+    synth("detect", tmp_path / "det", n=6, seed=1, image_size=96, n_val=2)
+    out = tmp_path / "cascade.safetensors"
+    args = ["train", "detect", "--data", str(tmp_path / "det"), "--arch",
+            "cascade_maskrcnn_convnext_atto", "--out", str(out), "--epochs", "2",
+            "--batch-size", "2", "--min-size", "96", "--max-size", "96", "--fpn-channels", "64",
+            "--box-head-dim", "256", "--mask-head-dim", "64", "--roi-batch-size", "64",
+            "--no-progress", "--loader-workers", "0"]  # fmt: skip
+    assert cli(args) == 0
+    rows = [
+        json.loads(line) for line in out.with_name(out.stem + ".log.jsonl").read_text().splitlines()
+    ]
+    assert {"s0_loss_classifier", "s2_loss_mask"} <= set(rows[-1])
+    model, meta = load_checkpoint(out)
+    assert meta.arch == "cascade_maskrcnn_convnext_atto" and meta.task == "detect"
+    assert isinstance(model.roi_heads, CascadeRoIHeads)
+    capsys.readouterr()
+    assert cli(["eval", "detect", "--data", str(tmp_path / "det"), "--checkpoint", str(out),
+                "--json"]) == 0  # fmt: skip
+    assert "bbox_AP50" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])

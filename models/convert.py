@@ -96,12 +96,14 @@ def cache_dir() -> Path:
 
 
 def pretrained_checkpoint(name: str) -> Path:
-    """The served checkpoint of an official release (`convnext_tiny_1k`): downloaded and
-    converted on first use into the cache, with the release's labels and preprocessing."""
-    if name not in OFFICIAL_RELEASES:
-        raise ValueError(
-            f"{name!r} is not an official release; one of: {', '.join(OFFICIAL_RELEASES)}"
-        )
+    """The served checkpoint of an official release (`convnext_tiny_1k`, or a released detector
+    or segmenter such as `cascade_maskrcnn_convnext_tiny_1k_3x_coco`): downloaded and converted
+    on first use into the cache, with the release's labels and preprocessing."""
+    from .convert_dense import DENSE_RELEASES
+
+    if name not in OFFICIAL_RELEASES and name not in DENSE_RELEASES:
+        known = ", ".join([*OFFICIAL_RELEASES, *DENSE_RELEASES])
+        raise ValueError(f"{name!r} is not an official release; one of: {known}")
     out = cache_dir() / "served" / f"{name}.safetensors"
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -173,8 +173,20 @@ def app_serve_config(models: list[dict[str, Any]], **http: Any) -> dict[str, Any
 
 
 def pretrained_serve_config(names: list[str]) -> dict[str, Any]:
-    """The config of `convnext-serve run --pretrained NAME ...`: the official releases."""
-    return app_serve_config([{"name": n, "checkpoint": f"pretrained:{n}"} for n in names])
+    """The config of `convnext-serve run --pretrained NAME ...`: the official releases. The
+    released detectors take batches of 2 (800 x 1333 images), the segmenters slide their window
+    over the image, as the paper evaluates them."""
+    from models.convert_dense import DENSE_RELEASES
+    from models.registry import model_task
+
+    models = []
+    for name in names:
+        model: dict[str, Any] = {"name": name, "checkpoint": f"pretrained:{name}"}
+        if name in DENSE_RELEASES:
+            task = model_task(DENSE_RELEASES[name].arch)
+            model.update({"max_batch_size": 2} if task == "detect" else {"sliding_window": True})
+        models.append(model)
+    return app_serve_config(models)
 
 
 def demo_serve_config(port: int = 8000, host: str = "127.0.0.1") -> dict[str, Any]:

@@ -14,10 +14,12 @@ import torch
 from PIL import Image
 
 from models import build_model, convert_checkpoint, load_checkpoint
-from models.checkpoint import CheckpointError
+from models.checkpoint import CheckpointError, read_checkpoint_meta
+from models.convert import pretrained_checkpoint
 from models.detection import detect
 from models.labels import ade20k_labels, coco_labels
 from models.segmentation import segment
+from service.config import pretrained_serve_config
 
 from .live_service import run_service
 
@@ -208,3 +210,26 @@ def test_a_converted_cascade_serves_through_v1_detect(tmp_path):
         [result] = r.json()["results"]
         assert result["detections"], result
         assert {d["label"] for d in result["detections"]} <= set(coco_labels())
+
+
+def test_run_pretrained_takes_the_released_dense_models(tmp_path, monkeypatch):
+    """`convnext-serve run --pretrained upernet_convnext_tiny_1k_ade20k_512` (and the detectors):
+    the release converts on first use into the cache, and the config serves it as the paper
+    evaluates it (a sliding window; the detectors in small batches)."""
+    model = build_model("upernet_convnext_tiny", num_classes=150)
+    (tmp_path / "mirror" / "ade20k").mkdir(parents=True)
+    _save_mm(mmseg_state_dict(model),
+             tmp_path / "mirror" / "ade20k" / "upernet_convnext_tiny_1k_512x512.pth")  # fmt: skip
+    monkeypatch.setenv("CONVNEXT_SERVE_WEIGHTS_URL", (tmp_path / "mirror").as_uri())
+    monkeypatch.setenv("CONVNEXT_SERVE_CACHE", str(tmp_path / "cache"))
+    path = pretrained_checkpoint("upernet_convnext_tiny_1k_ade20k_512")
+    assert path == tmp_path / "cache" / "served" / "upernet_convnext_tiny_1k_ade20k_512.safetensors"
+    meta = read_checkpoint_meta(path)
+    assert meta.task == "segment" and meta.image_size == 512 and meta.labels[0] == "wall"
+    names = ["upernet_convnext_tiny_1k_ade20k_512", "cascade_maskrcnn_convnext_tiny_1k_3x_coco",
+             "convnext_tiny_1k"]  # fmt: skip
+    models = pretrained_serve_config(names)["applications"][0]["args"]["models"]
+    assert [m.get("sliding_window") for m in models] == [True, None, None]
+    assert [m.get("max_batch_size") for m in models] == [None, 2, None]
+    with pytest.raises(ValueError, match="not an official release"):
+        pretrained_checkpoint("cascade_maskrcnn_convnext_huge_3x_coco")

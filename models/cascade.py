@@ -80,6 +80,14 @@ class CascadeStage(nn.Module):
         return boxes[torch.arange(len(boxes), device=boxes.device), labels]
 
 
+def _per_image(boxes: torch.Tensor, like: list[torch.Tensor],
+               image_shapes: list[tuple[int, int]]) -> list[torch.Tensor]:  # fmt: skip
+    """A stage's boxes (N, 4) as the next stage's proposals: split per image as `like` is,
+    clipped to each image."""
+    parts = boxes.split([len(p) for p in like])
+    return [box_ops.clip_boxes_to_image(b, s) for b, s in zip(parts, image_shapes, strict=True)]
+
+
 class CascadeRoIHeads(nn.Module):
     """Drop-in for torchvision's `RoIHeads` in `MaskRCNN` (same inputs, same outputs and the
     same `score_thresh` / `nms_thresh` / `detections_per_img` knobs)."""
@@ -140,10 +148,7 @@ class CascadeRoIHeads(nn.Module):
                 [t["labels"] for t in targets], pos_matched,
             )  # fmt: skip
             # the next stage starts from this one's boxes (no gradient through them)
-            counts = [len(p) for p in proposals]
-            refined = boxes.detach().split(counts)
-            proposals = [box_ops.clip_boxes_to_image(b, s)
-                         for b, s in zip(refined, image_shapes, strict=True)]  # fmt: skip
+            proposals = _per_image(boxes.detach(), proposals, image_shapes)
         return losses
 
     def _mask_logits(self, stage: int, features, boxes, image_shapes) -> torch.Tensor:
@@ -151,7 +156,6 @@ class CascadeRoIHeads(nn.Module):
         return self.mask_predictors[stage](self.mask_heads[stage](x))
 
     def _detect(self, features, proposals, image_shapes) -> list[dict[str, torch.Tensor]]:
-        counts = [len(p) for p in proposals]
         logits_sum = None
         for i, stage in enumerate(self.stages):
             box_features = self.box_roi_pool(features, proposals, image_shapes)
@@ -159,9 +163,8 @@ class CascadeRoIHeads(nn.Module):
             logits_sum = logits if logits_sum is None else logits_sum + logits
             if i < len(self.stages) - 1:
                 guess = logits[:, 1:].argmax(1) + 1
-                refined = stage.decode(regression, proposals, guess).split(counts)
-                proposals = [box_ops.clip_boxes_to_image(b, s)
-                             for b, s in zip(refined, image_shapes, strict=True)]  # fmt: skip
+                boxes = stage.decode(regression, proposals, guess)
+                proposals = _per_image(boxes, proposals, image_shapes)
         # mmdet averages the stages' logits, then the last stage's postprocessing applies
         logits = logits_sum / len(self.stages)
         last = self.stages[-1].sampling
@@ -174,9 +177,10 @@ class CascadeRoIHeads(nn.Module):
         )
         result = [{"boxes": b, "labels": c, "scores": s}
                   for b, s, c in zip(boxes, scores, labels, strict=True)]  # fmt: skip
+        pooled = self.mask_roi_pool(features, boxes, image_shapes)  # once for every stage
         probs = [
-            maskrcnn_inference(self._mask_logits(i, features, boxes, image_shapes), labels)
-            for i in range(len(self.stages))
+            maskrcnn_inference(predictor(head(pooled)), labels)
+            for head, predictor in zip(self.mask_heads, self.mask_predictors, strict=True)
         ]
         for n, r in enumerate(result):
             r["masks"] = torch.stack([p[n] for p in probs]).mean(0)

@@ -85,9 +85,25 @@ TORCHVISION_RESIZE = {
 }
 
 
-def release_url(name: str) -> str:
+def weights_url(path: str) -> str:
+    """An official file's URL: under `CONVNEXT_SERVE_WEIGHTS_URL` (a mirror) where it is set."""
     base = os.environ.get("CONVNEXT_SERVE_WEIGHTS_URL", OFFICIAL_BASE_URL).rstrip("/")
-    return f"{base}/{OFFICIAL_RELEASES[name].filename}"
+    return f"{base}/{path}"
+
+
+def release_url(name: str) -> str:
+    return weights_url(OFFICIAL_RELEASES[name].filename)
+
+
+def fetch(src: str | os.PathLike, release_path: str | None = None) -> tuple[Path, str]:
+    """(local file, where it came from) of an upstream checkpoint: the official file at
+    `release_path`, a URL, or a local path; downloads land in the cache."""
+    if release_path is not None:
+        url = weights_url(release_path)
+        return download(url, cache_dir() / release_path), url
+    if re.match(r"^(https?|file)://", str(src)):
+        return download(str(src), cache_dir() / Path(str(src)).name), str(src)
+    return Path(src), str(src)
 
 
 def cache_dir() -> Path:
@@ -259,21 +275,15 @@ def convert_checkpoint(
     from .convert_dense import DENSE_RELEASES, convert_dense_checkpoint
     from .registry import model_task
 
+    if isinstance(labels, (str, os.PathLike)):
+        labels = read_labels_file(labels)
     if str(src) in DENSE_RELEASES or (arch is not None and model_task(arch) != "classify"):
-        if isinstance(labels, (str, os.PathLike)):
-            labels = read_labels_file(labels)
         return convert_dense_checkpoint(src, out, arch, labels, image_size)
     release = OFFICIAL_RELEASES.get(str(src))
+    path, source = fetch(src, release.filename if release else None)
+    dataset = release.dataset if release else ""
     if release is not None:
         arch = arch or release.arch
-        url = release_url(str(src))
-        path = download(url, cache_dir() / release.filename)
-        dataset, source = release.dataset, url
-    elif re.match(r"^(https?|file)://", str(src)):
-        path = download(str(src), cache_dir() / Path(str(src)).name)
-        dataset, source = "", str(src)
-    else:
-        path, dataset, source = Path(src), "", str(src)
     if arch is None:
         raise ValueError(f"{src}: give --arch (one of {', '.join(list_models('classify'))})")
 
@@ -293,8 +303,6 @@ def convert_checkpoint(
         raise CheckpointError(path, f"weights do not match {arch}: {problem}")
     model.load_state_dict(sd, strict=True)
 
-    if isinstance(labels, (str, os.PathLike)):
-        labels = read_labels_file(labels)
     labels = list(labels) if labels is not None else default_labels(num_classes)
     if len(labels) != num_classes:
         raise ValueError(f"{len(labels)} labels given for a head of {num_classes} classes")

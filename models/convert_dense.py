@@ -18,13 +18,12 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, CheckpointMeta, Provenance, save_checkpoint
+from .checkpoint import HEAD_OF_TASK, CheckpointError, CheckpointMeta, Provenance, save_checkpoint
 from .checkpoint import state_dict_mismatch as _mismatch
-from .convert import OFFICIAL_BASE_URL, cache_dir, download, read_state_dict
+from .convert import fetch, read_state_dict
 from .labels import ade20k_labels, coco_labels
 from .registry import build_model, model_task
 
@@ -130,9 +129,8 @@ def _background_first(key: str, v: torch.Tensor) -> torch.Tensor:
     get a zero one in front (torchvision never reads it)."""
     if re.search(r"\.cls_score\.(weight|bias)$", key):
         return torch.cat([v[-1:], v[:-1]])
-    if re.search(r"\.bbox_pred\.(weight|bias)$", key) and key.startswith("roi_heads.") and len(
-        v
-    ) > 4:  # fmt: skip
+    # (a class-agnostic regression has one box and no class axis: it stays as it is)
+    if re.search(r"^roi_heads\..*\.bbox_pred\.(weight|bias)$", key) and len(v) > 4:
         return torch.cat([torch.zeros_like(v[:4]), v])
     if re.search(r"\.mask_fcn_logits\.(weight|bias)$", key):
         return torch.cat([torch.zeros_like(v[:1]), v])
@@ -179,18 +177,10 @@ def convert_dense_checkpoint(
     """Convert `src` (a file, a URL or a release name of `DENSE_RELEASES`) into a served
     detector or segmenter checkpoint, with COCO or ADE20K labels where they fit."""
     release = DENSE_RELEASES.get(str(src))
-    dataset, paper = "", ""
+    path, source = fetch(src, release.path if release else None)
+    dataset, paper = (release.dataset, release.paper) if release else ("", "")
     if release is not None:
-        base = os.environ.get("CONVNEXT_SERVE_WEIGHTS_URL", OFFICIAL_BASE_URL).rstrip("/")
-        source = f"{base}/{release.path}"
-        path = download(source, cache_dir() / release.path)
         arch, image_size = arch or release.arch, image_size or release.image_size
-        dataset, paper = release.dataset, release.paper
-    elif re.match(r"^(https?|file)://", str(src)):
-        source = str(src)
-        path = download(source, cache_dir() / Path(source).name)
-    else:
-        path, source = Path(src), str(src)
     if arch is None:
         raise ValueError(f"{src}: give --arch (e.g. cascade_maskrcnn_convnext_tiny)")
     task = model_task(arch)
@@ -225,7 +215,7 @@ def convert_dense_checkpoint(
     meta = CheckpointMeta(
         task=task,
         arch=arch,
-        head="maskrcnn" if task == "detect" else "upernet",
+        head=HEAD_OF_TASK[task],
         num_classes=num_classes,
         labels=labels,
         image_size=image_size,

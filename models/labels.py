@@ -7,18 +7,20 @@ from pathlib import Path
 
 
 def imagenet1k_labels() -> list[str]:
-    """The 1000 ImageNet-1K category names, in class-id order, as torchvision ships them."""
-    from torchvision.models._meta import _IMAGENET_CATEGORIES
+    """The 1000 ImageNet-1K category names, in class-id order, as torchvision ships them (its
+    weights' metadata: nothing is downloaded)."""
+    from torchvision.models import ConvNeXt_Tiny_Weights
 
-    return list(_IMAGENET_CATEGORIES)
+    return list(ConvNeXt_Tiny_Weights.IMAGENET1K_V1.meta["categories"])
 
 
 def coco_labels() -> list[str]:
     """The 80 COCO detection category names, in the contiguous order mmdet and torchvision's
-    detectors use (torchvision's list, without its background and unused ids)."""
-    from torchvision.models._meta import _COCO_CATEGORIES
+    detectors use (torchvision's detector metadata, without its background and unused ids)."""
+    from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
 
-    return [c for c in _COCO_CATEGORIES if c not in ("__background__", "N/A")]
+    categories = MaskRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"]
+    return [c for c in categories if c not in ("__background__", "N/A")]
 
 
 # ADE20K's 150 classes (SceneParsing), in the order mmsegmentation's ADE20KDataset gives them.

@@ -165,6 +165,15 @@ def read_serve_config(path: str | Path) -> dict[str, Any]:
 IMPORT_PATH = "service.app:build_app"  # the application builder a serve config names
 
 
+def app_configs(config: dict[str, Any]) -> list[AppConfig]:
+    """The args of a serve config's convnext-serve applications, in order."""
+    return [
+        AppConfig.from_args(app.get("args") or {})
+        for app in config["applications"]
+        if app.get("import_path") == IMPORT_PATH
+    ]
+
+
 def app_serve_config(models: list[dict[str, Any]], **http: Any) -> dict[str, Any]:
     """A serve config of this service's application with `models` (`http`: http_options)."""
     app = {"name": "convnext-serve", "route_prefix": "/", "import_path": IMPORT_PATH,

@@ -90,12 +90,10 @@ def _sections(text: str) -> list[list[str]]:
 
 
 def _is_app_backend(section: list[str]) -> bool:
-    """An HTTP application backend: Ray's template gives it a `default-server` line; the
-    default, router and gRPC backends (`proto h2`) differ."""
-    header = section[0].split()
+    """An HTTP application backend: Ray's template gives it a `default-server` line, which the
+    default and router backends lack; the gRPC ones differ by `proto h2`."""
     return (
-        header[0] == "backend"
-        and not header[1].endswith("-via-ingress-request-router")
+        section[0].startswith("backend ")
         and any(line.strip().startswith("default-server") for line in section)
         and not any("proto h2" in line for line in section)
     )

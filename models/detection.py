@@ -74,8 +74,10 @@ class AlignedRoIAlign(MultiScaleRoIAlign):
         for level, (feat, stride) in enumerate(zip(feats, self.STRIDES, strict=False)):
             index = torch.where(levels == level)[0]
             if len(index):
-                out[index] = roi_align(feat, rois[index].to(feat.dtype), size, 1 / stride,
-                                       self.sampling_ratio, aligned=True)  # fmt: skip
+                # the boxes stay float32: in bf16 a coordinate near 128 px is off by up to 0.5
+                pooled = roi_align(feat.to(rois.dtype), rois[index], size, 1 / stride,
+                                   self.sampling_ratio, aligned=True)  # fmt: skip
+                out[index] = pooled.to(out.dtype)
         return out
 
 

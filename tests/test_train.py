@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from models import build_model, load_checkpoint
+from models import data as datasets_module
 from models.data import synth
+from models.detection import AlignedRoIAlign
 from models.train import TrainConfig, train
 from models.train.optim import layer_id, param_groups
 from service.cli import main as cli
@@ -60,13 +62,39 @@ def test_classification_trains_and_writes_a_served_checkpoint(datasets, tmp_path
     assert eval_json(capsys, "classify", datasets / "cls", out) == pytest.approx(metrics)
 
 
+def test_a_fixed_training_view_is_decoded_once_with_the_same_pixels(datasets):
+    """Whole-image resize + flips: the images are decoded once, and a batch gets exactly what
+    the per-image transforms give; any other view keeps decoding per image."""
+    from models.train.tasks import ClassifyTask
+
+    fixed = dict(
+        data=str(datasets / "cls"), arch="convnext_atto", out="x.safetensors", image_size=40,
+        crop_scale=(1.0, 1.0), randaug_ops=0, reprob=0.0, **FAST,
+    )  # fmt: skip
+    for hflip in (0.0, 1.0):
+        task = ClassifyTask(TrainConfig.for_task("classify", hflip=hflip, **fixed))
+        assert isinstance(task.train_set, torch.utils.data.TensorDataset)
+        assert task.loader_workers == 0 and task.labels[0] == "circle"
+        per_image = datasets_module.classification_dataset(
+            datasets / "cls", "train", task._train_view()
+        )
+        images, targets = task.train_set.tensors
+        assert images.shape == (48, 3, 40, 40) and images.dtype == torch.uint8
+        for i in (0, 17, 47):
+            expected, target = per_image[i]
+            torch.testing.assert_close(task._batch_view(images[i : i + 1])[0], expected)
+            assert int(targets[i]) == target
+    paper = ClassifyTask(TrainConfig.for_task("classify", **{**fixed, "crop_scale": (0.08, 1.0)}))
+    assert not isinstance(paper.train_set, torch.utils.data.TensorDataset)
+
+
 def test_detection_training_lowers_the_loss(datasets, tmp_path, capsys):
     out = tmp_path / "det.safetensors"
     cfg = TrainConfig.for_task(
         "detect", data=str(datasets / "det"), arch="maskrcnn_convnext_atto", out=str(out),
         epochs=3, batch_size=2, min_size=96, max_size=96, lr=3e-4, roi_batch_size=64,
         roi_positive_fraction=0.5, rpn_train_proposals=300, rpn_test_proposals=150,
-        fpn_channels=64, box_head_dim=256, mask_head_dim=64, **FAST,
+        fpn_channels=64, box_head_dim=256, mask_head_dim=64, roi_align="mmdet", **FAST,
     )  # fmt: skip
     metrics = train(cfg)
     rows = history(out)
@@ -79,9 +107,10 @@ def test_detection_training_lowers_the_loss(datasets, tmp_path, capsys):
     assert meta.task == "detect" and meta.model_kwargs == {
         "min_size": 96, "max_size": 96, "rpn_pre_nms_top_n_test": 150,
         "rpn_post_nms_top_n_test": 150, "fpn_channels": 64, "box_head_dim": 256,
-        "mask_head_dim": 64,
+        "mask_head_dim": 64, "roi_align": "mmdet",
     }  # fmt: skip
     assert model.backbone.out_channels == 64  # the served model has the trained widths
+    assert isinstance(model.roi_heads.mask_roi_pool, AlignedRoIAlign)  # and the trained RoIAlign
     assert model.rpn.post_nms_top_n() == 150  # the served model proposes what it was given
     assert meta.labels == ["circle", "square", "triangle", "star"]
     assert eval_json(capsys, "detect", datasets / "det", out) == pytest.approx(metrics)

@@ -74,6 +74,11 @@ class TrainConfig(BaseModel):
     mask_head_dim: int | None = Field(
         None, ge=8, description="Mask R-CNN mask head conv width; default 256 (the paper's)"
     )
+    roi_align: Literal["torchvision", "mmdet"] = Field(
+        "torchvision",
+        description="Mask R-CNN RoIAlign: torchvision's (2 samples a bin), or mmdet's, as the "
+        "paper's weights were trained (aligned, adaptive sampling: fewer samples for small RoIs)",
+    )
     roi_batch_size: int = Field(512, ge=1, description="RoIs sampled per image (Mask R-CNN)")
     rpn_train_proposals: int = Field(2000, ge=1, description="RPN proposals kept in training")
     roi_positive_fraction: float = Field(

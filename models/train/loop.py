@@ -156,7 +156,7 @@ def fit(cfg: TrainConfig, worker: Worker | None = None) -> dict:
         task.train_set,
         batch_size=cfg.batch_size,
         sampler=sampler,
-        num_workers=cfg.loader_workers,
+        num_workers=task.loader_workers,
         collate_fn=task.collate,
         drop_last=True,
         pin_memory=device.type == "cuda",

@@ -151,7 +151,14 @@ def main(argv: list[str] | None = None) -> int:
         "--tasks", nargs="+", choices=list(DEMO_RECIPES), default=list(DEMO_RECIPES),
         help="which models (detect and segment start from classify's checkpoint)",
     )  # fmt: skip
+    parser.add_argument(
+        "--nice", type=int, default=0,
+        help="lower this process's CPU priority by N (the service's background training: a "
+        "model joining the service, and the requests, come first)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.nice:
+        os.nice(args.nice)
     started = time.perf_counter()
     paths = build_demo_models(args.out, tasks=tuple(args.tasks), force=args.force)
     for task, path in paths.items():

@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 DEMO_PREFIX = "demo:"
+# The background training yields the CPU to the service: on two cores, a model joining while the
+# next one trained took minutes to load and warm up.
+TRAINING_NICENESS = 10
 
 
 def demo_task(model: dict[str, Any]) -> str | None:
@@ -69,7 +72,8 @@ class BackgroundTraining:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "models.demo", "--tasks", *self.waiting],
+                [sys.executable, "-m", "models.demo", "--nice", str(TRAINING_NICENESS),
+                 "--tasks", *self.waiting],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )  # fmt: skip
 

@@ -45,7 +45,7 @@ DEMO_RECIPES: dict[str, tuple[dict, dict]] = {
     "detect": (
         {"n": 2800, "n_val": 100, "image_size": 128},
         {
-            "arch": "maskrcnn_convnext_atto", "epochs": 2, "batch_size": 8, "min_size": 128,
+            "arch": "maskrcnn_convnext_atto", "epochs": 3, "batch_size": 8, "min_size": 128,
             "max_size": 128, "min_size_low": 1.0, "lr": 1e-3, "warmup_epochs": 0.1,
             "drop_path": 0.0, "roi_batch_size": 32, "roi_positive_fraction": 0.5,
             "rpn_train_proposals": 200, "rpn_test_proposals": 200, "layer_decay": 0.9,

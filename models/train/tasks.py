@@ -24,7 +24,7 @@ from ..checkpoint import (
     init_backbone,
     read_tensors,
 )
-from ..classification import resize_crop
+from ..classification import normalize, resize_crop
 from ..evaluate import evaluate_classifier, evaluate_detector, evaluate_segmenter
 from ..presets import DETECT_MAX_SIZE
 from ..registry import build_model
@@ -68,14 +68,7 @@ class ClassifyTask:
 
     def _train_view(self) -> T.Compose:
         cfg = self.cfg
-        steps = [
-            T.RandomResizedCrop(
-                self.image_size,
-                scale=cfg.crop_scale,
-                interpolation=InterpolationMode.BICUBIC,
-                antialias=True,
-            ),
-        ]
+        steps = [self._crop()]
         if cfg.hflip > 0:
             steps.append(T.RandomHorizontalFlip(cfg.hflip))
         if cfg.vflip > 0:
@@ -87,6 +80,14 @@ class ClassifyTask:
             steps.append(T.RandomErasing(p=cfg.reprob, value="random"))
         return T.Compose(steps)
 
+    def _crop(self) -> T.RandomResizedCrop:
+        return T.RandomResizedCrop(
+            self.image_size,
+            scale=self.cfg.crop_scale,
+            interpolation=InterpolationMode.BICUBIC,
+            antialias=True,
+        )
+
     def _view_is_fixed(self) -> bool:
         """Whether the training view is the whole image resized, plus flips: the crop of
         `RandomResizedCrop` at scale (1, 1) is the whole image (the aspect ratio cannot change
@@ -96,12 +97,8 @@ class ClassifyTask:
 
     def _decoded_once(self) -> torch.utils.data.TensorDataset:
         """The training split as one uint8 (N, 3, S, S) tensor of the resized images and
-        their class indices, decoded by the loader's workers."""
-        resize = T.RandomResizedCrop(
-            self.image_size, scale=(1.0, 1.0), interpolation=InterpolationMode.BICUBIC,
-            antialias=True,
-        )  # fmt: skip
-        decoded = datasets.classification_dataset(self.cfg.data, "train", resize)
+        their class indices, decoded by the loader's workers (the crop is the whole image)."""
+        decoded = datasets.classification_dataset(self.cfg.data, "train", self._crop())
         loader = torch.utils.data.DataLoader(
             decoded, batch_size=256, num_workers=self.cfg.loader_workers
         )
@@ -115,10 +112,7 @@ class ClassifyTask:
             if p > 0:
                 flip = (torch.rand(len(images)) < p).view(-1, 1, 1, 1)
                 images = torch.where(flip, images.flip(dim), images)
-        images = images.float().div_(255.0)
-        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        return (images - mean) / std
+        return normalize(images, IMAGENET_MEAN, IMAGENET_STD, "cpu")
 
     def _mixup(self):
         cfg, k = self.cfg, len(self.labels)

@@ -419,32 +419,42 @@ def serve_levels(
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
     cmd = [sys.executable, "-m", "service.cli", "run", "--config", str(folder / "config.yaml"),
            "--metrics-port", str(metrics_port)]  # fmt: skip
-    log = open(folder / f"service-{label}.log", "wb")  # noqa: SIM115 (the server's lifetime)
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    # Ray exports metrics every 10 s unless told otherwise: the waits around a level follow it
+    env, export_s = dict(os.environ), 10.0
+    if args.metrics_interval_s:
+        export_s = max(1.0, args.metrics_interval_s)
+        env["RAY_metrics_report_interval_ms"] = str(int(export_s * 1000))
+    logs = Path(args.log_dir) if args.log_dir else folder
+    logs.mkdir(parents=True, exist_ok=True)
+    log_name = "service-" + "".join(ch if ch.isalnum() else "-" for ch in label) + ".log"
+    log = open(logs / log_name, "wb")  # noqa: SIM115 (the server's lifetime)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     rows = []
     try:
-        wait_http(f"http://127.0.0.1:{port}/readyz", proc)
+        wait_http(f"http://127.0.0.1:{port}/readyz", proc, args.ready_timeout_s)
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         url = f"http://127.0.0.1:{port}"
         kinds = ["raw" if args.raw_body else "multipart"]
         if args.protocol == "v2":
             kinds += ["v2-image", "v2-pixels"]
-        for c, kind in itertools.product(args.concurrency, kinds):
-            time.sleep(6)  # the metrics export period
+        levels = itertools.product(args.images_per_request, args.concurrency, kinds)
+        for n, c, kind in levels:
+            time.sleep(0.6 * export_s)  # the last level's counts exported
             before, cpu_before = scrape(metrics_url), cpu_seconds()
             if args.client == "wrk":
-                result = run_wrk(url, photos, c, args.seconds, args.images_per_request, kind)
+                result = run_wrk(url, photos, c, args.seconds, n, kind)
             else:
-                result = run_load(url + "/v1/classify?top_k=5", photos, c, args.seconds,
-                                  args.images_per_request, args.client_processes)  # fmt: skip
+                result = run_load(url + "/v1/classify?top_k=5", photos, c, args.seconds, n,
+                                  args.client_processes)  # fmt: skip
             cpu_after = cpu_seconds()
-            time.sleep(12)
+            time.sleep(1.2 * export_s)
             after = scrape(metrics_url)
             batches = after["batches"] - before["batches"]
             result["mean_batch"] = (after["images"] - before["images"]) / batches if batches else 0
             images = max(1.0, after["images"] - before["images"])
             result["cpu_ms"] = {k: 1e3 * (cpu_after[k] - cpu_before[k]) / images
                                 for k in cpu_after}  # fmt: skip
+            result["per_request"] = n
             name = f"service, {label}" + ("" if kind in ("multipart", "raw") else f", {kind}")
             rows.append((name, c, result))
             print(f"(b) {name} c={c}: {result}", flush=True)
@@ -462,7 +472,19 @@ def main() -> None:
         "--concurrency", type=int, nargs="+", default=None,
         help="clients in flight (default: 1 8 32, and 256 on a GPU)",
     )  # fmt: skip
-    parser.add_argument("--images-per-request", type=int, default=1)
+    parser.add_argument(
+        "--images-per-request", type=int, nargs="+", default=[1],
+        help="photos a request carries; several values are levels on the same running service",
+    )  # fmt: skip
+    parser.add_argument(
+        "--metrics-interval-s", type=float, default=0,
+        help="Ray's metrics export period for the service (default Ray's 10 s); the waits "
+        "around each level are this long, so 1 s makes a run shorter",
+    )  # fmt: skip
+    parser.add_argument(
+        "--gpu-decode", choices=["both", "gpu", "cpu"], default="both",
+        help="on a GPU, the layouts to run: GPU (nvJPEG) decode, CPU (Pillow) decode, or both",
+    )  # fmt: skip
     parser.add_argument(
         "--raw-body", action="store_true",
         help="send the photo as a raw image/jpeg body, not a multipart form (wrk, one image "
@@ -497,6 +519,11 @@ def main() -> None:
         "gets, so several spread that work over cores",
     )  # fmt: skip
     parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument(
+        "--ready-timeout-s", type=float, default=600,
+        help="give up on a replica layout whose service is not ready by then, and go on",
+    )  # fmt: skip
+    parser.add_argument("--log-dir", help="where the services' logs go (default: a temp folder)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument(
         "--protocol", choices=["v1", "v2"], default="v1",
@@ -505,7 +532,7 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--raw-only", action="store_true", help="(a) only: the raw model")
     args = parser.parse_args()
-    if args.raw_body and (args.client != "wrk" or args.images_per_request != 1):
+    if args.raw_body and (args.client != "wrk" or args.images_per_request != [1]):
         parser.error("--raw-body takes the wrk client and one image a request")
     if args.protocol == "v2" and args.client != "wrk":
         parser.error("--protocol v2 takes the wrk client")
@@ -542,7 +569,9 @@ def main() -> None:
     if gpu:  # server replicas sharing the GPU (each one's Python serves its share), GPU/CPU decode
         layouts = {}
         for r in args.gpu_replicas:
-            for decode in ("GPU", "CPU"):
+            for decode in {"both": ("GPU", "CPU"), "gpu": ("GPU",), "cpu": ("CPU",)}[
+                args.gpu_decode
+            ]:
                 layouts[f"{r} replicas on the GPU, {decode} decode"] = {
                     "num_replicas": r, "num_gpus": round(1 / r, 3),
                     "gpu_decode": decode == "GPU"}  # fmt: skip
@@ -553,7 +582,11 @@ def main() -> None:
         }
     rows = []
     for label, layout in layouts.items():
-        rows += serve_levels(checkpoint, folder, photos, args, layout, label)
+        try:
+            rows += serve_levels(checkpoint, folder, photos, args, layout, label)
+        except (RuntimeError, TimeoutError, subprocess.CalledProcessError) as e:
+            print(f"(b) {label}: failed ({e!r}); its log is in {args.log_dir or folder}",
+                  flush=True)  # fmt: skip
 
     if not args.skip_naive:
         port = free_port()
@@ -565,13 +598,15 @@ def main() -> None:
         try:
             wait_http(f"http://127.0.0.1:{port}/healthz", naive)
             url = f"http://127.0.0.1:{port}"
-            for c in args.concurrency:  # the same load generator as the service's rows
+            # the same load generator as the service's rows
+            for n, c in itertools.product(args.images_per_request, args.concurrency):
                 if args.client == "wrk":
-                    result = run_wrk(url, photos, c, args.seconds, args.images_per_request)
+                    result = run_wrk(url, photos, c, args.seconds, n)
                 else:
-                    result = run_load(url + "/v1/classify", photos, c, args.seconds,
-                                      args.images_per_request, args.client_processes)  # fmt: skip
-                result["mean_batch"] = float(args.images_per_request)
+                    result = run_load(url + "/v1/classify", photos, c, args.seconds, n,
+                                      args.client_processes)  # fmt: skip
+                result["mean_batch"] = float(n)
+                result["per_request"] = n
                 rows.append(("naive FastAPI", c, result))
                 print(f"(c) naive c={c}: {result}", flush=True)
         finally:
@@ -580,10 +615,10 @@ def main() -> None:
     best = raw[best_batch]
     device = torch.cuda.get_device_name() if gpu else f"{cores}-core CPU"
     print()
-    body = "a raw body" if args.raw_body else "a multipart request"
+    body = "a raw body" if args.raw_body else "multipart requests"
     print(f"{device}, {args.arch} {args.image_size}x{args.image_size} {args.precision}, JPEG "
-          f"640x480 in, {args.images_per_request} {body}, {args.client_processes} client "
-          f"process(es); raw model in-process: best {best:.1f} images/s at batch {best_batch}; "
+          f"640x480 in, {body}, {args.client} client; raw model in-process: best "
+          f"{best:.1f} images/s at batch {best_batch}; "
           f"batch 1: {raw[1]:.1f} images/s, {batch1_ms:.1f} ms; service max_batch_size "
           f"{args.max_batch_size}")  # fmt: skip
     if bound:
@@ -592,16 +627,17 @@ def main() -> None:
               f"per image)")  # fmt: skip
     print()
     print(
-        "| server | concurrency | images/s | % of raw best | % of bound | p50 ms | p95 ms "
-        "| p99 ms | mean batch | CPU ms per image: server / HAProxy / rest of Ray "
-        "| errors |"
+        "| server | images a request | concurrency | images/s | % of raw best | % of bound "
+        "| p50 ms | p95 ms | p99 ms | mean batch "
+        "| CPU ms per image: server / HAProxy / rest of Ray | errors |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|")
     for name, c, r in rows:
         cpu = r.get("cpu_ms")  # server, proxy, ray: cpu_seconds()'s order
         cpu_text = " / ".join(f"{v:.1f}" for v in cpu.values()) if cpu else "-"
         of_bound = f"{100 * r['images_per_s'] / bound['images_per_s']:.0f}%" if bound else "-"
-        print(f"| {name} | {c} | {r['images_per_s']:.1f} | {100 * r['images_per_s'] / best:.0f}% "
+        print(f"| {name} | {r['per_request']} | {c} | {r['images_per_s']:.1f} "
+              f"| {100 * r['images_per_s'] / best:.0f}% "
               f"| {of_bound} | {r['p50']:.0f} | {r['p95']:.0f} | {r['p99']:.0f} "
               f"| {r['mean_batch']:.1f} | {cpu_text} | {r['errors']} |")  # fmt: skip
 

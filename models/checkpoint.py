@@ -141,32 +141,39 @@ def load_checkpoint(
     return model.to(device).eval(), meta
 
 
-def init_backbone(model: nn.Module, classifier: str | os.PathLike) -> list[str]:
-    """Load a classification checkpoint's stem and stages into a dense model's ConvNeXt backbone.
+def init_backbone(model: nn.Module, source: str | os.PathLike) -> list[str]:
+    """Load another checkpoint's ConvNeXt backbone into a dense model's.
 
-    The paper's path: ImageNet pre-training, then detection/segmentation fine-tuning. The
-    classifier's pooling norm and head are left out, and so are the dense model's per-stage
-    norms and heads, which start fresh. Returns the backbone keys that were loaded.
+    From a classifier, the paper's path (pre-training, then detection/segmentation fine-tuning):
+    its stem and stages; its pooling norm and head are left out, and the dense model's per-stage
+    norms and heads start fresh. From a dense model (a detector, a segmenter): its whole
+    backbone, per-stage norms included, for a model that should start from features already
+    fine-tuned to dense prediction. Returns the backbone keys that were loaded.
     """
     from .convnext import ConvNeXt
 
-    path = Path(classifier)
+    path = Path(source)
     meta = read_checkpoint_meta(path)
-    if meta.task != "classify":
-        raise CheckpointError(path, f"a {meta.task} checkpoint cannot initialise a backbone")
     backbone = next((m for m in model.modules() if isinstance(m, ConvNeXt)), None)
     if backbone is None:
         raise ValueError(f"{type(model).__name__} has no ConvNeXt backbone")
+    tensors = read_tensors(path)
+    expected = backbone.state_dict()
+    if meta.task == "classify":
+        expected = {k: v for k, v in expected.items() if not k.startswith("norm")}
+    else:  # the dense model's backbone, wherever it sits in that model
+        stem = "downsample_layers.0.0.weight"
+        prefix = next((k[: -len(stem)] for k in tensors if k.endswith(stem)), None)
+        if prefix is None:
+            raise CheckpointError(path, f"{meta.arch} has no ConvNeXt backbone")
+        tensors = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
     tensors = {
-        k: v
-        for k, v in read_tensors(path).items()
-        if k.startswith(("downsample_layers.", "stages."))
+        k: v for k, v in tensors.items() if k in expected or k.startswith(("downsample", "stages"))
     }
-    expected = {k: v for k, v in backbone.state_dict().items() if not k.startswith("norm")}
     problem = state_dict_mismatch(expected, tensors)
     if problem:
         raise CheckpointError(path, f"backbone of {meta.arch} does not fit this model: {problem}")
-    backbone.load_state_dict(tensors, strict=False)
+    backbone.load_state_dict(tensors, strict=meta.task != "classify")
     return sorted(tensors)
 
 

@@ -277,3 +277,26 @@ def test_backbone_initialises_from_a_classifier(tmp_path):
         )
     with pytest.raises(CheckpointError, match="does not fit"):
         init_backbone(build_model("upernet_convnext_femto", num_classes=2), path)
+
+
+def test_backbone_initialises_from_another_dense_model(tmp_path):
+    """A segmenter can start from a detector's backbone (per-stage norms included), whose
+    features are already fine-tuned to dense prediction."""
+    det = build_model("maskrcnn_convnext_atto", num_classes=3)
+    with torch.no_grad():
+        det.backbone.body.norm2.weight.uniform_()
+    meta = CheckpointMeta(
+        task="detect", arch="maskrcnn_convnext_atto", head="maskrcnn", num_classes=3,
+        labels=list("abc"), provenance=Provenance(source="trained"),
+    )  # fmt: skip
+    path = save_checkpoint(det, tmp_path / "det.safetensors", meta)
+    seg = build_model("upernet_convnext_atto", num_classes=2)
+    loaded = init_backbone(seg, path)
+    assert "norm2.weight" in loaded and "stages.3.1.pwconv2.weight" in loaded
+    assert not any(k.startswith(("fpn", "rpn", "roi", "body")) for k in loaded)
+    for a, b in zip(
+        seg.backbone.state_dict().values(), det.backbone.body.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(CheckpointError, match="does not fit"):
+        init_backbone(build_model("upernet_convnext_femto", num_classes=2), path)

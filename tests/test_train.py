@@ -254,3 +254,29 @@ def test_the_cli_picks_the_small_data_recipe_which_learns_real_digits(tmp_path, 
     assert meta.image_size == 32 and meta.labels == [str(d) for d in range(10)]
     assert meta.provenance.metrics["top1"] >= 0.9
     assert choose_recipe("paper", data, 20) == ("paper", {}, "asked for")
+
+
+def test_a_demo_model_is_trained_after_the_one_it_starts_from(tmp_path, monkeypatch):
+    """`build_demo_models(tasks=["segment"])` on an empty folder trains what the segmenter's
+    backbone starts from first (smoke recipes: two steps an epoch), and its training starts
+    from that checkpoint."""
+    from models import demo
+    from models.checkpoint import read_tensors
+
+    monkeypatch.setenv("CONVNEXT_SERVE_DEMO_SMOKE", "1")
+    assert demo.with_prerequisites(["classify"]) == ["classify"]
+    chain = demo.with_prerequisites(["segment"])
+    assert chain[-1] == "segment" and chain[0] == "classify"
+    assert demo.with_prerequisites(["segment", "detect"]) == [
+        t for t in demo.DEMO_RECIPES if t in {*chain, "detect"}
+    ]
+    paths = demo.build_demo_models(tmp_path, tasks=["segment"])
+    assert list(paths) == chain
+    for task in chain:
+        assert load_checkpoint(paths[task])[1].task == task
+    # a stem that no training from scratch would give: the segmenter started from its source
+    source = read_tensors(paths[demo.DEMO_INIT["segment"]])
+    stem = next(k for k in source if k.endswith("downsample_layers.0.0.weight"))
+    start = source[stem]
+    trained = read_tensors(paths["segment"])["backbone.downsample_layers.0.0.weight"]
+    assert (trained - start).abs().max() < 0.05 < start.abs().max()

@@ -291,12 +291,14 @@ class SegmentTask:
         self.cfg = cfg
         self.loader_workers = cfg.loader_workers
         self.image_size = s = cfg.image_size or 512
-        lo, hi = cfg.scale_range
+        lo, hi = max(8, round(s * cfg.scale_range[0])), max(8, math.ceil(s * cfg.scale_range[1]))
+        # the short side to a random size in [lo, hi]; a range of one size (1, 1) is a plain resize
+        resize = T.RandomResize(lo, hi + 1) if hi > lo else T.Resize(lo)
         steps = [_reduce_zero_label] if cfg.reduce_zero_label else []
         train_view = T.Compose(
             [
                 *steps,
-                T.RandomResize(max(8, int(s * lo)), max(9, math.ceil(s * hi))),
+                resize,
                 T.RandomCrop(s, pad_if_needed=True, fill=PAD_FILL),
                 T.RandomHorizontalFlip(),
                 T.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),

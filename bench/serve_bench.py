@@ -479,7 +479,7 @@ def main() -> None:
     parser.add_argument(
         "--metrics-interval-s", type=float, default=0,
         help="Ray's metrics export period for the service (default Ray's 10 s); the waits "
-        "around each level are this long, so 1 s makes a run shorter",
+        "around each level follow it, so 1 s makes a run shorter",
     )  # fmt: skip
     parser.add_argument(
         "--gpu-decode", choices=["both", "gpu", "cpu"], default="both",

@@ -40,7 +40,7 @@ mkdir "$WORK/ray" && (cd "$WORK/ray" && unzip -q "$WORK"/all/ray-*.whl)
 rm -rf "$WORK"/ray/ray/{jars,rllib,llm,tune/examples} "$WORK"/ray/ray/dashboard/client/build/static/js/*.map
 strip "$WORK"/ray/ray/_raylet.so "$WORK"/ray/ray/core/src/ray/gcs/gcs_server \
   "$WORK"/ray/ray/core/src/ray/raylet/raylet
-tar -C "$WORK/ray" -cf - . | xz -6 -T0 >.gpu/ray-slim.tar.xz
+tar -C "$WORK/ray" -cf - . | xz -9 -T0 >.gpu/ray-slim.tar.xz
 wrk=$(command -v wrk)
 cp "$wrk" .gpu/bin/
 cp -L "$(ldd "$wrk" | awk '/luajit/{print $3}')" .gpu/lib/

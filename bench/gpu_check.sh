@@ -36,7 +36,7 @@ cleanup() { pkill -f "service.cli run"; pkill -f "ray::"; pkill -f raylet; pkill
 
 stage setup
 if [ -d .gpu ] && ! [ -x .venv/bin/python ]; then
-  PY=$(command -v python3)
+  PY=${GPU_CHECK_PYTHON:-$(command -v python3)}  # the image's Python, which has PyTorch
   SITE=/tmp/convnext-serve-site
   mkdir -p "$SITE/bin"
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -66,8 +66,8 @@ import service.app  # noqa: F401 (the whole application imports)
 print("python", __import__("sys").version.split()[0], "torch", torch.__version__,
       "torchvision", torchvision.__version__, "ray", ray.__version__, "fastapi",
       fastapi.__version__, "starlette", starlette.__version__, "pydantic", pydantic.__version__)
-print("cuda", torch.cuda.is_available(), torch.cuda.get_device_name(), "haproxy",
-      get_haproxy_binary())
+cuda = torch.cuda.is_available()
+print("cuda", cuda, torch.cuda.get_device_name() if cuda else "-", "haproxy", get_haproxy_binary())
 EOF
 
 BENCH=("$PY" bench/serve_bench.py --precision bf16 --seconds 6 --concurrency 64 256

@@ -464,6 +464,10 @@ def serve_levels(
     return rows
 
 
+# --gpu-decode: the decode layouts each GPU replica count runs
+GPU_DECODES = {"both": ("GPU", "CPU"), "gpu": ("GPU",), "cpu": ("CPU",)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
@@ -482,7 +486,7 @@ def main() -> None:
         "around each level follow it, so 1 s makes a run shorter",
     )  # fmt: skip
     parser.add_argument(
-        "--gpu-decode", choices=["both", "gpu", "cpu"], default="both",
+        "--gpu-decode", choices=list(GPU_DECODES), default="both",
         help="on a GPU, the layouts to run: GPU (nvJPEG) decode, CPU (Pillow) decode, or both",
     )  # fmt: skip
     parser.add_argument(
@@ -569,9 +573,7 @@ def main() -> None:
     if gpu:  # server replicas sharing the GPU (each one's Python serves its share), GPU/CPU decode
         layouts = {}
         for r in args.gpu_replicas:
-            for decode in {"both": ("GPU", "CPU"), "gpu": ("GPU",), "cpu": ("CPU",)}[
-                args.gpu_decode
-            ]:
+            for decode in GPU_DECODES[args.gpu_decode]:
                 layouts[f"{r} replicas on the GPU, {decode} decode"] = {
                     "num_replicas": r, "num_gpus": round(1 / r, 3),
                     "gpu_decode": decode == "GPU"}  # fmt: skip

@@ -19,7 +19,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -35,6 +34,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from tests.ports import free_port
 from tests.test_deploy import DEPLOY, dashboard_queries, promql_metric_names
 
 PROMETHEUS = shutil.which("prometheus")
@@ -69,12 +69,6 @@ GPU_METRICS = {
     "ray_node_gram_used",
     "ray_node_gram_available",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_checkpoints(folder: Path) -> dict[str, Path]:

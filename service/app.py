@@ -11,7 +11,10 @@ to the service what a Triton server instance is to Triton, and replicas scale as
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
+import time
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
@@ -45,6 +48,10 @@ class Server(GrpcInference):
         self.config = GatewayConfig.model_validate(gateway)
         configs = [ModelConfig.model_validate(m) for m in models]
         self.training = [TrainingModel.model_validate(t) for t in training or []]
+        # a model trained before this replica started is served as if configured
+        configs += [t.serve_as for t in self.training if _trained(t)]
+        self.training = [t for t in self.training if not _trained(t)]
+        self.join_failure: BaseException | None = None
         # Loading is quick and a bad checkpoint fails the replica here; warm-up runs in the
         # background, so /healthz answers and /readyz says what is still warming.
         self.hosts = {
@@ -61,9 +68,34 @@ class Server(GrpcInference):
         self.in_flight: dict[str, int] = {}  # by endpoint, counted by the guard
         self.in_flight_reporter = None  # the guard's task that sets the in-flight gauge
         attach(self)  # for the middleware and the routes
+        if any(t.serve_as is not None for t in self.training):
+            threading.Thread(target=self._join_when_trained, name="join", daemon=True).start()
+
+    def _join_when_trained(self) -> None:
+        """Serve each model of `training` that has `serve_as` once its training says done:
+        loaded and warmed up here beside the models being served (a redeploy would restart
+        the replica and warm every model again), then listed with them."""
+        while self.join_failure is None and any(t.serve_as for t in self.training):
+            time.sleep(JOIN_POLL_S)
+            for t in [t for t in self.training if _trained(t)]:
+                try:
+                    host = ModelHost(t.serve_as, self.config.max_pixels, self.config.retry_after_s)
+                    host.start_warmup()
+                    host.warm.result()
+                except Exception as e:  # check_health fails the replica with it
+                    self.join_failure = RuntimeError(f"model {t.name!r} failed to join: {e!r}")
+                    return
+                # published whole, for the event loop reading them
+                self.hosts = {**self.hosts, t.name: host}
+                if self.default.get(host.meta.task) is None:
+                    self.default = {**self.default, host.meta.task: host}
+                self.training = [other for other in self.training if other is not t]
+                logger.info("model %r trained: now served", t.name)
 
     def check_health(self) -> None:
-        """Serve restarts a replica whose model failed to warm up."""
+        """Serve restarts a replica whose model failed to warm up (or to join)."""
+        if self.join_failure is not None:
+            raise self.join_failure
         for host in self.hosts.values():
             error = host.failure()
             if error is not None:
@@ -150,6 +182,14 @@ class Server(GrpcInference):
 
 
 TASK_PATHS = {f"/v1/{task}": task for task in ("classify", "detect", "segment")}
+JOIN_POLL_S = 1.0  # how often a replica looks for a model that finished training
+logger = logging.getLogger("ray.serve")
+
+
+def _trained(model: TrainingModel) -> bool:
+    """Whether a model to serve once trained has finished: its training writes "done" once the
+    checkpoint is complete."""
+    return model.serve_as is not None and read_progress(model.progress_file).get("state") == "done"
 
 
 def _progress(model: TrainingModel) -> TrainingProgress:
@@ -185,7 +225,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         "graceful_shutdown_wait_loop_s": 0.2,
         "graceful_shutdown_timeout_s": config.longest_request_s() + 5,
         "ray_actor_options": {
-            "num_cpus": max([gateway.num_cpus, *(m.num_cpus for m in config.models)]),
+            "num_cpus": max([gateway.num_cpus, *(m.num_cpus for m in config.every_model())]),
             "num_gpus": _gpus_per_replica(config),
         },
     }
@@ -194,7 +234,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         options["autoscaling_config"] = autoscaling
     else:
         options["num_replicas"] = max(
-            [gateway.num_replicas, *(m.num_replicas for m in config.models)]
+            [gateway.num_replicas, *(m.num_replicas for m in config.every_model())]
         )
     return Server.options(**options).bind(
         gateway.model_dump(),
@@ -207,7 +247,7 @@ def server_autoscaling(config: AppConfig) -> dict[str, Any] | None:
     """The server's autoscaling from its models': a replica holds every model, so it scales
     between the largest minimum and maximum, and its target of requests in flight is the sum
     of the models' targets."""
-    configs = [m.autoscaling_config for m in config.models if m.autoscaling_config]
+    configs = [m.autoscaling_config for m in config.every_model() if m.autoscaling_config]
     if not configs:
         return None
     merged = {k: v for c in configs for k, v in c.items()}
@@ -230,12 +270,13 @@ def _gpus_per_replica(config: AppConfig) -> float:
     """
     import ray
 
-    asked = [m.num_gpus for m in config.models if m.num_gpus is not None]
+    models = config.every_model()
+    asked = [m.num_gpus for m in models if m.num_gpus is not None]
     if asked:
         return max(asked)
     gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
     if not gpus and torch.cuda.is_available():
         gpus = torch.cuda.device_count()
-    forced = any(m.device == "cuda" for m in config.models)
-    on_gpu = any(m.device != "cpu" for m in config.models)
+    forced = any(m.device == "cuda" for m in models)
+    on_gpu = any(m.device != "cpu" for m in models)
     return 1.0 if (gpus or forced) and on_gpu else 0.0

@@ -96,13 +96,24 @@ class TrainingModel(BaseModel):
     """A model not served yet because it is still training: shown, with the progress its
     training writes (`models.train.progress`), in /readyz and /v1/models; requests for it get
     503 `model_training`. `convnext-serve run` lists here the demo models it trains in the
-    background, and serves each as it finishes."""
+    background, each with `serve_as`: the replicas load it once its training is done."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     task: Task
     progress_file: str = Field(description="the JSON file the training writes its progress to")
+    serve_as: ModelConfig | None = Field(
+        None,
+        description="the model to serve once its progress says done: each replica loads and "
+        "warms it up in place (no restart), then serves it",
+    )
+
+    @model_validator(mode="after")
+    def _same_name(self) -> TrainingModel:
+        if self.serve_as is not None and self.serve_as.name != self.name:
+            raise ValueError(f"serve_as names {self.serve_as.name!r}, not {self.name!r}")
+        return self
 
 
 class AppConfig(BaseModel):
@@ -121,17 +132,24 @@ class AppConfig(BaseModel):
             raise ValueError(f"model names must be unique: {names}")
         return self
 
+    def every_model(self) -> list[ModelConfig]:
+        """The models served now and those served once trained (`serve_as`): what a replica's
+        resources, limits and shutdown are sized for."""
+        return [*self.models, *(t.serve_as for t in self.training if t.serve_as is not None)]
+
     def longest_request_s(self) -> float:
         """The longest a request may take: what a stopping replica waits for."""
-        return max([self.gateway.request_timeout_s, *(m.timeout_s or 0 for m in self.models)])
+        timeouts = (m.timeout_s or 0 for m in self.every_model())
+        return max([self.gateway.request_timeout_s, *timeouts])
 
     def server_capacity(self) -> int:
         """The API requests a server replica holds before it surely refuses more (503): its
         in-flight limit, or every model's calls and waiting line where those are bounded and
         fewer. HAProxy refuses beyond it (`service.haproxy_front`)."""
-        if any(m.max_queued_requests < 0 for m in self.models):
+        models = self.every_model()
+        if any(m.max_queued_requests < 0 for m in models):
             return self.gateway.max_in_flight
-        lines = sum(m.ongoing + m.max_queued_requests for m in self.models)
+        lines = sum(m.ongoing + m.max_queued_requests for m in models)
         return min(self.gateway.max_in_flight, lines)
 
     @classmethod
@@ -150,6 +168,9 @@ class AppConfig(BaseModel):
             config.models = [
                 m.model_validate({**m.model_dump(), **override}) for m in config.models
             ]
+            for t in config.training:
+                if t.serve_as is not None:
+                    t.serve_as = t.serve_as.model_validate({**t.serve_as.model_dump(), **override})
         return config
 
 

@@ -2,9 +2,10 @@
 
 On a fresh machine the first demo model is trained before the service starts (there is nothing
 to serve without one); the others train in a background process and join the running service
-as each finishes. Until then each is listed under `training` in the application's args: the
-service shows it, with its progress, in /readyz and /v1/models, and answers requests for it
-with 503 `model_training`.
+as each finishes. Until then each is listed under `training` in the application's args, with
+the model to serve (`serve_as`): the service shows it, with its progress, in /readyz and
+/v1/models, answers requests for it with 503 `model_training`, and each replica loads it in
+place once its training writes "done".
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def with_training(config: dict[str, Any], tasks: list[str]) -> dict[str, Any]:
             continue
         args["models"] = [m for m in args["models"] if m not in later]
         args["training"] = [*args.get("training", []), *(
-            {"name": m["name"], "task": demo_task(m),
+            {"name": m["name"], "task": demo_task(m), "serve_as": m,
              "progress_file": str(progress_path(demo_checkpoint(demo_task(m))))}
             for m in later
         )]  # fmt: skip

@@ -223,7 +223,7 @@ def run(
         while not stopping:
             time.sleep(0.2)
             if background is not None and time.monotonic() >= next_check:
-                background, next_check = _join_trained(background, client, url), next_check + 2
+                background, next_check = _join_trained(background, url), next_check + 2
         print("convnext-serve: shutting down: finishing the requests in flight", flush=True)
         return 0
     finally:
@@ -241,14 +241,11 @@ def run(
             ray.shutdown()
 
 
-def _join_trained(background: BackgroundTraining, client: Any, url: str
-                  ) -> BackgroundTraining | None:  # fmt: skip
-    """Deploy the models the background training has finished; None once nothing is left."""
-    from ray.serve.schema import ServeDeploySchema
-
+def _join_trained(background: BackgroundTraining, url: str) -> BackgroundTraining | None:
+    """Say which models the background training has finished (the replicas load each in
+    place: `serve_as`); None once nothing is left."""
     done = background.finished()
     if done:
-        client.deploy_apps(ServeDeploySchema.model_validate(background.config()), _blocking=False)
         print(f"convnext-serve: {', '.join(done)} trained: joining the service ({url}/v1/models)",
               flush=True)  # fmt: skip
     code = background.failed()

@@ -145,6 +145,7 @@ def test_demo_models_join_the_running_service_as_they_finish(tmp_path):
         assert proc.poll() is None and ready.status_code == 200, log.read_text()[-3000:]
         # the first answer: the classifier, while the others are still to come
         assert ready.json()["models"] == ["shapes-classifier"]
+        replicas = _replica_pids(proc.pid)
         assert {t["name"] for t in ready.json()["training"]} == {
             "shapes-detector", "shapes-segmenter"}  # fmt: skip
         listed = served()
@@ -180,6 +181,8 @@ def test_demo_models_join_the_running_service_as_they_finish(tmp_path):
         for task in ("detect", "segment"):
             r = requests.post(f"{url}/v1/{task}", data=photo, headers=jpeg, timeout=60)
             assert r.status_code == 200, r.text
+        # joined in place: the replicas that served the classifier serve them all
+        assert replicas and _replica_pids(proc.pid) == replicas
         text = log.read_text()
         assert "training detect, segment in the background" in text
         assert text.count("trained: joining the service") >= 1
@@ -192,6 +195,20 @@ def test_demo_models_join_the_running_service_as_they_finish(tmp_path):
     assert proc.returncode == 0, log.read_text()[-3000:]
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE
                 and "models.demo" in " ".join(c.cmdline())]  # fmt: skip
+
+
+def _replica_pids(pid: int) -> set[int]:
+    """The server replicas' processes under `convnext-serve run`."""
+    import psutil
+
+    found = set()
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            if "ServeReplica" in " ".join(child.cmdline()):
+                found.add(child.pid)
+        except psutil.Error:
+            pass
+    return found
 
 
 def _trainer_niceness(pid: int, timeout_s: float = 30) -> int | None:

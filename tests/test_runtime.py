@@ -34,6 +34,27 @@ def test_environment_overrides_the_config(monkeypatch):
     assert app.gateway.max_pixels == 1234  # the environment wins over the file
 
 
+def test_a_model_to_serve_once_trained_is_sized_for_and_overridden(monkeypatch):
+    monkeypatch.setenv("CONVNEXT_SERVE_PRECISION", "bf16")
+    later = {
+        "name": "b",
+        "task": "detect",
+        "progress_file": "b.progress.json",
+        "serve_as": {"name": "b", "checkpoint": "y", "timeout_s": 99, "num_replicas": 3},
+    }
+    app = AppConfig.from_args({"models": [{"name": "a", "checkpoint": "x"}],
+                               "training": [later]})  # fmt: skip
+    assert [m.name for m in app.every_model()] == ["a", "b"]
+    assert app.longest_request_s() == 99 and app.training[0].serve_as.precision == "bf16"
+    with pytest.raises(ValueError, match="serve_as names 'c'"):
+        AppConfig.from_args(
+            {
+                "models": [{"name": "a", "checkpoint": "x"}],
+                "training": [{**later, "serve_as": {"name": "c", "checkpoint": "y"}}],
+            }
+        )
+
+
 def test_bad_configs_are_refused():
     with pytest.raises(ValueError, match="unique"):
         AppConfig.from_args({"models": [{"name": "a", "checkpoint": "x"}] * 2})

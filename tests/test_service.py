@@ -59,7 +59,9 @@ def service(tmp_path_factory):
     # a model still training: listed with the progress its run writes, refused until served
     progress = folder / "later.progress.json"
     write_progress(progress, state="training", epoch=2, epochs=10, fraction=0.15, eta_s=42)
-    training = [{"name": "later-regions", "task": "segment", "progress_file": str(progress)}]
+    later = {"name": "later-regions", "checkpoint": str(ckpt["segment"]), "warmup_batches": 3}
+    training = [{"name": "later-regions", "task": "segment", "progress_file": str(progress),
+                 "serve_as": later}]  # fmt: skip
     yield from run_service(folder, models, gateway, training=training)
 
 
@@ -203,6 +205,31 @@ def test_a_model_still_training_is_listed_and_refused_with_503(service):
     assert "15% done" in r.json()["error"]["message"] and r.headers["Retry-After"] == "42"
     assert service.post("/v1/detect", [data], params={"model": "later-regions"}).status_code == 404
     assert service.post("/v1/segment", [data]).status_code == 200  # the task's served model
+
+
+def test_a_model_joins_the_running_replica_once_its_training_is_done(service):
+    """`serve_as`: the replica loads and warms the model beside the served ones, without a
+    restart, and /readyz says ready throughout."""
+    replicas = {c.pid for c in service.children if c.is_running()
+                and "ServeReplica" in " ".join(c.cmdline())}  # fmt: skip
+    progress = service.log_path.parent / "later.progress.json"
+    write_progress(progress, state="done", epoch=10, epochs=10, fraction=1.0)
+    data, _ = photo("red", box=(60, 20, 280, 220))
+    readiness, deadline = set(), time.monotonic() + 120
+    while time.monotonic() < deadline:
+        readiness.add(requests.get(service.url + "/readyz", timeout=10).status_code)
+        r = service.post("/v1/segment", [data], params={"model": "later-regions"})
+        if r.status_code == 200:
+            break
+        assert r.status_code == 503 and error_of(r) == "model_training", r.text
+        time.sleep(0.2)
+    assert r.status_code == 200 and r.json()["model"] == "later-regions", r.text
+    assert readiness == {200}
+    listed = requests.get(service.url + "/v1/models", headers=AUTH, timeout=10).json()
+    assert listed["training"] == [] and "later-regions" in {m["name"] for m in listed["models"]}
+    alive = {p.pid for p in psutil.process_iter(["cmdline"])
+             if "ServeReplica" in " ".join(p.info["cmdline"] or [])}  # fmt: skip
+    assert replicas and replicas <= alive, "a replica was restarted"
 
 
 def test_docs_show_every_endpoint(service):

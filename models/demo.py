@@ -37,12 +37,14 @@ DEMO_RECIPES: dict[str, tuple[dict, dict]] = {
         },
     ),
     # Mask R-CNN from the classifier's backbone. The paper's widths (FPN 256, box head 1024,
-    # mask head 256) are for 80 COCO classes; for 4 shapes a quarter of them learns as well at a
-    # fifth of the CPU time a step. Few sampled RoIs and proposals keep a step cheap (the
-    # defaults are for 1333 px COCO images), and mmdet's RoIAlign (the paper's) samples small
-    # RoIs less. Images hold 1-4 objects, so half of the sampled RoIs may be positives (the
-    # default quarter starves the box classifier), and 200 proposals at inference are plenty.
-    # Two epochs at lr 2e-3 (box AP50 0.86) cost two thirds of three at 1e-3 (0.92).
+    # mask head 256) are for 80 COCO classes; for 4 shapes an eighth of the FPN and mask head
+    # and a quarter of the box head learn as well at about a seventh of the CPU time a step
+    # (the CPU's single-threaded RoIAlign backward scales with the FPN's width). Few sampled
+    # RoIs and proposals keep a step cheap (the defaults are for 1333 px COCO images), and
+    # mmdet's RoIAlign (the paper's) samples small RoIs less. Images hold 1-4 objects, so half
+    # of the sampled RoIs may be positives (the default quarter starves the box classifier),
+    # and 200 proposals at inference are plenty. Two epochs at lr 2e-3 (box AP50 0.86-0.90)
+    # cost two thirds of three at 1e-3 (0.92).
     "detect": (
         {"n": 2800, "n_val": 100, "image_size": 128},
         {
@@ -50,20 +52,21 @@ DEMO_RECIPES: dict[str, tuple[dict, dict]] = {
             "max_size": 128, "min_size_low": 1.0, "lr": 2e-3, "warmup_epochs": 0.1,
             "drop_path": 0.0, "roi_batch_size": 32, "roi_positive_fraction": 0.5,
             "rpn_train_proposals": 200, "rpn_test_proposals": 200, "layer_decay": 0.9,
-            "fpn_channels": 64, "box_head_dim": 256, "mask_head_dim": 64, "roi_align": "mmdet",
+            "fpn_channels": 32, "box_head_dim": 256, "mask_head_dim": 32, "roi_align": "mmdet",
             "ema_decay": 0.0,
         },
     ),
     # UperNet from the detector's backbone, already fine-tuned to these scenes. What it is
     # slow to learn is which shape a pixel belongs to (pixel accuracy is 0.95 when mIoU is
     # 0.5); with no rescaling (the val images are served at their own scale) and a higher lr
-    # it learns that in half the epochs.
+    # it learns that in half the epochs. A 64-channel decoder (the paper's is 512) learns it
+    # as well as 128 at half the cost of a step: its 3x3 convs at 1/4 scale are most of one.
     "segment": (
         {"n": 2000, "n_val": 100, "image_size": 128},
         {
             "arch": "upernet_convnext_atto", "epochs": 5, "batch_size": 8, "image_size": 128,
             "lr": 4e-3, "warmup_epochs": 0.1, "drop_path": 0.0, "layer_decay": 0.9,
-            "scale_range": (1.0, 1.0), "decode_channels": 128, "ema_decay": 0.0,
+            "scale_range": (1.0, 1.0), "decode_channels": 64, "ema_decay": 0.0,
         },
     ),
 }  # fmt: skip

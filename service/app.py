@@ -49,8 +49,9 @@ class Server(GrpcInference):
         configs = [ModelConfig.model_validate(m) for m in models]
         self.training = [TrainingModel.model_validate(t) for t in training or []]
         # a model trained before this replica started is served as if configured
-        configs += [t.serve_as for t in self.training if _trained(t)]
-        self.training = [t for t in self.training if not _trained(t)]
+        trained = [t for t in self.training if _trained(t)]
+        configs += [t.serve_as for t in trained]
+        self.training = [t for t in self.training if t not in trained]
         self.join_failure: BaseException | None = None
         # Loading is quick and a bad checkpoint fails the replica here; warm-up runs in the
         # background, so /healthz answers and /readyz says what is still warming.

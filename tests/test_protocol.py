@@ -20,6 +20,7 @@ from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from models.masks import decode_rle
+from models.train.progress import write_progress
 from service.grpc_api import SERVICER
 
 from .colour_shapes import COLOURS
@@ -36,14 +37,25 @@ def service(tmp_path_factory):
     models = [
         {"name": "colours", "checkpoint": str(ckpt["classify"]), "max_batch_size": 8},
         {"name": "boxes", "checkpoint": str(ckpt["detect"]), "max_batch_size": 4},
-        {"name": "regions", "checkpoint": str(ckpt["segment"]), "max_batch_size": 4},
     ]
+    # "regions" finished training before the service started: served as if configured
+    folder = tmp_path_factory.mktemp("protocol")
+    write_progress(folder / "regions.progress.json", state="done", epoch=1, epochs=1)
+    regions = {"name": "regions", "checkpoint": str(ckpt["segment"]), "max_batch_size": 4}
+    training = [{"name": "regions", "task": "segment", "serve_as": regions,
+                 "progress_file": str(folder / "regions.progress.json")}]  # fmt: skip
     # room for three 320x240 images as JSON numbers
     gateway = {"max_body_bytes": 8_000_000, "max_pixels": 4_000_000}
     grpc = {"grpc_options": {"port": free_port(), "grpc_servicer_functions": [SERVICER]}}
-    for svc in run_service(tmp_path_factory.mktemp("protocol"), models, gateway, grpc):
+    for svc in run_service(folder, models, gateway, grpc, training=training):
         svc.grpc_url = f"127.0.0.1:{grpc['grpc_options']['port']}"
         yield svc
+
+
+def test_a_model_trained_before_the_start_is_served_as_if_configured(service):
+    listed = requests.get(service.url + "/v1/models", headers=AUTH, timeout=10).json()
+    assert [m["name"] for m in listed["models"]] == ["colours", "boxes", "regions"]
+    assert listed["training"] == [] and all(m["ready"] for m in listed["models"])
 
 
 def auth() -> dict:

@@ -40,6 +40,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from service.config import LOGGING_CONFIG  # noqa: E402
 from tests.ports import free_port  # noqa: E402
 
 
@@ -409,6 +410,7 @@ def serve_levels(
         "http_options": {"host": "127.0.0.1", "port": port},
         "applications": [{"name": "bench", "route_prefix": "/",
                           "import_path": "service.app:build_app",
+                          "logging_config": LOGGING_CONFIG,  # as shipped
                           "args": {"models": [model], "gateway": gateway}}],
     }  # fmt: skip
     (folder / "config.yaml").write_text(yaml.safe_dump(config))

@@ -67,7 +67,9 @@ class Server(GrpcInference):
                         for task in TASK_PATHS.values()}  # fmt: skip
         self.metrics = gateway_metrics()
         self.in_flight: dict[str, int] = {}  # by endpoint, counted by the guard
-        self.in_flight_reporter = None  # the guard's task that sets the in-flight gauge
+        # API requests by (endpoint, model, status) since the guard's task last counted them
+        self.request_counts: dict[tuple[str, str, str], int] = {}
+        self.in_flight_reporter = None  # the guard's task that reports both every second
         attach(self)  # for the middleware and the routes
         if any(t.serve_as is not None for t in self.training):
             threading.Thread(target=self._join_when_trained, name="join", daemon=True).start()

@@ -97,30 +97,33 @@ async def guard(server: Any, app, scope, receive, send) -> None:
         in_flight[endpoint] -= 1
         if api:
             # the model the route resolved (a served name), whatever the client asked for
-            tags = {"endpoint": endpoint, "model": state.get("model") or "unknown"}
-            metrics.requests.inc(tags={**tags, "status": str(status)})
+            model = state.get("model") or "unknown"
+            key = (endpoint, model, str(status))
+            server.request_counts[key] = server.request_counts.get(key, 0) + 1
+            tags = {"endpoint": endpoint, "model": model}
             metrics.duration.observe(time.perf_counter() - started, tags=tags)
 
 
-IN_FLIGHT_REPORT_S = 1.0
+REPORT_S = 1.0
 
 
 def _report_in_flight(server: Any) -> None:
-    """Keep the in-flight gauge current from a task that sets it every second: Ray exports a
-    gauge's last value every few seconds, and setting it twice per request cost the event loop
-    more than any other part of the guard."""
+    """Keep the in-flight gauge and the request counter current from a task that reports them
+    every second: Ray exports them every few seconds anyway, and setting the gauge twice and
+    the counter once a request cost the event loop more than any other part of the guard."""
     if server.in_flight_reporter is None:
-        server.in_flight_reporter = asyncio.get_running_loop().create_task(
-            _report_in_flight_forever(server)
-        )
+        server.in_flight_reporter = asyncio.get_running_loop().create_task(_report_forever(server))
 
 
-async def _report_in_flight_forever(server: Any) -> None:
-    gauge = server.metrics.in_flight
+async def _report_forever(server: Any) -> None:
+    gauge, counter = server.metrics.in_flight, server.metrics.requests
     while True:
         for endpoint, count in list(server.in_flight.items()):
             gauge.set(count, tags={"endpoint": endpoint})
-        await asyncio.sleep(IN_FLIGHT_REPORT_S)
+        counts, server.request_counts = server.request_counts, {}
+        for (endpoint, model, status), n in counts.items():
+            counter.inc(n, tags={"endpoint": endpoint, "model": model, "status": status})
+        await asyncio.sleep(REPORT_S)
 
 
 def authorised(headers: Mapping[str, str], keys: set[str]) -> bool:

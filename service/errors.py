@@ -108,6 +108,15 @@ def error_response(
     return JSONResponse({"error": error}, status_code=status, headers=headers)
 
 
+def response_for(e: Exception, path: str) -> JSONResponse:
+    """The response to an exception a handler raised: ours as they say, anything else a 500."""
+    if isinstance(e, ServiceError):
+        return error_response(e.status, e.code, e.message, e.headers, path)
+    log.exception("internal error", exc_info=e)
+    return error_response(500, "internal_error", f"{type(e).__name__}: the server failed",
+                          path=path)  # fmt: skip
+
+
 def _is_protocol(path: str) -> bool:
     return path == "/v2" or path.startswith("/v2/")
 
@@ -117,7 +126,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, e: ServiceError) -> JSONResponse:
-        return error_response(e.status, e.code, e.message, e.headers, request.url.path)
+        return response_for(e, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_parameter(request: Request, e: RequestValidationError) -> JSONResponse:
@@ -135,6 +144,4 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception) -> JSONResponse:
-        log.exception("internal error")
-        message = f"{type(e).__name__}: the server failed"
-        return error_response(500, "internal_error", message, path=request.url.path)
+        return response_for(e, request.url.path)

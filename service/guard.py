@@ -38,18 +38,23 @@ def takes_keys(path: str) -> bool:
     return path.startswith(("/v1/", "/v2/models"))
 
 
-class GuardMiddleware:
-    """Runs the checks of the server replica (`server()`) on HTTP requests."""
+def _no_lane(scope: dict) -> None:
+    return None
 
-    def __init__(self, app, server: Callable[[], Any]):
-        self.app, self.server = app, server
+
+class GuardMiddleware:
+    """Runs the checks of the server replica (`server()`) on HTTP requests; a request that
+    `lane(scope)` has a handler for goes to it instead of the rest of the app."""
+
+    def __init__(self, app, server: Callable[[], Any], lane: Callable[[dict], Any] = _no_lane):
+        self.app, self.server, self.lane = app, server, lane
 
     async def __call__(self, scope, receive, send) -> None:
         server = self.server()
         if scope["type"] != "http" or server is None:  # or outside a server replica
             await self.app(scope, receive, send)
             return
-        await guard(server, self.app, scope, receive, send)
+        await guard(server, self.lane(scope) or self.app, scope, receive, send)
 
 
 async def guard(server: Any, app, scope, receive, send) -> None:

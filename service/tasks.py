@@ -22,6 +22,8 @@ from models.segmentation import segment
 from . import render as draw
 from .errors import InvalidParameter
 
+TOP_K_MAX = 1000  # classes a request may ask for per image
+
 
 @dataclass(frozen=True)
 class ClassifyOptions:
@@ -87,7 +89,7 @@ class Classify(Task):
         ]
 
     def options_from(self, parameters) -> ClassifyOptions:
-        return ClassifyOptions(_parameter(parameters, "top_k", int, 5, 1, 1000))
+        return ClassifyOptions(_parameter(parameters, "top_k", int, 5, 1, TOP_K_MAX))
 
     def tensor_outputs(self, meta) -> list[tuple[str, str, list[int]]]:
         return [("scores", "FP32", [-1, -1]), ("class_ids", "INT32", [-1, -1]),

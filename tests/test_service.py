@@ -130,6 +130,28 @@ def test_classify_answers_the_colour_in_every_format(service):
         assert top[0]["score"] >= top[1]["score"]
 
 
+def test_the_hot_path_answers_as_the_full_route_does(service):
+    """`POST /v1/classify` with a plain query takes the fast lane (`routes.fast_lane`); one
+    with a parameter FastAPI ignores takes the full route: the same answer, byte for byte."""
+    from service.routes import fast_lane
+
+    def lane(query: bytes, path="/v1/classify", method="POST"):
+        return fast_lane({"path": path, "method": method, "query_string": query})
+
+    assert lane(b"") and lane(b"top_k=3&model=colours") and lane(b"top_k=1000")
+    for query in (b"top_k=0", b"top_k=1001", b"top_k=+3", b"top_k=many", b"other=1"):
+        assert lane(query) is None, query
+    assert lane(b"", path="/v1/detect") is None and lane(b"", method="GET") is None
+    data, _ = photo("green", box=(60, 20, 280, 220))
+    fast = service.post("/v1/classify", [data], params={"top_k": 3})
+    full = service.post("/v1/classify", [data], params={"top_k": 3, "via": "route"})
+    assert fast.status_code == full.status_code == 200
+    assert fast.content == full.content and fast.headers["content-type"] == full.headers[
+        "content-type"]  # fmt: skip
+    bad = [service.post("/v1/classify", [b"not an image"], params=p) for p in ({}, {"via": 1})]
+    assert bad[0].status_code == bad[1].status_code == 400 and bad[0].json() == bad[1].json()
+
+
 def test_classify_takes_a_raw_image_body(service):
     data, _ = photo("blue", size=(640, 480), box=(100, 100, 500, 400))
     r = requests.post(

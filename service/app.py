@@ -48,16 +48,18 @@ class Server(GrpcInference):
         self.config = GatewayConfig.model_validate(gateway)
         configs = [ModelConfig.model_validate(m) for m in models]
         self.training = [TrainingModel.model_validate(t) for t in training or []]
-        # a model trained before this replica started is served as if configured
-        trained = [t for t in self.training if _trained(t)]
-        configs += [t.serve_as for t in trained]
-        self.training = [t for t in self.training if t not in trained]
-        self.join_failure: BaseException | None = None
+        self.join_errors: dict[str, str] = {}  # trained models that could not be served
         # Loading is quick and a bad checkpoint fails the replica here; warm-up runs in the
         # background, so /healthz answers and /readyz says what is still warming.
         self.hosts = {
             c.name: ModelHost(c, self.config.max_pixels, self.config.retry_after_s) for c in configs
         }
+        # a model trained before this replica started is served as if configured
+        for t in [t for t in self.training if _trained(t)]:
+            host = self._load_trained(t)
+            if host is not None:
+                self.hosts[t.name] = host
+                self.training = [other for other in self.training if other is not t]
         for host in self.hosts.values():
             host.start_warmup()
         keys = os.environ.get(self.config.api_keys_env, "")
@@ -71,23 +73,38 @@ class Server(GrpcInference):
         self.request_counts: dict[tuple[str, str, str], int] = {}
         self.in_flight_reporter = None  # the guard's task that reports both every second
         attach(self)  # for the middleware and the routes
-        if any(t.serve_as is not None for t in self.training):
+        if self._joinable():
             threading.Thread(target=self._join_when_trained, name="join", daemon=True).start()
+
+    def _joinable(self) -> list[TrainingModel]:
+        return [t for t in self.training if t.serve_as and t.name not in self.join_errors]
+
+    def _load_trained(self, t: TrainingModel) -> ModelHost | None:
+        """The host of a trained model; None, with the reason kept for /v1/models, when it
+        cannot be loaded: the replica keeps serving the others."""
+        try:
+            return ModelHost(t.serve_as, self.config.max_pixels, self.config.retry_after_s)
+        except Exception as e:
+            logger.exception("model %r was trained but cannot be served", t.name)
+            self.join_errors[t.name] = f"trained, but cannot be served: {e!r}"
+            return None
 
     def _join_when_trained(self) -> None:
         """Serve each model of `training` that has `serve_as` once its training says done:
         loaded and warmed up here beside the models being served (a redeploy would restart
         the replica and warm every model again), then listed with them."""
-        while self.join_failure is None and any(t.serve_as for t in self.training):
+        while self._joinable():
             time.sleep(JOIN_POLL_S)
-            for t in [t for t in self.training if _trained(t)]:
+            for t in [t for t in self._joinable() if _trained(t)]:
+                host = self._load_trained(t)
+                if host is None:
+                    continue
+                host.start_warmup()
                 try:
-                    host = ModelHost(t.serve_as, self.config.max_pixels, self.config.retry_after_s)
-                    host.start_warmup()
                     host.warm.result()
-                except Exception as e:  # check_health fails the replica with it
-                    self.join_failure = RuntimeError(f"model {t.name!r} failed to join: {e!r}")
-                    return
+                except Exception as e:
+                    self.join_errors[t.name] = f"trained, but failed to warm up: {e!r}"
+                    continue
                 # published whole, for the event loop reading them
                 self.hosts = {**self.hosts, t.name: host}
                 if self.default.get(host.meta.task) is None:
@@ -96,9 +113,7 @@ class Server(GrpcInference):
                 logger.info("model %r trained: now served", t.name)
 
     def check_health(self) -> None:
-        """Serve restarts a replica whose model failed to warm up (or to join)."""
-        if self.join_failure is not None:
-            raise self.join_failure
+        """Serve restarts a replica whose model failed to warm up."""
         for host in self.hosts.values():
             error = host.failure()
             if error is not None:
@@ -109,7 +124,7 @@ class Server(GrpcInference):
 
     def training_status(self) -> list[dict[str, Any]]:
         """The models still training, each with the progress its training last wrote."""
-        return [_progress(t).model_dump() for t in self.training]
+        return [_progress(t, self.join_errors.get(t.name)).model_dump() for t in self.training]
 
     def _refuse_training(self, task: str | None, name: str | None) -> None:
         """503 `model_training` for a model still training: the one named, or the task's."""
@@ -195,10 +210,12 @@ def _trained(model: TrainingModel) -> bool:
     return model.serve_as is not None and read_progress(model.progress_file).get("state") == "done"
 
 
-def _progress(model: TrainingModel) -> TrainingProgress:
+def _progress(model: TrainingModel, join_error: str | None = None) -> TrainingProgress:
     """What a model's training last wrote, as documented (other fields left out); a file that
-    is not what a training run writes reads as waiting."""
+    is not what a training run writes reads as waiting; `join_error`: failed after all."""
     named = {"name": model.name, "task": model.task}
+    if join_error is not None:
+        return TrainingProgress(state="failed", error=join_error, **named)
     try:
         return TrainingProgress.model_validate({**read_progress(model.progress_file), **named})
     except ValidationError:

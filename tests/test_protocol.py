@@ -42,7 +42,12 @@ def service(tmp_path_factory):
     folder = tmp_path_factory.mktemp("protocol")
     write_progress(folder / "regions.progress.json", state="done", epoch=1, epochs=1)
     regions = {"name": "regions", "checkpoint": str(ckpt["segment"]), "max_batch_size": 4}
+    # and "broken" too, but its checkpoint cannot be read: listed as failed, the rest served
+    (folder / "broken.safetensors").write_bytes(b"not a checkpoint")
+    broken = {"name": "broken", "checkpoint": str(folder / "broken.safetensors")}
     training = [{"name": "regions", "task": "segment", "serve_as": regions,
+                 "progress_file": str(folder / "regions.progress.json")},
+                {"name": "broken", "task": "classify", "serve_as": broken,
                  "progress_file": str(folder / "regions.progress.json")}]  # fmt: skip
     # room for three 320x240 images as JSON numbers
     gateway = {"max_body_bytes": 8_000_000, "max_pixels": 4_000_000}
@@ -55,7 +60,10 @@ def service(tmp_path_factory):
 def test_a_model_trained_before_the_start_is_served_as_if_configured(service):
     listed = requests.get(service.url + "/v1/models", headers=AUTH, timeout=10).json()
     assert [m["name"] for m in listed["models"]] == ["colours", "boxes", "regions"]
-    assert listed["training"] == [] and all(m["ready"] for m in listed["models"])
+    assert all(m["ready"] for m in listed["models"])
+    (failed,) = listed["training"]  # a trained model that cannot be served: said, not fatal
+    assert (failed["name"], failed["state"]) == ("broken", "failed")
+    assert "cannot be served" in failed["error"]
 
 
 def auth() -> dict:

@@ -165,12 +165,14 @@ class AppConfig(BaseModel):
             if os.environ.get(f"CONVNEXT_SERVE_{key.upper()}")
         }
         if override:
-            config.models = [
-                m.model_validate({**m.model_dump(), **override}) for m in config.models
-            ]
+
+            def overridden(m: ModelConfig) -> ModelConfig:
+                return m.model_validate({**m.model_dump(), **override})
+
+            config.models = [overridden(m) for m in config.models]
             for t in config.training:
                 if t.serve_as is not None:
-                    t.serve_as = t.serve_as.model_validate({**t.serve_as.model_dump(), **override})
+                    t.serve_as = overridden(t.serve_as)
         return config
 
 

@@ -38,15 +38,11 @@ def takes_keys(path: str) -> bool:
     return path.startswith(("/v1/", "/v2/models"))
 
 
-def _no_lane(scope: dict) -> None:
-    return None
-
-
 class GuardMiddleware:
     """Runs the checks of the server replica (`server()`) on HTTP requests; a request that
     `lane(scope)` has a handler for goes to it instead of the rest of the app."""
 
-    def __init__(self, app, server: Callable[[], Any], lane: Callable[[dict], Any] = _no_lane):
+    def __init__(self, app, server: Callable[[], Any], lane: Callable[[dict], Any]):
         self.app, self.server, self.lane = app, server, lane
 
     async def __call__(self, scope, receive, send) -> None:

@@ -22,6 +22,18 @@ API_KEY = "test-key-123"
 AUTH = {"X-API-Key": API_KEY}
 
 
+def server_replicas(pid: int) -> list[psutil.Process]:
+    """The server replicas' processes of the `convnext-serve run` with this pid."""
+    found = []
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            if "ServeReplica:convnext-serve:server" in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.Error:  # gone meanwhile
+            pass
+    return found
+
+
 class Service:
     def __init__(self, url: str, metrics_url: str, proc: subprocess.Popen, log_path):
         self.url, self.metrics_url, self.proc, self.log_path = url, metrics_url, proc, log_path

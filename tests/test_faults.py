@@ -27,7 +27,7 @@ import pytest
 import requests
 from PIL import Image
 
-from .live_service import API_KEY, AUTH, closed_loop, run_service
+from .live_service import API_KEY, AUTH, closed_loop, run_service, server_replicas
 from .service_models import service_checkpoints
 from .test_imaging import corrupt_png, png_header
 from .test_service import photo
@@ -452,8 +452,7 @@ def test_schemathesis_finds_no_5xx_and_no_answer_off_its_schema(service):
 
 
 def _replicas(service) -> list[psutil.Process]:
-    return [p for p in psutil.Process(service.proc.pid).children(recursive=True)
-            if "ServeReplica:convnext-serve:server" in " ".join(p.cmdline())]  # fmt: skip
+    return server_replicas(service.proc.pid)
 
 
 def _load(service, clients: int, seconds: float, on_the_way: Callable[[], None] | None = None

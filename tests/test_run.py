@@ -12,7 +12,7 @@ from models import build_model, save_checkpoint
 from models.checkpoint import CheckpointMeta, Provenance
 from models.cpu import cpu_description, has_native_bf16
 
-from .live_service import free_port
+from .live_service import free_port, server_replicas
 
 
 @pytest.mark.skipif(has_native_bf16(), reason="this CPU runs bf16: the replica loads")
@@ -145,7 +145,7 @@ def test_demo_models_join_the_running_service_as_they_finish(tmp_path):
         assert proc.poll() is None and ready.status_code == 200, log.read_text()[-3000:]
         # the first answer: the classifier, while the others are still to come
         assert ready.json()["models"] == ["shapes-classifier"]
-        replicas = _replica_pids(proc.pid)
+        replicas = {p.pid for p in server_replicas(proc.pid)}
         assert {t["name"] for t in ready.json()["training"]} == {
             "shapes-detector", "shapes-segmenter"}  # fmt: skip
         listed = served()
@@ -182,7 +182,7 @@ def test_demo_models_join_the_running_service_as_they_finish(tmp_path):
             r = requests.post(f"{url}/v1/{task}", data=photo, headers=jpeg, timeout=60)
             assert r.status_code == 200, r.text
         # joined in place: the replicas that served the classifier serve them all
-        assert replicas and _replica_pids(proc.pid) == replicas
+        assert replicas and {p.pid for p in server_replicas(proc.pid)} == replicas
         text = log.read_text()
         assert "training detect, segment in the background" in text
         assert text.count("trained: joining the service") >= 1
@@ -195,20 +195,6 @@ def test_demo_models_join_the_running_service_as_they_finish(tmp_path):
     assert proc.returncode == 0, log.read_text()[-3000:]
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE
                 and "models.demo" in " ".join(c.cmdline())]  # fmt: skip
-
-
-def _replica_pids(pid: int) -> set[int]:
-    """The server replicas' processes under `convnext-serve run`."""
-    import psutil
-
-    found = set()
-    for child in psutil.Process(pid).children(recursive=True):
-        try:
-            if "ServeReplica" in " ".join(child.cmdline()):
-                found.add(child.pid)
-        except psutil.Error:
-            pass
-    return found
 
 
 def _trainer_niceness(pid: int, timeout_s: float = 30) -> int | None:

@@ -21,7 +21,7 @@ from models.masks import decode_rle
 from models.train.progress import write_progress
 
 from .colour_shapes import COLOURS, background, draw
-from .live_service import API_KEY, AUTH, run_service
+from .live_service import API_KEY, AUTH, run_service, server_replicas
 from .service_models import service_checkpoints
 from .test_imaging import png_header
 
@@ -232,8 +232,7 @@ def test_a_model_still_training_is_listed_and_refused_with_503(service):
 def test_a_model_joins_the_running_replica_once_its_training_is_done(service):
     """`serve_as`: the replica loads and warms the model beside the served ones, without a
     restart, and /readyz says ready throughout."""
-    replicas = {c.pid for c in service.children if c.is_running()
-                and "ServeReplica" in " ".join(c.cmdline())}  # fmt: skip
+    replicas = {p.pid for p in server_replicas(service.proc.pid)}
     progress = service.log_path.parent / "later.progress.json"
     write_progress(progress, state="done", epoch=10, epochs=10, fraction=1.0)
     data, _ = photo("red", box=(60, 20, 280, 220))
@@ -249,8 +248,7 @@ def test_a_model_joins_the_running_replica_once_its_training_is_done(service):
     assert readiness == {200}
     listed = requests.get(service.url + "/v1/models", headers=AUTH, timeout=10).json()
     assert listed["training"] == [] and "later-regions" in {m["name"] for m in listed["models"]}
-    alive = {p.pid for p in psutil.process_iter(["cmdline"])
-             if "ServeReplica" in " ".join(p.info["cmdline"] or [])}  # fmt: skip
+    alive = {p.pid for p in server_replicas(service.proc.pid)}
     assert replicas and replicas <= alive, "a replica was restarted"
 
 

@@ -392,6 +392,43 @@ def stop(proc: subprocess.Popen) -> None:
             proc.kill()
 
 
+def floor_levels(photos: list[bytes], args, cores: int) -> list[tuple[int, int, dict]]:
+    """(e) the floor: `bench.floor_app` (Ray Serve's front end answering at once, one replica a
+    core) at each level; (images a request, concurrency, result), the result with the CPU a
+    request takes (`cpu_ms`: the whole machine's busy time, the server's and HAProxy's) and
+    the cores the rest of Ray keeps busy (`ray_cores`: its controller, agents and GCS take
+    about as much whatever the load, so it is a share of the machine, not a cost a request)."""
+    import psutil
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "bench.floor_app", "--port", str(port), "--replicas", str(cores)]
+    log = tempfile.TemporaryFile()  # noqa: SIM115 (the server's lifetime)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    kind = "raw" if args.raw_body else "multipart"
+    rows = []
+    try:
+        wait_http(f"http://127.0.0.1:{port}/readyz", proc, args.ready_timeout_s)
+        for n, c in itertools.product(args.images_per_request, args.concurrency):
+            machine, roles, started = psutil.cpu_times(), cpu_seconds(), time.perf_counter()
+            result = run_wrk(f"http://127.0.0.1:{port}", photos, c, args.seconds, n, kind)
+            after, roles_after = psutil.cpu_times(), cpu_seconds()
+            elapsed = time.perf_counter() - started
+            busy = sum(after) - sum(machine) - (after.idle - machine.idle)
+            busy -= after.iowait - machine.iowait
+            used = {k: roles_after[k] - roles[k] for k in roles}
+            requests = max(1.0, result["images_per_s"] * args.seconds / n)
+            result["cpu_ms"] = {"all but Ray": 1e3 * (busy - used["ray"]) / requests,
+                                "server": 1e3 * used["server"] / requests,
+                                "HAProxy": 1e3 * used["proxy"] / requests}  # fmt: skip
+            result["ray_cores"] = used["ray"] / elapsed
+            rows.append((n, c, result))
+            print(f"(e) floor {n} a request c={c}: {result}", flush=True)
+    finally:
+        stop(proc)
+        log.close()
+    return rows
+
+
 def serve_levels(
     checkpoint: Path, folder: Path, photos: list[bytes], args, layout: dict, label: str
 ) -> list[tuple[str, int, dict]]:
@@ -532,6 +569,12 @@ def main() -> None:
         "pixels the client decoded as UINT8) beside /v1 at each level (wrk)",
     )  # fmt: skip
     parser.add_argument("--raw-only", action="store_true", help="(a) only: the raw model")
+    parser.add_argument(
+        "--floor", action="store_true",
+        help="(e), on a CPU node: the same load on Ray Serve's front end answering at once "
+        "(`bench.floor_app`), the least CPU a request takes on this stack, and so the most the "
+        "service could reach",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.raw_body and (args.client != "wrk" or args.images_per_request != [1]):
         parser.error("--raw-body takes the wrk client and one image a request")
@@ -564,6 +607,7 @@ def main() -> None:
               f"{bound['decode_ms']:.2f} ms + model {bound['model_ms']:.2f} ms at batch "
               f"{bound['batch']}, one thread each) = {bound['images_per_s']:.1f} images/s",
               flush=True)  # fmt: skip
+    floor = floor_levels(photos, args, cores) if args.floor and bound else []
 
     # Replica layouts: on a CPU node one replica with every core (lowest latency) and one
     # single-threaded replica per core (most images/s); on a GPU, model replicas sharing it.
@@ -639,6 +683,30 @@ def main() -> None:
               f"| {100 * r['images_per_s'] / best:.0f}% "
               f"| {of_bound} | {r['p50']:.0f} | {r['p95']:.0f} | {r['p99']:.0f} "
               f"| {r['mean_batch']:.1f} | {cpu_text} | {r['errors']} |")  # fmt: skip
+    if floor:
+        print_floor(floor, bound, cores)
+
+
+def print_floor(floor: list[tuple[int, int, dict]], bound: dict, cores: int) -> None:
+    """(e) and the ceiling it sets: (cores - the rest of Ray's) / (decode and model of an
+    image + the floor's CPU a request / images a request), what the service would reach if its
+    own code cost nothing."""
+    print()
+    print("(e) the floor: Ray Serve's front end answering at once (`bench.floor_app`), one "
+          "replica a core, the same load")  # fmt: skip
+    print()
+    print("| images a request | concurrency | requests/s "
+          "| CPU ms a request: all but Ray / server / HAProxy | rest of Ray, cores "
+          "| ceiling images/s | ceiling % of bound |")  # fmt: skip
+    print("|---:|---:|---:|---|---:|---:|---:|")
+    for n, c, r in floor:
+        cpu = r["cpu_ms"]
+        per_image_ms = bound["decode_ms"] + bound["model_ms"] + cpu["all but Ray"] / n
+        ceiling = (cores - r["ray_cores"]) * 1e3 / per_image_ms
+        share = 100 * ceiling / bound["images_per_s"]
+        print(f"| {n} | {c} | {r['images_per_s'] / n:.0f} | "
+              + " / ".join(f"{v:.2f}" for v in cpu.values())
+              + f" | {r['ray_cores']:.2f} | {ceiling:.1f} | {share:.0f}% |")  # fmt: skip
 
 
 if __name__ == "__main__":

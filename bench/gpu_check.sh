@@ -7,7 +7,9 @@
 #      request;
 #   2. the raw model at its best batch: fp32 (TF32), bf16, bf16 + torch.compile;
 #   3. the GPU decode tests (tests/test_gpu_decode.py);
-#   4. with the time left: the service with half as many replicas, GPU decode.
+#   4. with the time left: the floor (Ray Serve's front end answering at once, `--floor`: the
+#      least CPU a request takes on this node before the service's code), then the service with
+#      half as many replicas, GPU decode.
 # Python: where the machine cannot reach a registry and .gpu/ holds the bundle of
 # bench/gpu_bundle.sh (carry it), the image's python3 with that bundle; else `make setup`'s.
 # The tables go to stdout and $OUT/gpu_check.log; the services' and Ray's logs to
@@ -90,9 +92,9 @@ stage "3. the GPU decode tests"
 timeout 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu_decode.py 2>&1 | tail -15
 
 if [ "$(left)" -gt 120 ]; then
-  stage "4. the service, $((REPLICAS / 2)) replicas on the GPU, GPU decode"
+  stage "4. the floor and the service, $((REPLICAS / 2)) replicas on the GPU, GPU decode"
   timeout -s INT -k 10 $(($(left) - 15)) "${BENCH[@]}" --gpu-replicas $((REPLICAS / 2)) \
-    --gpu-decode gpu --images-per-request 1
+    --gpu-decode gpu --images-per-request 1 --floor
   cleanup
 fi
 stage done

@@ -392,16 +392,18 @@ def stop(proc: subprocess.Popen) -> None:
             proc.kill()
 
 
-def floor_levels(photos: list[bytes], args, cores: int) -> list[tuple[int, int, dict]]:
-    """(e) the floor: `bench.floor_app` (Ray Serve's front end answering at once, one replica a
-    core) at each level; (images a request, concurrency, result), the result with the CPU a
-    request takes (`cpu_ms`: the whole machine's busy time, the server's and HAProxy's) and
-    the cores the rest of Ray keeps busy (`ray_cores`: its controller, agents and GCS take
-    about as much whatever the load, so it is a share of the machine, not a cost a request)."""
+def floor_levels(photos: list[bytes], args, replicas: int) -> list[tuple[int, int, dict]]:
+    """(e) the floor: `bench.floor_app` (Ray Serve's front end answering at once, with the
+    service's replica count) at each level; (images a request, concurrency, result), the result
+    with the CPU a request takes (`cpu_ms`: the whole machine's busy time, the server's and
+    HAProxy's) and the cores the rest of Ray keeps busy (`ray_cores`: its controller, agents
+    and GCS take about as much whatever the load, so it is a share of the machine, not a cost
+    a request)."""
     import psutil
 
     port = free_port()
-    cmd = [sys.executable, "-m", "bench.floor_app", "--port", str(port), "--replicas", str(cores)]
+    cmd = [sys.executable, "-m", "bench.floor_app", "--port", str(port),
+           "--replicas", str(replicas)]  # fmt: skip
     log = tempfile.TemporaryFile()  # noqa: SIM115 (the server's lifetime)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     kind = "raw" if args.raw_body else "multipart"
@@ -571,9 +573,9 @@ def main() -> None:
     parser.add_argument("--raw-only", action="store_true", help="(a) only: the raw model")
     parser.add_argument(
         "--floor", action="store_true",
-        help="(e), on a CPU node: the same load on Ray Serve's front end answering at once "
+        help="(e): the same load on Ray Serve's front end answering at once "
         "(`bench.floor_app`), the least CPU a request takes on this stack, and so the most the "
-        "service could reach",
+        "service could reach (on a GPU node, with the first --gpu-replicas)",
     )  # fmt: skip
     args = parser.parse_args()
     if args.raw_body and (args.client != "wrk" or args.images_per_request != [1]):
@@ -607,7 +609,9 @@ def main() -> None:
               f"{bound['decode_ms']:.2f} ms + model {bound['model_ms']:.2f} ms at batch "
               f"{bound['batch']}, one thread each) = {bound['images_per_s']:.1f} images/s",
               flush=True)  # fmt: skip
-    floor = floor_levels(photos, args, cores) if args.floor and bound else []
+    floor = []
+    if args.floor:  # one replica a core on a CPU node, as many as the GPU layouts' first
+        floor = floor_levels(photos, args, args.gpu_replicas[0] if gpu else cores)
 
     # Replica layouts: on a CPU node one replica with every core (lowest latency) and one
     # single-threaded replica per core (most images/s); on a GPU, model replicas sharing it.
@@ -687,26 +691,31 @@ def main() -> None:
         print_floor(floor, bound, cores)
 
 
-def print_floor(floor: list[tuple[int, int, dict]], bound: dict, cores: int) -> None:
-    """(e) and the ceiling it sets: (cores - the rest of Ray's) / (decode and model of an
-    image + the floor's CPU a request / images a request), what the service would reach if its
-    own code cost nothing."""
+def print_floor(floor: list[tuple[int, int, dict]], bound: dict | None, cores: int) -> None:
+    """(e) and what it allows: the front end's most images/s, (cores - the rest of Ray's) /
+    (the floor's CPU a request / images a request); on a CPU node also the ceiling, (cores -
+    the rest of Ray's) / (decode and model of an image + the floor's CPU a request / images a
+    request), what the service would reach if its own code cost nothing."""
     print()
-    print("(e) the floor: Ray Serve's front end answering at once (`bench.floor_app`), one "
-          "replica a core, the same load")  # fmt: skip
+    print("(e) the floor: Ray Serve's front end answering at once (`bench.floor_app`), the "
+          "same load")  # fmt: skip
     print()
     print("| images a request | concurrency | requests/s "
           "| CPU ms a request: all but Ray / server / HAProxy | rest of Ray, cores "
-          "| ceiling images/s | ceiling % of bound |")  # fmt: skip
-    print("|---:|---:|---:|---|---:|---:|---:|")
+          "| front end's most images/s | ceiling images/s | ceiling % of bound |")  # fmt: skip
+    print("|---:|---:|---:|---|---:|---:|---:|---:|")
     for n, c, r in floor:
         cpu = r["cpu_ms"]
-        per_image_ms = bound["decode_ms"] + bound["model_ms"] + cpu["all but Ray"] / n
-        ceiling = (cores - r["ray_cores"]) * 1e3 / per_image_ms
-        share = 100 * ceiling / bound["images_per_s"]
+        cores_left = cores - r["ray_cores"]
+        front_end = cores_left * 1e3 * n / cpu["all but Ray"]
+        ceiling = share = "-"
+        if bound:
+            per_image_ms = bound["decode_ms"] + bound["model_ms"] + cpu["all but Ray"] / n
+            ceiling = f"{cores_left * 1e3 / per_image_ms:.1f}"
+            share = f"{100 * cores_left * 1e3 / per_image_ms / bound['images_per_s']:.0f}%"
         print(f"| {n} | {c} | {r['images_per_s'] / n:.0f} | "
               + " / ".join(f"{v:.2f}" for v in cpu.values())
-              + f" | {r['ray_cores']:.2f} | {ceiling:.1f} | {share:.0f}% |")  # fmt: skip
+              + f" | {r['ray_cores']:.2f} | {front_end:.0f} | {ceiling} | {share} |")  # fmt: skip
 
 
 if __name__ == "__main__":

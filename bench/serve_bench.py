@@ -711,8 +711,8 @@ def print_floor(floor: list[tuple[int, int, dict]], bound: dict | None, cores: i
         ceiling = share = "-"
         if bound:
             per_image_ms = bound["decode_ms"] + bound["model_ms"] + cpu["all but Ray"] / n
-            ceiling = f"{cores_left * 1e3 / per_image_ms:.1f}"
-            share = f"{100 * cores_left * 1e3 / per_image_ms / bound['images_per_s']:.0f}%"
+            most = cores_left * 1e3 / per_image_ms
+            ceiling, share = f"{most:.1f}", f"{100 * most / bound['images_per_s']:.0f}%"
         print(f"| {n} | {c} | {r['images_per_s'] / n:.0f} | "
               + " / ".join(f"{v:.2f}" for v in cpu.values())
               + f" | {r['ray_cores']:.2f} | {front_end:.0f} | {ceiling} | {share} |")  # fmt: skip

@@ -11,8 +11,11 @@ images, boxes and masks together.
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -30,11 +33,36 @@ TASKS = ("classify", "detect", "segment")
 DEFAULT_IMAGE_SIZE = {"classify": 64, "detect": 128, "segment": 128}
 MIN_VAL_IMAGES = 20
 JPEG_QUALITY = 90
+SUPERSAMPLE = 4  # a classification image is drawn this many times larger, then shrunk
+PARALLEL_FROM = 2000  # classification images: from this many, drawn by a process per core
 CIRCLE_POINTS = 32
 STAR_INNER_RATIO = 0.45  # inner/outer radius of the 5-pointed star (a regular one is 0.38)
-MAX_OBJECTS = 4
-MAX_BOX_IOU = 0.3
+MAX_OBJECTS = 5
+MIN_VISIBLE = 0.75  # a shape drawn over another leaves at least this much of that one in view
 MIN_CONTRAST = 100.0  # RGB distance between a shape's colour and the background under it
+# Plain colours people draw with, the page's sample colours among them: a shape takes one of
+# these half the time, otherwise any colour that stands out from what is under it.
+NAMED_COLOURS = (
+    (220, 30, 30), (30, 200, 40), (30, 60, 230), (250, 200, 0), (255, 128, 0), (150, 40, 200),
+    (0, 0, 0), (255, 255, 255), (128, 128, 128), (0, 180, 200), (240, 80, 160), (120, 70, 20),
+)  # fmt: skip
+GROUNDS = ("flat", "noise", "split", "gradient", "textured")
+# The angle at which each shape stands as people draw it (a square axis-aligned, a triangle
+# and a star on their base); a third of the shapes are drawn so, the rest at any angle.
+UPRIGHT = {"circle": 0.0, "square": np.pi / 4, "triangle": -np.pi / 2, "star": -np.pi / 2}
+UPRIGHT_FRACTION = 1 / 3
+MAX_STRETCH = 1.3  # a shape may be drawn this much wider than tall, or taller than wide
+# A classification image's shape spans this much of the frame (its longer side), anywhere in
+# it; but half of them are large and near the centre. Those are what a model from scratch
+# learns shapes from first: trained on the spread alone, it stays at chance for thousands of
+# steps.
+SINGLE_EXTENT = (0.25, 1.0)
+CENTRED_FRACTION = 0.5
+CENTRED_EXTENT = (0.55, 0.9)
+CENTRED_JITTER = 0.3  # of the room there is to move: 0 = centred, 1 = anywhere in the frame
+# A scene's shapes span from a tenth of the frame; the fewer there are, the larger they may be.
+SCENE_MIN_EXTENT = 0.1
+SCENE_MAX_EXTENT = (0.95, 0.7, 0.5)  # for one, two, three or more shapes
 
 # the split directory names of each layout, train first
 SPLITS = {
@@ -52,14 +80,15 @@ Transforms = Callable | None
 
 @dataclass(frozen=True)
 class Shape:
-    """One drawn object: its class, its polygon (flat COCO `[x0, y0, x1, y1, ...]`), the pixels it
-    covers (rasterised from that polygon, so the label and the picture agree exactly) and the
-    flat colour it was painted with."""
+    """One drawn object: its class, its polygon (flat COCO `[x0, y0, x1, y1, ...]`), the pixels
+    of it in view (rasterised from that polygon, so the label and the picture agree exactly,
+    less what a later shape covers) and the flat colour it was painted with."""
 
     kind: str
     polygon: list[float]
     mask: np.ndarray  # (H, W) bool
     colour: tuple[int, int, int]
+    occluded: bool = False  # a later shape covers part of it: `mask` is less than the polygon's
 
     @property
     def class_id(self) -> int:
@@ -72,23 +101,33 @@ class Shape:
         return _mask_box(self.mask)
 
 
-def shape_polygon(kind: str, cx: float, cy: float, radius: float, angle: float) -> list[float]:
-    """The outline of a shape of circumradius `radius`, as a flat COCO polygon.
+def shape_polygon(
+    kind: str, cx: float, cy: float, radius: float, angle: float, stretch: float = 1.0
+) -> list[float]:
+    """The outline of a shape of circumradius `radius`, as a flat COCO polygon; `stretch` > 1
+    widens it (and < 1 makes it taller) by that ratio, keeping its area.
 
     Coordinates are rounded to 1/100 pixel, the precision written to JSON, so rasterising the
     returned polygon and rasterising the one read back from the annotation file give the same
     pixels.
     """
+    x, y = _outline(kind, angle)
+    sx, sy = np.sqrt(stretch), 1 / np.sqrt(stretch)
+    xy = np.stack([cx + radius * sx * x, cy + radius * sy * y], axis=1).reshape(-1)
+    return [round(float(v), 2) for v in xy]
+
+
+def _outline(kind: str, angle: float) -> tuple[np.ndarray, np.ndarray]:
+    """The unit-circumradius outline of a shape turned by `angle`, centred on 0."""
     if kind == "star":
         k = np.arange(10)
-        r = np.where(k % 2 == 0, radius, radius * STAR_INNER_RATIO)
+        r = np.where(k % 2 == 0, 1.0, STAR_INNER_RATIO)
         t = angle + k * np.pi / 5
     else:
         n = {"circle": CIRCLE_POINTS, "square": 4, "triangle": 3}[kind]
-        r = np.full(n, radius)
+        r = np.ones(n)
         t = angle + np.arange(n) * 2 * np.pi / n
-    xy = np.stack([cx + r * np.cos(t), cy + r * np.sin(t)], axis=1).reshape(-1)
-    return [round(float(v), 2) for v in xy]
+    return r * np.cos(t), r * np.sin(t)
 
 
 def polygon_mask(polygon: list[float], height: int, width: int) -> np.ndarray:
@@ -107,21 +146,38 @@ def _mask_box(mask: np.ndarray) -> list[int]:
     return [x0, y0, int(xs.max()) - x0 + 1, int(ys.max()) - y0 + 1]
 
 
-def _box_iou(a: list[int], b: list[int]) -> float:
-    iw = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
-    ih = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
-    inter = max(iw, 0) * max(ih, 0)
-    return inter / (a[2] * a[3] + b[2] * b[3] - inter)
-
-
 def _background(rng: np.random.Generator, size: int, plain: bool = False) -> np.ndarray:
-    """A textured (H, W, 3) uint8 background: a low-frequency colour gradient, pixel noise and a
-    few random lines, so that shapes have to be told from clutter rather than from a flat field.
+    """An (H, W, 3) uint8 ground of one of five kinds, each as likely: a flat colour (often
+    near white or black), grey with pixel noise, two flat colours either side of a line, a
+    linear gradient between two colours, or clutter (a low-frequency colour field, pixel noise
+    and a few random lines).
 
-    `plain` gives one flat colour instead: the easy variant that trains in seconds (smoke tests).
+    `plain` gives one flat mid colour instead: the easy variant that trains in seconds (smoke
+    tests).
     """
     if plain:
         return np.full((size, size, 3), rng.integers(30, 225, 3), dtype=np.uint8)
+    ground = GROUNDS[int(rng.integers(len(GROUNDS)))]
+    if ground == "flat":
+        tone = rng.choice([rng.integers(215, 256), rng.integers(0, 45), 128]) + np.zeros(3)
+        colour = rng.integers(0, 256, 3) if rng.random() < 0.3 else tone
+        return np.full((size, size, 3), colour, dtype=np.uint8)
+    if ground == "noise":
+        noisy = rng.uniform(40, 215) + rng.normal(0.0, rng.uniform(4, 24), (size, size, 1))
+        return np.clip(noisy, 0, 255).repeat(3, axis=2).astype(np.uint8)
+    if ground == "split":  # two flat colours either side of a line: a horizon, a table's edge
+        t = rng.uniform(0, 2 * np.pi)
+        yy, xx = np.mgrid[:size, :size] - size / 2
+        side = (np.cos(t) * xx + np.sin(t) * yy) > rng.uniform(-0.3, 0.3) * size
+        a, b = rng.integers(0, 256, (2, 3))
+        return np.where(side[..., None], a, b).astype(np.uint8)
+    if ground == "gradient":
+        t = rng.uniform(0, 2 * np.pi)
+        yy, xx = np.mgrid[:size, :size] / (size - 1)
+        ramp = (np.cos(t) * xx + np.sin(t) * yy)[..., None]
+        ramp = (ramp - ramp.min()) / max(np.ptp(ramp), 1e-6)
+        a, b = rng.uniform(0, 255, (2, 3))
+        return (a + (b - a) * ramp).astype(np.uint8)
     grid = rng.uniform(30, 225, size=(3, 3, 3)).astype(np.uint8)
     base = Image.fromarray(grid, "RGB").resize((size, size), Image.Resampling.BILINEAR)
     noisy = np.asarray(base, np.float32) + rng.normal(0.0, 10.0, size=(size, size, 3))
@@ -137,53 +193,85 @@ def _background(rng: np.random.Generator, size: int, plain: bool = False) -> np.
 def _paint(
     rng: np.random.Generator, image: np.ndarray, kind: str, polygon: list[float], mask: np.ndarray
 ) -> Shape:
-    """Fill the polygon's pixels with one flat colour that stands out from what is under it."""
+    """Fill the polygon's pixels with one flat colour that stands out from what is under it:
+    half the time a named colour (when one does), otherwise a random one."""
     under = image[mask].astype(np.float32).mean(axis=0)
-    for _ in range(20):
-        colour = rng.integers(0, 256, 3)
-        if np.linalg.norm(colour - under) >= MIN_CONTRAST:
+    named = [c for c in NAMED_COLOURS if np.linalg.norm(np.subtract(c, under)) >= MIN_CONTRAST]
+    colour = None
+    if named and rng.random() < 0.5:
+        colour = np.array(named[int(rng.integers(len(named)))])
+    for _ in range(20 if colour is None else 0):
+        candidate = rng.integers(0, 256, 3)
+        if np.linalg.norm(candidate - under) >= MIN_CONTRAST:
+            colour = candidate
             break
-    else:
+    if colour is None:
         colour = 255 - np.round(under).astype(np.int64)
     image[mask] = colour
     return Shape(kind, polygon, mask, (int(colour[0]), int(colour[1]), int(colour[2])))
 
 
+def _place(
+    rng: np.random.Generator, size: int, kind: str, extent: tuple[float, float],
+    centre_jitter: float = 1.0,
+) -> list[float]:  # fmt: skip
+    """A random polygon of `kind` whose longer side spans `extent` of the frame, inside it:
+    upright a third of the time, otherwise at any angle; stretched up to `MAX_STRETCH`."""
+    angle = UPRIGHT[kind] if rng.random() < UPRIGHT_FRACTION else rng.uniform(0, 2 * np.pi)
+    stretch = float(np.exp(rng.uniform(-1, 1) * np.log(MAX_STRETCH)))
+    x, y = _outline(kind, angle)
+    x, y = x * np.sqrt(stretch), y / np.sqrt(stretch)
+    span = max(np.ptp(x), np.ptp(y))  # of the unit-circumradius outline
+    radius = rng.uniform(*extent) * (size - 2) / span
+    # the range of centres that keeps the outline inside the frame, narrowed by the jitter
+    lo = np.array([-x.min(), -y.min()]) * radius + 1
+    hi = size - 1 - np.array([x.max(), y.max()]) * radius
+    mid = (lo + hi) / 2
+    cx, cy = mid + (rng.uniform(0, 1, 2) - 0.5) * np.maximum(hi - lo, 0) * centre_jitter
+    return shape_polygon(kind, cx, cy, radius, angle, stretch)
+
+
 def render_single(
     rng: np.random.Generator, size: int, kind: str, plain: bool = False
 ) -> tuple[np.ndarray, Shape]:
-    """A classification image: one large shape of class `kind`, near the centre, on clutter."""
+    """A classification image: one shape of class `kind` spanning a quarter of the frame to
+    all of it, anywhere in it, on any ground."""
     image = _background(rng, size, plain)
-    radius = rng.uniform(0.28, 0.45) * size
-    jitter = min(size / 2 - radius - 1, 0.15 * size)
-    cx, cy = size / 2 + rng.uniform(-jitter, jitter, 2)
-    polygon = shape_polygon(kind, cx, cy, radius, rng.uniform(0, 2 * np.pi))
+    if rng.random() < CENTRED_FRACTION:
+        polygon = _place(rng, size, kind, CENTRED_EXTENT, CENTRED_JITTER)
+    else:
+        polygon = _place(rng, size, kind, SINGLE_EXTENT)
     return image, _paint(rng, image, kind, polygon, polygon_mask(polygon, size, size))
 
 
 def render_scene(
     rng: np.random.Generator, size: int, plain: bool = False
 ) -> tuple[np.ndarray, list[Shape]]:
-    """A detection/segmentation image: 1-4 shapes of random classes, sizes and places.
+    """A detection/segmentation image: 1-5 shapes of random classes, sizes and places; one
+    alone may fill most of the frame, several are smaller.
 
-    Placements whose pixels touch an earlier object's, or whose box overlaps one by IoU > 0.3,
-    are drawn again (up to 30 times, else the object is dropped), so every object is wholly
-    visible and its mask needs no occlusion bookkeeping.
+    A shape may be drawn over earlier ones as long as each keeps `MIN_VISIBLE` of its pixels
+    in view (a placement that would hide more is drawn again, up to 30 times, else the shape
+    is dropped); the earlier shapes' masks then hold only what is still in view.
     """
     image = _background(rng, size, plain)
+    count = int(rng.integers(1, MAX_OBJECTS + 1))
+    extent = (SCENE_MIN_EXTENT, SCENE_MAX_EXTENT[min(count, len(SCENE_MAX_EXTENT)) - 1])
     shapes: list[Shape] = []
-    for _ in range(int(rng.integers(1, MAX_OBJECTS + 1))):
+    areas: list[int] = []  # of each shape's whole polygon
+    for _ in range(count):
         kind = CLASSES[int(rng.integers(len(CLASSES)))]
         for _attempt in range(30):
-            radius = rng.uniform(0.08, 0.2) * size
-            cx, cy = rng.uniform(radius + 1, size - radius - 1, 2)
-            polygon = shape_polygon(kind, cx, cy, radius, rng.uniform(0, 2 * np.pi))
+            polygon = _place(rng, size, kind, extent)
             mask = polygon_mask(polygon, size, size)
-            box = _mask_box(mask)
-            if all(
-                not (mask & s.mask).any() and _box_iou(box, s.bbox) <= MAX_BOX_IOU for s in shapes
-            ):
+            in_view = [(s.mask & ~mask).sum() for s in shapes]
+            if all(v >= MIN_VISIBLE * a for v, a in zip(in_view, areas, strict=True)):
+                shapes = [
+                    replace(s, mask=s.mask & ~mask, occluded=True) if (s.mask & mask).any() else s
+                    for s in shapes
+                ]
                 shapes.append(_paint(rng, image, kind, polygon, mask))
+                areas.append(int(mask.sum()))
                 break
     return image, shapes
 
@@ -207,18 +295,41 @@ def image_rng(seed: int, task: str, split: int, index: int) -> np.random.Generat
 
 def _save_jpeg(image: np.ndarray, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image, "RGB").save(path, "JPEG", quality=JPEG_QUALITY, subsampling="4:2:0")
+    # Full-resolution colour: halved chroma smears a small image's shapes into their ground,
+    # which the photos a classifier is served, resized from far larger, do not show.
+    Image.fromarray(image, "RGB").save(path, "JPEG", quality=JPEG_QUALITY, subsampling="4:4:4")
+
+
+def single_image(rng: np.random.Generator, size: int, kind: str, plain: bool = False) -> np.ndarray:
+    """A classification image as written: drawn at `SUPERSAMPLE` times `size` and shrunk
+    (antialiased), so its shapes have the soft edges of a served photo shrunk to the model's
+    input, not the jagged ones of a polygon rasterised at a few dozen pixels."""
+    image, _ = render_single(rng, size * SUPERSAMPLE, kind, plain)
+    small = Image.fromarray(image, "RGB").resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(small)
 
 
 def _write_classify(
     out: Path, split: int, n: int, seed: int, size: int, plain: bool
 ) -> dict[str, int]:
-    name = SPLITS["classify"][split]
-    for i in range(n):
-        kind = CLASSES[i % len(CLASSES)]  # classes take turns: balanced to within one image
-        image, _ = render_single(image_rng(seed, "classify", split, i), size, kind, plain)
-        _save_jpeg(image, out / name / kind / f"{i:06d}.jpg")
+    write = partial(_write_singles, out / SPLITS["classify"][split], split, seed, size, plain)
+    workers = min(os.cpu_count() or 1, 8) if n >= PARALLEL_FROM else 1
+    if workers == 1:
+        write(range(n))
+    else:  # each image depends only on its index: the same files from any number of workers
+        context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            list(pool.map(write, [range(w, n, workers) for w in range(workers)]))
     return {"images": n, "objects": n}
+
+
+def _write_singles(
+    folder: Path, split: int, seed: int, size: int, plain: bool, indices: range
+) -> None:
+    for i in indices:
+        kind = CLASSES[i % len(CLASSES)]  # classes take turns: balanced to within one image
+        image = single_image(image_rng(seed, "classify", split, i), size, kind, plain)
+        _save_jpeg(image, folder / kind / f"{i:06d}.jpg")
 
 
 def _write_detect(
@@ -240,7 +351,7 @@ def _write_detect(
                     "bbox": [float(v) for v in s.bbox],
                     "area": float(s.mask.sum()),
                     "iscrowd": 0,
-                    "segmentation": [s.polygon],
+                    "segmentation": _rle(s.mask) if s.occluded else [s.polygon],
                 }
             )
     coco = {
@@ -256,6 +367,13 @@ def _write_detect(
     ann_file.parent.mkdir(parents=True, exist_ok=True)
     ann_file.write_text(json.dumps(coco), encoding="utf-8")
     return {"images": n, "objects": len(annotations)}
+
+
+def _rle(mask: np.ndarray) -> dict:
+    """COCO's compressed RLE of a bool mask, as JSON holds it: what is left in view of an
+    occluded shape is no polygon."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
 def _write_segment(

@@ -53,9 +53,13 @@ def _fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
-def cache_dir() -> Path:
+def cache_root() -> Path:
     default = Path.home() / ".cache" / "convnext-serve" / "test-models"
-    return Path(os.environ.get("CONVNEXT_SERVE_TEST_CACHE", default)) / _fingerprint()
+    return Path(os.environ.get("CONVNEXT_SERVE_TEST_CACHE", default))
+
+
+def cache_dir() -> Path:
+    return cache_root() / _fingerprint()
 
 
 def service_checkpoints() -> dict[str, Path]:

@@ -13,6 +13,8 @@ from torchvision.transforms import v2
 
 from models.data import (
     CLASSES,
+    MAX_OBJECTS,
+    MIN_VISIBLE,
     classification_dataset,
     detection_dataset,
     image_rng,
@@ -91,18 +93,50 @@ def test_synth_refuses_a_non_empty_directory_and_bad_arguments(tmp_path):
 
 
 def test_shapes_are_drawn_exactly_where_their_masks_are():
-    for i in range(5):
+    for i in range(20):
         image, shapes = render_scene(image_rng(0, "detect", 0, i), 128)
-        assert 1 <= len(shapes) <= 4
+        assert 1 <= len(shapes) <= MAX_OBJECTS
         for k, s in enumerate(shapes):
             assert (image[s.mask] == s.colour).all()
-            assert np.array_equal(s.mask, polygon_mask(s.polygon, 128, 128))
+            whole = polygon_mask(s.polygon, 128, 128)
+            if s.occluded:  # what a later shape left in view: part of its polygon, most of it
+                assert (s.mask & ~whole).sum() == 0
+                assert MIN_VISIBLE * whole.sum() <= s.mask.sum() < whole.sum()
+            else:
+                assert np.array_equal(s.mask, whole)
             for other in shapes[k + 1 :]:
                 assert not (s.mask & other.mask).any()
     image, shape = render_single(np.random.default_rng(0), 64, "star")
-    assert (image[shape.mask] == shape.colour).all() and shape.mask.sum() > 300
+    assert (image[shape.mask] == shape.colour).all() and shape.mask.sum() > 50
     assert len(shape_polygon("circle", 10, 10, 5, 0)) == 64
     assert len(shape_polygon("star", 10, 10, 5, 0)) == 20
+
+
+def _extent(mask):
+    ys, xs = np.nonzero(mask)
+    return max(np.ptp(xs), np.ptp(ys)) + 1
+
+
+def test_the_generator_covers_what_people_draw():
+    """Grounds flat and not; the page's colours; shapes upright and turned, from a tenth of
+    the frame to filling it; scenes of one to five shapes, some overlapping."""
+    singles = [render_single(image_rng(0, "classify", 0, i), 64, CLASSES[i % 4])
+               for i in range(200)]  # fmt: skip
+    scenes = [render_scene(image_rng(0, "detect", 0, i), 128) for i in range(200)]
+    flat = [len(np.unique(image[~s.mask], axis=0)) == 1 for image, s in singles]
+    assert 0.1 < np.mean(flat) < 0.5  # a quarter of the grounds
+    colours = {s.colour for _, shapes in scenes for s in shapes} | {s.colour for _, s in singles}
+    assert {(220, 30, 30), (30, 200, 40), (30, 60, 230)} <= colours  # the page's
+    extents = [_extent(s.mask) / 64 for _, s in singles]
+    assert min(extents) < 0.3 and max(extents) > 0.95
+    scene_extents = [_extent(s.mask) / 128 for _, shapes in scenes for s in shapes]
+    assert min(scene_extents) < 0.12 and max(scene_extents) > 0.85
+    counts = [len(shapes) for _, shapes in scenes]
+    assert set(counts) == set(range(1, MAX_OBJECTS + 1))
+    assert 0.05 < np.mean([any(s.occluded for s in shapes) for _, shapes in scenes]) < 0.6
+    # an upright square fills its box; a turned one, half of it
+    fill = [s.mask.sum() / np.prod(s.bbox[2:]) for _, s in singles if s.kind == "square"]
+    assert 0.15 < np.mean(np.array(fill) > 0.97) < 0.6
 
 
 def test_classify_layout_is_an_image_folder(roots):
@@ -143,7 +177,9 @@ def test_coco_annotations_match_the_drawn_objects(roots):
                 mask = coco.annToMask(ann).astype(bool)
                 assert np.array_equal(mask, shape.mask)
                 assert (image[mask] == shape.colour).all()
-                assert np.abs(decoded[erode(mask)].mean(axis=0) - shape.colour).max() < 12
+                inside = erode(mask)
+                if inside.sum() >= 150:  # JPEG's halved chroma blurs a small shape's colours
+                    assert np.abs(decoded[inside].mean(axis=0) - shape.colour).max() < 12
                 assert ann["area"] == mask.sum() and ann["iscrowd"] == 0
                 x, y, w, h = ann["bbox"]
                 ys, xs = np.nonzero(mask)
@@ -194,7 +230,7 @@ def test_detection_dataset_gives_tv_tensors_and_flips_boxes_with_masks(roots):
     for i in range(3):
         image, target = plain[i]
         check_detection_sample(image, target)
-        assert 1 <= len(target["labels"]) <= 4 and target["image_id"] == i + 1
+        assert 1 <= len(target["labels"]) <= MAX_OBJECTS and target["image_id"] == i + 1
         assert set(target["labels"].tolist()) <= {1, 2, 3, 4}
         f_image, f_target = flipped[i]
         check_detection_sample(f_image, f_target)

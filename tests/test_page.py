@@ -1,13 +1,16 @@
-"""The page for people (`GET /`) in a real headless Chromium against the real service: the API
-key asked for, an image uploaded for each task and the answer drawn (checked on the canvas's
-pixels), a bad file's error shown as the service words it.
+"""The page for people (`GET /`) in a real headless Chromium against the real service with the
+demo models, as a person meets it: the API key asked for, each sample button answered rightly
+(the classifier names each shape, the detector and the segmenter find the four of the scene,
+drawn on the canvas), the samples drawn as `drawn_shapes.py` draws them, an uploaded file's
+answer drawn, a bad file's error shown as the service words it.
 
 Needs Debian's `chromium` and `chromium-driver` (`.ci/run` installs them); skipped without.
-With CONVNEXT_SERVE_SCREENSHOTS=<folder> it saves a screenshot of each task (the README's).
+With CONVNEXT_SERVE_SCREENSHOTS=<folder> it saves a screenshot of each task (the docs').
 """
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import shutil
@@ -20,8 +23,9 @@ from PIL import Image
 
 from models.train.progress import write_progress
 
+from .demo_models import demo_checkpoints
+from .drawn_shapes import KINDS, PAGE_SAMPLES, page_sample
 from .live_service import API_KEY, run_service
-from .service_models import service_checkpoints
 from .test_service import photo
 
 webdriver = pytest.importorskip("selenium.webdriver")
@@ -36,9 +40,9 @@ BOX = (60, 50, 220, 190)  # the object in the test photo (x0, y0, x1, y1)
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
-    ckpt = service_checkpoints()
+    ckpt = demo_checkpoints()
     models = [
-        {"name": "colours", "checkpoint": str(ckpt["classify"]), "max_batch_size": 4},
+        {"name": "shapes", "checkpoint": str(ckpt["classify"]), "max_batch_size": 4},
         {"name": "boxes", "checkpoint": str(ckpt["detect"]), "max_batch_size": 4},
         {"name": "regions", "checkpoint": str(ckpt["segment"]), "max_batch_size": 4},
     ]
@@ -76,6 +80,18 @@ def page(service, browser):
     return browser
 
 
+def answered(browser, start) -> None:
+    """Do `start()` (a click that sends a request) and wait for the page's answer or error."""
+    done = browser.execute_script("return Number(document.body.dataset.done || 0)")
+    start()
+    WebDriverWait(browser, 60).until(
+        lambda b: (
+            b.execute_script("return Number(document.body.dataset.done || 0)") > done
+            or b.find_element(By.ID, "error").text
+        )
+    )
+
+
 def run(browser, tmp_path: Path, task: str, data: bytes, name: str = "photo.jpg") -> None:
     Select(browser.find_element(By.ID, "task")).select_by_value(task)
     path = tmp_path / name
@@ -83,14 +99,14 @@ def run(browser, tmp_path: Path, task: str, data: bytes, name: str = "photo.jpg"
     files = browser.find_element(By.ID, "files")
     browser.execute_script("arguments[0].value = ''", files)  # send_keys adds to a multiple
     files.send_keys(str(path))
-    done = browser.execute_script("return Number(document.body.dataset.done || 0)")
-    browser.find_element(By.ID, "run").click()
-    WebDriverWait(browser, 60).until(
-        lambda b: (
-            b.execute_script("return Number(document.body.dataset.done || 0)") > done
-            or b.find_element(By.ID, "error").text
-        )
-    )
+    answered(browser, browser.find_element(By.ID, "run").click)
+
+
+def run_sample(browser, task: str, sample: str) -> None:
+    Select(browser.find_element(By.ID, "task")).select_by_value(task)
+    button = browser.find_element(By.CSS_SELECTOR, f"[data-sample='{sample}']")
+    answered(browser, button.click)
+    assert not browser.find_element(By.ID, "error").text
 
 
 def canvas_pixels(browser) -> np.ndarray:
@@ -117,43 +133,76 @@ def test_the_page_is_served_open(service):
     assert "<script>" in r.text and "http" not in r.text.split("<script>")[1]  # nothing remote
 
 
-def test_classify_draws_the_top_k_as_bars(page, tmp_path):
-    data, _ = photo("red", box=BOX)
-    run(page, tmp_path, "classify", data)
-    assert not page.find_element(By.ID, "error").text
+def test_the_samples_are_drawn_as_the_held_out_set_draws_them(page):
+    """The page's samples are in the demo models' held-out test set: the same picture."""
+    for name in PAGE_SAMPLES:
+        data_url = page.execute_async_script(
+            "const done = arguments[1];"
+            "sample(arguments[0]).then((blob) => {"
+            "  const reader = new FileReader(); reader.onload = () => done(reader.result);"
+            "  reader.readAsDataURL(blob); });",
+            name,
+        )
+        png = base64.b64decode(data_url.split(",", 1)[1])
+        drawn = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+        expected = page_sample(name).image.astype(int)
+        differ = np.abs(drawn - expected).max(axis=2) > 2
+        assert drawn.shape == expected.shape and differ.mean() < 0.01, (name, differ.mean())
+
+
+@pytest.mark.parametrize("sample, kind", [("square", "square"), ("disc", "circle"),
+                                          ("triangle", "triangle"), ("star", "star")])  # fmt: skip
+def test_each_sample_is_classified_as_its_shape(page, sample, kind):
+    run_sample(page, "classify", sample)
     bars = page.find_elements(By.CSS_SELECTOR, ".result .bar")
-    assert bars and bars[0].find_element(By.CSS_SELECTOR, ".name").text == "red"
+    assert bars and bars[0].find_element(By.CSS_SELECTOR, ".name").text == kind
     widths = [b.find_element(By.CSS_SELECTOR, ".fill").size["width"] for b in bars]
-    assert widths[0] > 100 and widths == sorted(widths, reverse=True)
-    assert "colours" in page.find_element(By.ID, "time").text
-    screenshot(page, "classify")
+    assert widths == sorted(widths, reverse=True)
+    assert "shapes" in page.find_element(By.ID, "time").text
+    if sample == "star":
+        screenshot(page, "classify")
 
 
-def drawn_over(page, tmp_path, task: str, colour: str) -> np.ndarray:
-    """Run `task` on a photo of a `colour` object in BOX; where the canvas differs from it."""
-    data, _ = photo(colour, box=BOX)
-    original = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
-    run(page, tmp_path, task, data)
-    assert not page.find_element(By.ID, "error").text
+def changed_by_answer(page, sample: str) -> np.ndarray:
+    """Where the first result's canvas differs from the sample it was drawn over."""
+    original = page_sample(sample).image.astype(int)
     return np.abs(canvas_pixels(page).astype(int) - original).sum(axis=2) > 30
 
 
-def test_detect_draws_the_box_and_mask(page, tmp_path):
-    changed = drawn_over(page, tmp_path, "detect", "green")
-    x0, y0, x1, y1 = BOX
-    assert changed[y0 + 20 : y1 - 20, x0 + 20 : x1 - 20].mean() > 0.9  # the mask, blended
-    assert changed[5:30, 250:315].mean() < 0.05  # the background, left as it was
-    assert changed[y0 - 3 : y0 + 3, x0 + 20 : x1 - 20].mean() > 0.5  # the box's top edge
+def test_detect_finds_the_four_shapes_of_the_scene_and_draws_them(page):
+    run_sample(page, "detect", "scene")
+    side = page.find_element(By.CSS_SELECTOR, ".result .side").text
+    assert "4 detection(s)" in side
+    labels = [line.split('"')[3] for line in side.splitlines() if '"label"' in line]
+    assert sorted(labels) == sorted(KINDS)
+    changed = changed_by_answer(page, "scene")
+    for _, mask in page_sample("scene").shapes:
+        assert changed[mask].mean() > 0.8  # each mask, blended over its shape
+    assert changed[110:130, 140:180].mean() < 0.05  # the ground between, left as it was
     screenshot(page, "detect")
 
 
-def test_segment_draws_the_map_and_a_legend(page, tmp_path):
-    changed = drawn_over(page, tmp_path, "segment", "blue")
-    assert "blue" in page.find_element(By.CSS_SELECTOR, ".result .legend").text
-    x0, y0, x1, y1 = BOX
-    assert changed[y0 + 20 : y1 - 20, x0 + 20 : x1 - 20].mean() > 0.9  # the object's class
-    assert changed[5:30, 250:315].mean() < 0.05  # the background class, left as it was
+def test_segment_colours_the_four_shapes_of_the_scene(page):
+    run_sample(page, "segment", "scene")
+    legend = page.find_element(By.CSS_SELECTOR, ".result .legend").text
+    assert all(kind in legend for kind in KINDS), legend
+    changed = changed_by_answer(page, "scene")
+    for _, mask in page_sample("scene").shapes:
+        assert changed[mask].mean() > 0.8
+    assert changed[110:130, 140:180].mean() < 0.05
     screenshot(page, "segment")
+
+
+def test_an_uploaded_file_is_answered_and_drawn(page, tmp_path):
+    data, _ = photo("green", box=BOX, disc=True)
+    original = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
+    run(page, tmp_path, "detect", data)
+    assert not page.find_element(By.ID, "error").text
+    changed = np.abs(canvas_pixels(page).astype(int) - original).sum(axis=2) > 30
+    x0, y0, x1, y1 = BOX
+    assert changed[y0 + 20 : y1 - 20, x0 + 20 : x1 - 20].mean() > 0.9  # the mask, blended
+    assert changed[y0 - 3 : y0 + 3, x0 + 20 : x1 - 20].mean() > 0.5  # the box's top edge
+    assert "circle" in page.find_element(By.CSS_SELECTOR, ".result .side").text
 
 
 def test_a_model_still_training_is_listed_with_its_progress(page):

@@ -1,0 +1,54 @@
+"""The demo models on the held-out drawn shapes (`tests/drawn_shapes.py`), beside their own val
+figures: how right they are on what people show them, not only on their generator.
+
+    python bench/demo_quality.py [--demo-dir DIR]
+
+DIR defaults to the service's demo folder (`make demo-models` trains it). Prints one row a
+model; the images a model got wrong follow the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models.checkpoint import read_checkpoint_meta
+from models.demo import DEMO_RECIPES, demo_checkpoint, demo_dir
+from tests.demo_quality import SCORES, runner_for
+from tests.drawn_shapes import held_out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--demo-dir", type=Path, default=None)
+    parser.add_argument(
+        "--tasks", nargs="+", choices=list(DEMO_RECIPES), default=list(DEMO_RECIPES)
+    )
+    args = parser.parse_args()
+    drawn = held_out()
+    print(f"held-out drawn shapes: {len(drawn)} one-shape images (4 of them the page's samples)")
+    print(f"{'model':<10} {'val (its generator)':<42} held-out")
+    wrong = {}
+    for task in args.tasks:
+        path = demo_checkpoint(task, args.demo_dir or demo_dir())
+        if not path.is_file():
+            print(f"{task:<10} (no checkpoint at {path})")
+            continue
+        meta = read_checkpoint_meta(path)
+        val = {k: round(v, 3) for k, v in (meta.provenance.metrics or {}).items()
+               if k in ("top1", "bbox_AP50", "segm_AP50", "mIoU", "bbox_AP", "aAcc")}  # fmt: skip
+        scores = SCORES[task](runner_for(path, task), drawn)
+        figures = ", ".join(f"{k} {v:.3f}" for k, v in scores.figures.items())
+        print(f"{task:<10} {val!s:<42} {figures}")
+        wrong[task] = scores.wrong
+    for task, lines in wrong.items():
+        print(f"\n{task}: {len(lines)} wrong")
+        for line in lines:
+            print("  " + line)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""How right a served model is on the held-out drawn shapes (`drawn_shapes.py`).
+
+Each score runs the images through the service's own `ModelRunner` (its decoder, the
+checkpoint's preprocessing, its batch call), so what is scored is what `/v1/*` answers.
+`tests/test_demo_models.py` asserts the thresholds; `bench/demo_quality.py` prints the table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.config import ModelConfig
+from service.runtime import Entry, ModelRunner
+from service.tasks import TASKS
+
+from .drawn_shapes import KINDS, Drawn, box_iou, box_of
+
+SERVED_SCORE_THRESHOLD = 0.5  # the service's default for /v1/detect
+
+
+def runner_for(checkpoint, name: str = "heldout") -> ModelRunner:
+    return ModelRunner(ModelConfig(name=name, checkpoint=str(checkpoint)))
+
+
+def outputs(runner: ModelRunner, drawn: list[Drawn], **options) -> list:
+    task = TASKS[runner.meta.task]
+    entries = [Entry(d.png(), task.options(**options)) for d in drawn]
+    outputs = []
+    for start in range(0, len(entries), 8):
+        outputs += runner.run(entries[start : start + 8])
+    return outputs
+
+
+@dataclass
+class Scores:
+    """One model's figures on the held-out set, and the images it got wrong."""
+
+    figures: dict[str, float]
+    wrong: list[str] = field(default_factory=list)
+
+
+def classify_scores(runner: ModelRunner, drawn: list[Drawn]) -> Scores:
+    """Top-1 overall and for each kind."""
+    labels = runner.meta.labels
+    hits: dict[str, list[bool]] = {k: [] for k in KINDS}
+    wrong = []
+    for d, out in zip(drawn, outputs(runner, drawn, top_k=1), strict=True):
+        ((kind, _),) = d.shapes
+        ((class_id, score),) = out
+        hits[kind].append(labels[class_id] == kind)
+        if not hits[kind][-1]:
+            wrong.append(f"{d.name}: {labels[class_id]} {score:.2f}")
+    figures = {"top1": float(np.mean([hit for kind in KINDS for hit in hits[kind]]))}
+    figures |= {f"top1 {k}": float(np.mean(v)) for k, v in hits.items()}
+    return Scores(figures, wrong)
+
+
+def detect_scores(runner: ModelRunner, drawn: list[Drawn]) -> Scores:
+    """On one-shape images: how often the best box has the right label and IoU >= 0.5 with the
+    shape's box, and how often other boxes score at least the served threshold."""
+    labels = runner.meta.labels
+    right, extra, wrong = [], [], []
+    for d, out in zip(drawn, outputs(runner, drawn, score_threshold=0.05), strict=True):
+        ((kind, mask),) = d.shapes
+        order = np.argsort(-np.asarray(out.scores))
+        best = int(order[0]) if len(order) else None
+        ok = (
+            best is not None
+            and labels[int(out.class_ids[best])] == kind
+            and (box_iou(out.boxes[best], box_of(mask)) >= 0.5)
+        )
+        more = int(sum(out.scores[i] >= SERVED_SCORE_THRESHOLD for i in order[1:]))
+        right.append(ok)
+        extra.append(more > 0)
+        if not ok or more:
+            said = (
+                "nothing"
+                if best is None
+                else (
+                    f"{labels[int(out.class_ids[best])]} {out.scores[best]:.2f} IoU "
+                    f"{box_iou(out.boxes[best], box_of(mask)):.2f}"
+                )
+            )
+            wrong.append(f"{d.name}: {said}, {more} extra")
+    return Scores({"best right": float(np.mean(right)), "extra": float(np.mean(extra))}, wrong)
+
+
+def segment_scores(runner: ModelRunner, drawn: list[Drawn]) -> Scores:
+    """On one-shape images: the mean IoU of the pixels given the shape's class with the shape."""
+    labels = runner.meta.labels
+    ious, wrong = [], []
+    for d, class_map in zip(drawn, outputs(runner, drawn), strict=True):
+        ((kind, mask),) = d.shapes
+        said = class_map == labels.index(kind)
+        iou = float((said & mask).sum() / max(1, (said | mask).sum()))
+        ious.append(iou)
+        if iou < 0.5:
+            wrong.append(f"{d.name}: IoU {iou:.2f}")
+    return Scores({"shape IoU": float(np.mean(ious))}, wrong)
+
+
+SCORES = {"classify": classify_scores, "detect": detect_scores, "segment": segment_scores}

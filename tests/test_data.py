@@ -15,6 +15,7 @@ from models.data import (
     CLASSES,
     MAX_OBJECTS,
     MIN_VISIBLE,
+    SUPERSAMPLE,
     classification_dataset,
     detection_dataset,
     image_rng,
@@ -25,6 +26,7 @@ from models.data import (
     render_single,
     segmentation_dataset,
     shape_polygon,
+    single_image,
     synth,
 )
 from service.cli import main
@@ -152,12 +154,18 @@ def test_classify_layout_is_an_image_folder(roots):
 
 
 def test_classify_images_show_their_class(roots):
+    """A classification file is its shape drawn SUPERSAMPLE times larger and shrunk: the pixels
+    well inside the shape (the resize blends two of them at its edge) have its colour."""
     for path in sorted((roots / "classify" / "train").rglob("*.jpg")):
         i, kind = int(path.stem), path.parent.name
-        image, shape = render_single(image_rng(0, "classify", 0, i), 64, kind)
+        image = single_image(image_rng(0, "classify", 0, i), 64, kind)
+        _, shape = render_single(image_rng(0, "classify", 0, i), 64 * SUPERSAMPLE, kind)
         decoded = jpeg(path)
         assert close(decoded, image)
-        inside = decoded[erode(shape.mask)].mean(axis=0)
+        whole = shape.mask.reshape(64, SUPERSAMPLE, 64, SUPERSAMPLE).all(axis=(1, 3))
+        interior = erode(erode(whole))
+        assert interior.sum() >= 4
+        inside = decoded[interior].mean(axis=0)
         assert np.abs(inside - shape.colour).max() < 12
 
 

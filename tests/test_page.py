@@ -133,6 +133,16 @@ def test_the_page_is_served_open(service):
     assert "<script>" in r.text and "http" not in r.text.split("<script>")[1]  # nothing remote
 
 
+def near_edge(mask: np.ndarray, width: int = 3) -> np.ndarray:
+    """The pixels within `width` of a mask's outline."""
+    grown, shrunk = mask.copy(), mask.copy()
+    for axis in (0, 1):
+        for shift in range(-width, width + 1):
+            grown |= np.roll(mask, shift, axis)
+            shrunk &= np.roll(mask, shift, axis)
+    return grown & ~shrunk
+
+
 def test_the_samples_are_drawn_as_the_held_out_set_draws_them(page):
     """The page's samples are in the demo models' held-out test set: the same picture."""
     for name in PAGE_SAMPLES:
@@ -146,8 +156,13 @@ def test_the_samples_are_drawn_as_the_held_out_set_draws_them(page):
         png = base64.b64decode(data_url.split(",", 1)[1])
         drawn = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
         expected = page_sample(name).image.astype(int)
+        assert drawn.shape == expected.shape
         differ = np.abs(drawn - expected).max(axis=2) > 2
-        assert drawn.shape == expected.shape and differ.mean() < 0.01, (name, differ.mean())
+        # the canvas antialiases the shapes' outlines, Pillow does not: alike but there
+        edges = np.zeros(differ.shape, bool)
+        for _, mask in page_sample(name).shapes:
+            edges |= near_edge(mask)
+        assert not differ[~edges].any() and differ.mean() < 0.03, (name, differ.mean())
 
 
 @pytest.mark.parametrize("sample, kind", [("square", "square"), ("disc", "circle"),

@@ -124,6 +124,8 @@ async def _report_forever(server: Any) -> None:
         counts, server.request_counts = server.request_counts, {}
         for (endpoint, model, status), n in counts.items():
             counter.inc(n, tags={"endpoint": endpoint, "model": model, "status": status})
+        for host in list(server.hosts.values()):
+            host.report_info()
         await asyncio.sleep(REPORT_S)
 
 

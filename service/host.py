@@ -52,8 +52,13 @@ class ModelHost:
         self.warm.add_done_callback(self._warmed)
 
     def _warmed(self, warm: Future) -> None:
-        """The info gauge exists from readiness on (set once, not per batch)."""
-        if warm.exception() is None:
+        """The info gauge exists from readiness on."""
+        self.report_info()
+
+    def report_info(self) -> None:
+        """Set the info gauge while the model is served: Ray's metrics agent drops a gauge
+        that is not set again within two export intervals, so it is set again every report."""
+        if self.ready:
             self.metrics.info.set(1, tags=self.info_tags)
 
     @property

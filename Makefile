@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 run: setup
 	$(VENV)/bin/convnext-serve run
 
-# Trains the three demo models that are missing (about 11 minutes on 2 CPU cores), on
+# Trains the three demo models that are missing (about 14 minutes on 2 CPU cores), on
 # synthetic data with a fixed seed, into $$CONVNEXT_SERVE_DEMO_DIR (default ~/.cache/convnext-serve/demo).
 demo-models: setup
 	$(PY) -m models.demo

@@ -20,6 +20,8 @@ from models.demo import DEMO_RECIPES, demo_checkpoint, demo_dir
 from tests.demo_quality import SCORES, runner_for
 from tests.drawn_shapes import held_out
 
+VAL_METRICS = ("top1", "bbox_AP", "bbox_AP50", "segm_AP50", "mIoU", "pixel_acc")
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -38,8 +40,8 @@ def main() -> None:
             print(f"{task:<10} (no checkpoint at {path})")
             continue
         meta = read_checkpoint_meta(path)
-        val = {k: round(v, 3) for k, v in (meta.provenance.metrics or {}).items()
-               if k in ("top1", "bbox_AP50", "segm_AP50", "mIoU", "bbox_AP", "aAcc")}  # fmt: skip
+        metrics = meta.provenance.metrics or {}
+        val = {k: round(v, 3) for k, v in metrics.items() if k in VAL_METRICS}
         scores = SCORES[task](runner_for(path, task), drawn)
         figures = ", ".join(f"{k} {v:.3f}" for k, v in scores.figures.items())
         print(f"{task:<10} {val!s:<42} {figures}")

@@ -111,14 +111,13 @@ def shape_polygon(
     returned polygon and rasterising the one read back from the annotation file give the same
     pixels.
     """
-    x, y = _outline(kind, angle)
-    sx, sy = np.sqrt(stretch), 1 / np.sqrt(stretch)
-    xy = np.stack([cx + radius * sx * x, cy + radius * sy * y], axis=1).reshape(-1)
+    x, y = _outline(kind, angle, stretch)
+    xy = np.stack([cx + radius * x, cy + radius * y], axis=1).reshape(-1)
     return [round(float(v), 2) for v in xy]
 
 
-def _outline(kind: str, angle: float) -> tuple[np.ndarray, np.ndarray]:
-    """The unit-circumradius outline of a shape turned by `angle`, centred on 0."""
+def _outline(kind: str, angle: float, stretch: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """The unit-circumradius outline of a shape turned by `angle` and stretched, centred on 0."""
     if kind == "star":
         k = np.arange(10)
         r = np.where(k % 2 == 0, 1.0, STAR_INNER_RATIO)
@@ -127,7 +126,7 @@ def _outline(kind: str, angle: float) -> tuple[np.ndarray, np.ndarray]:
         n = {"circle": CIRCLE_POINTS, "square": 4, "triangle": 3}[kind]
         r = np.ones(n)
         t = angle + np.arange(n) * 2 * np.pi / n
-    return r * np.cos(t), r * np.sin(t)
+    return r * np.cos(t) * np.sqrt(stretch), r * np.sin(t) / np.sqrt(stretch)
 
 
 def polygon_mask(polygon: list[float], height: int, width: int) -> np.ndarray:
@@ -197,16 +196,13 @@ def _paint(
     half the time a named colour (when one does), otherwise a random one."""
     under = image[mask].astype(np.float32).mean(axis=0)
     named = [c for c in NAMED_COLOURS if np.linalg.norm(np.subtract(c, under)) >= MIN_CONTRAST]
-    colour = None
     if named and rng.random() < 0.5:
         colour = np.array(named[int(rng.integers(len(named)))])
-    for _ in range(20 if colour is None else 0):
-        candidate = rng.integers(0, 256, 3)
-        if np.linalg.norm(candidate - under) >= MIN_CONTRAST:
-            colour = candidate
-            break
-    if colour is None:
-        colour = 255 - np.round(under).astype(np.int64)
+    else:
+        tries = (rng.integers(0, 256, 3) for _ in range(20))
+        colour = next((c for c in tries if np.linalg.norm(c - under) >= MIN_CONTRAST), None)
+        if colour is None:
+            colour = 255 - np.round(under).astype(np.int64)
     image[mask] = colour
     return Shape(kind, polygon, mask, (int(colour[0]), int(colour[1]), int(colour[2])))
 
@@ -219,8 +215,7 @@ def _place(
     upright a third of the time, otherwise at any angle; stretched up to `MAX_STRETCH`."""
     angle = UPRIGHT[kind] if rng.random() < UPRIGHT_FRACTION else rng.uniform(0, 2 * np.pi)
     stretch = float(np.exp(rng.uniform(-1, 1) * np.log(MAX_STRETCH)))
-    x, y = _outline(kind, angle)
-    x, y = x * np.sqrt(stretch), y / np.sqrt(stretch)
+    x, y = _outline(kind, angle, stretch)
     span = max(np.ptp(x), np.ptp(y))  # of the unit-circumradius outline
     radius = rng.uniform(*extent) * (size - 2) / span
     # the range of centres that keeps the outline inside the frame, narrowed by the jitter
@@ -264,11 +259,11 @@ def render_scene(
         for _attempt in range(30):
             polygon = _place(rng, size, kind, extent)
             mask = polygon_mask(polygon, size, size)
-            in_view = [(s.mask & ~mask).sum() for s in shapes]
-            if all(v >= MIN_VISIBLE * a for v, a in zip(in_view, areas, strict=True)):
+            in_view = [s.mask & ~mask for s in shapes]
+            if all(v.sum() >= MIN_VISIBLE * a for v, a in zip(in_view, areas, strict=True)):
                 shapes = [
-                    replace(s, mask=s.mask & ~mask, occluded=True) if (s.mask & mask).any() else s
-                    for s in shapes
+                    replace(s, mask=v, occluded=True) if (s.mask & mask).any() else s
+                    for s, v in zip(shapes, in_view, strict=True)
                 ]
                 shapes.append(_paint(rng, image, kind, polygon, mask))
                 areas.append(int(mask.sum()))

@@ -27,10 +27,10 @@ def runner_for(checkpoint, name: str = "heldout") -> ModelRunner:
 def outputs(runner: ModelRunner, drawn: list[Drawn], **options) -> list:
     task = TASKS[runner.meta.task]
     entries = [Entry(d.png(), task.options(**options)) for d in drawn]
-    outputs = []
+    results = []
     for start in range(0, len(entries), 8):
-        outputs += runner.run(entries[start : start + 8])
-    return outputs
+        results += runner.run(entries[start : start + 8])
+    return results
 
 
 @dataclass
@@ -64,25 +64,16 @@ def detect_scores(runner: ModelRunner, drawn: list[Drawn]) -> Scores:
     right, extra, wrong = [], [], []
     for d, out in zip(drawn, outputs(runner, drawn, score_threshold=0.05), strict=True):
         ((kind, mask),) = d.shapes
-        order = np.argsort(-np.asarray(out.scores))
-        best = int(order[0]) if len(order) else None
-        ok = (
-            best is not None
-            and labels[int(out.class_ids[best])] == kind
-            and (box_iou(out.boxes[best], box_of(mask)) >= 0.5)
-        )
-        more = int(sum(out.scores[i] >= SERVED_SCORE_THRESHOLD for i in order[1:]))
+        if len(out.scores):  # scores descending: the first box is the best
+            label, iou = labels[int(out.class_ids[0])], box_iou(out.boxes[0], box_of(mask))
+            said = f"{label} {out.scores[0]:.2f} IoU {iou:.2f}"
+        else:
+            label, iou, said = None, 0.0, "nothing"
+        ok = label == kind and iou >= 0.5
+        more = int((out.scores[1:] >= SERVED_SCORE_THRESHOLD).sum())
         right.append(ok)
         extra.append(more > 0)
         if not ok or more:
-            said = (
-                "nothing"
-                if best is None
-                else (
-                    f"{labels[int(out.class_ids[best])]} {out.scores[best]:.2f} IoU "
-                    f"{box_iou(out.boxes[best], box_of(mask)):.2f}"
-                )
-            )
             wrong.append(f"{d.name}: {said}, {more} extra")
     return Scores({"best right": float(np.mean(right)), "extra": float(np.mean(extra))}, wrong)
 

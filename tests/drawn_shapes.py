@@ -14,7 +14,9 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
+from torchvision import ops
 
 KINDS = ("circle", "square", "triangle", "star")
 PAGE_SIZE = (320, 240)  # width, height of the page's sample canvas
@@ -176,7 +178,6 @@ def box_of(mask: np.ndarray) -> list[float]:
 
 
 def box_iou(a, b) -> float:
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+    """The IoU of two (x0, y0, x1, y1) boxes."""
+    boxes = torch.from_numpy(np.array([a, b], np.float64))
+    return float(ops.box_iou(boxes[:1], boxes[1:]))

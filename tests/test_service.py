@@ -21,6 +21,7 @@ from models.masks import decode_rle
 from models.train.progress import write_progress
 
 from .colour_shapes import COLOURS, background, draw
+from .drawn_shapes import box_iou
 from .live_service import API_KEY, AUTH, run_service, server_replicas
 from .service_models import service_checkpoints
 from .test_imaging import png_header
@@ -85,13 +86,6 @@ def photo(
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / max(1, (a | b).sum()))
-
-
-def box_iou(a, b) -> float:
-    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
 def error_of(response: requests.Response) -> str:

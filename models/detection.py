@@ -19,13 +19,14 @@ from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign, roi_align
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from .checkpoint import IMAGENET_MEAN, IMAGENET_STD
 from .convnext import CONVNEXT_CONFIGS, ConvNeXt
-from .images import to_float_images
+from .images import padded_size_groups, to_float_images
 from .masks import paste_masks_rle
 from .registry import register_model
 
@@ -191,6 +192,8 @@ def detect(
     Each image may carry its own threshold, cap and mask choice (they batch requests). Boxes and
     masks land in each image's own pixels, or in `output_sizes[i]` = (H, W) when given: the
     caller that downscaled a photo before sending it gets results in the photo's coordinates.
+    Images run together when they pad to the same input size, so an image's detections do not
+    depend on what it was batched with.
     """
     n = len(images)
     thresholds = _per_image(score_threshold, n)
@@ -204,16 +207,25 @@ def detect(
     heads = model.roi_heads
     heads.score_thresh = min(min(thresholds), 0.05)
     heads.detections_per_img = max(caps)
-    batch, _ = model.transform(floats)
-    features = model.backbone(batch.tensors)
-    proposals, _ = model.rpn(batch, features)
-    raw, _ = heads(features, proposals, batch.image_sizes)
+    # torchvision's transform, a step at a time: images padded to the same size run together
+    transform = model.transform
+    inputs = [transform.resize(transform.normalize(f), None)[0] for f in floats]
+    input_sizes = [tuple(x.shape[-2:]) for x in inputs]
+    raw: list[dict[str, torch.Tensor]] = [{}] * n
+    for group in padded_size_groups(input_sizes, transform.size_divisible):
+        tensors = transform.batch_images([inputs[i] for i in group], transform.size_divisible)
+        batch = ImageList(tensors, [input_sizes[i] for i in group])
+        features = model.backbone(batch.tensors)
+        proposals, _ = model.rpn(batch, features)
+        found, _ = heads(features, proposals, batch.image_sizes)
+        for i, det in zip(group, found, strict=True):
+            raw[i] = det
 
     results = []
     for i, det in enumerate(raw):
         keep = (det["scores"] >= thresholds[i]).nonzero().flatten()[: caps[i]]
         height, width = (int(s) for s in sizes[i])
-        boxes = resize_boxes(det["boxes"][keep], batch.image_sizes[i], (height, width))
+        boxes = resize_boxes(det["boxes"][keep], input_sizes[i], (height, width))
         rles = None
         if want_masks[i]:
             rles = paste_masks_rle(det["masks"][keep, 0], boxes, height, width)

@@ -217,3 +217,17 @@ def to_float_images(
 ) -> list[torch.Tensor]:
     """uint8 images to float32 in [0, 1], converted on `device` (a quarter of the bytes move)."""
     return [as_chw_uint8(img).to(device, non_blocking=True).float().div_(255.0) for img in images]
+
+
+def padded_size_groups(sizes: Sequence[tuple[int, int]], stride: int) -> list[list[int]]:
+    """Indices of `sizes` (H, W) grouped by their size padded up to a multiple of `stride`, in
+    order of first appearance.
+
+    A dense model's batch is padded to its largest image; run per group, each image gets only
+    the padding it would get alone, so its answer does not depend on what it was batched with.
+    """
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, (h, w) in enumerate(sizes):
+        key = (-(-int(h) // stride) * stride, -(-int(w) // stride) * stride)
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())

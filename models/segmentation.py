@@ -18,7 +18,7 @@ from torch import nn
 
 from .checkpoint import IMAGENET_MEAN, IMAGENET_STD
 from .convnext import CONVNEXT_CONFIGS, ConvNeXt
-from .images import to_float_images
+from .images import padded_size_groups, to_float_images
 from .presets import SEGMENT_LONG_SIDE_FACTOR
 from .registry import register_model
 
@@ -218,7 +218,8 @@ def segment(
     multiple of 32 and run as one batch (`mode="whole"`), or in overlapping `image_size`
     windows with a stride of 2/3 of it (`mode="slide"`, for images much larger than the
     training crop). Logits are resized to `output_sizes[i]` (default: the image's own size)
-    before the argmax.
+    before the argmax. Images run together when they pad to the same size, so an image's map
+    does not depend on what it was batched with.
     """
     if mode not in ("whole", "slide"):
         raise ValueError(f"mode must be 'whole' or 'slide', not {mode!r}")
@@ -229,11 +230,14 @@ def segment(
     for img in to_float_images(images, device):
         hw = _resized_hw(*img.shape[-2:], image_size, max_long)
         resized.append(_resize(img[None], hw)[0] if hw != tuple(img.shape[-2:]) else img)
-    if mode == "whole":
-        batch, padded_hw = _pad_batch(resized, model.mean.view(3, 1, 1))
-        logits = model.forward_logits(batch)
-        fits = [(img.shape[-2] / padded_hw[0], img.shape[-1] / padded_hw[1]) for img in resized]
-        return [argmax_at_size(lg, f, s) for lg, f, s in zip(logits, fits, sizes, strict=True)]
+    if mode == "whole":  # images that pad to the same size run together (see the helper)
+        maps: list[torch.Tensor] = [torch.empty(0)] * len(resized)
+        for group in padded_size_groups([img.shape[-2:] for img in resized], STRIDE):
+            batch, (ph, pw) = _pad_batch([resized[i] for i in group], model.mean.view(3, 1, 1))
+            for i, logits in zip(group, model.forward_logits(batch), strict=True):
+                fit = (resized[i].shape[-2] / ph, resized[i].shape[-1] / pw)
+                maps[i] = argmax_at_size(logits, fit, sizes[i])
+        return maps
     out = []
     for img, size in zip(resized, sizes, strict=True):
         logits, fit = _slide_logits(model, img, image_size)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from models import build_model, load_checkpoint, save_checkpoint
 from models.checkpoint import CheckpointError, CheckpointMeta, Provenance, init_backbone
 from models.detection import detect
+from models.images import padded_size_groups
 from models.masks import decode_rle, encode_rle, paste_masks_rle
 from models.segmentation import UperNet, argmax_at_size, segment
 
@@ -178,6 +179,28 @@ def test_detect_batches_sizes_and_maps_to_requested_coordinates():
                 assert ys.min() >= box[1] - 2 and ys.max() <= box[3] + 2
     no_masks = detect(model, [small], score_threshold=0.0, masks=False)
     assert no_masks[0].masks is None
+
+
+def test_an_images_answer_does_not_depend_on_what_it_is_batched_with():
+    """A batch pads to its largest image; an image padded more than it would be alone sees an
+    edge that is not in it. Images run together only when they pad to the same size."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    wide, tall = (torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8)
+                  for h, w in ((96, 128), (128, 96)))  # fmt: skip
+    sizes = [(96, 128), (128, 128), (90, 130), (70, 100)]
+    assert padded_size_groups(sizes, 32) == [[0, 3], [1], [2]]
+    detector = build_model("maskrcnn_convnext_atto", num_classes=2, min_size=128, max_size=128)
+    detector.eval()
+    (alone,) = detect(detector, [wide], score_threshold=0.0, masks=False)
+    mixed = detect(detector, [tall, wide, wide], score_threshold=0.0, masks=False)
+    for together in mixed[1:]:
+        np.testing.assert_allclose(together.boxes, alone.boxes, atol=1e-3)
+        np.testing.assert_allclose(together.scores, alone.scores, atol=1e-5)
+    segmenter = build_model("upernet_convnext_atto", num_classes=3).eval()
+    (alone,) = segment(segmenter, [wide], image_size=96)
+    mixed = segment(segmenter, [tall, wide], image_size=96)
+    assert torch.equal(mixed[1], alone)
 
 
 class RedSegmenter(UperNet):

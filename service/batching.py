@@ -19,6 +19,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
@@ -75,6 +76,7 @@ class Batcher(Generic[T]):
         while self.in_flight < self.depth and self._drop_cancelled():
             if self._queued < self.max_batch_size and self._should_wait():
                 return
+            # the head is live (`_drop_cancelled`) and fits, so the batch is never empty
             batch, size = [], 0
             while self._line and size + len(self._line[0].items) <= self.max_batch_size:
                 call = self._line.popleft()
@@ -82,12 +84,10 @@ class Batcher(Generic[T]):
                 if not call.future.done():
                     batch.append(call)
                     size += len(call.items)
-            if not batch:
-                continue
             self.in_flight += 1
             task = asyncio.get_running_loop().create_task(self._run(batch))
             self._tasks.add(task)  # a reference, so the task is not collected mid-run
-            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(partial(self._finished, batch))
 
     def _drop_cancelled(self) -> bool:
         """Whether any live call waits (calls cancelled at the head of the line go)."""
@@ -97,8 +97,6 @@ class Batcher(Generic[T]):
 
     def _should_wait(self) -> bool:
         """Hold a short batch for `batch_wait_timeout_s` after its first call arrived."""
-        if self.batch_wait_timeout_s <= 0:
-            return False
         left = self._line[0].arrived + self.batch_wait_timeout_s - time.perf_counter()
         if left <= 0:
             return False
@@ -131,3 +129,14 @@ class Batcher(Generic[T]):
         finally:
             self.in_flight -= 1
             self._form_batches()
+
+    def _finished(self, batch: list[Call[T]], task: asyncio.Task) -> None:
+        """Let the batch's task go; if it was cancelled before it started (`_run` answers every
+        call otherwise), cancel its calls rather than leave them waiting, and go on."""
+        self._tasks.discard(task)
+        if all(call.future.done() for call in batch):
+            return
+        for call in batch:
+            call.future.cancel()
+        self.in_flight -= 1
+        self._form_batches()

@@ -63,3 +63,40 @@ def test_a_caller_that_gives_up_leaves_the_line():
         assert order == ["holder", "late"] and queue.in_flight == 0
 
     asyncio.run(scenario())
+
+
+def test_the_limits_at_their_edges():
+    """No line at all (max_waiting 0): a call is refused only while every slot is taken; a line
+    of one: the second waiter is refused; capacity must be at least one."""
+
+    async def scenario() -> None:
+        queue, order, release = ModelQueue(capacity=2, max_waiting=0), [], asyncio.Event()
+        assert not queue.full()
+        first = asyncio.create_task(_hold(queue, "a", order, release))
+        await asyncio.sleep(0)
+        assert not queue.full() and queue.in_flight == 1  # a slot is still free
+        second = asyncio.create_task(_hold(queue, "b", order, release))
+        await asyncio.sleep(0)
+        assert queue.full() and queue.waiting == 0
+        with pytest.raises(ModelBusy):
+            async with queue.slot():
+                pass
+        release.set()
+        await asyncio.gather(first, second)
+        assert not queue.full() and (queue.in_flight, queue.waiting) == (0, 0)
+
+        queue, release = ModelQueue(capacity=1, max_waiting=1), asyncio.Event()
+        held = asyncio.create_task(_hold(queue, "c", order, release))
+        await asyncio.sleep(0)
+        assert not queue.full()  # the line has room for one
+        waiter = asyncio.create_task(_hold(queue, "d", order, release))
+        await asyncio.sleep(0)
+        assert queue.full() and queue.waiting == 1
+        release.set()
+        await asyncio.gather(held, waiter)
+        assert order == list("abcd")
+
+    asyncio.run(scenario())
+    with pytest.raises(ValueError, match="at least 1"):
+        ModelQueue(capacity=0, max_waiting=-1)
+    assert ModelQueue(capacity=1, max_waiting=-1).capacity == 1

@@ -142,5 +142,124 @@ def test_calls_outside_one_to_max_batch_size_items_are_refused():
         return await Batcher(Model(), max_batch_size=2)(items)
 
     for items in ([], ["a", "b", "c"]):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=f"^a call takes 1 to 2 items, got {len(items)}$"):
             asyncio.run(scenario(items))
+
+
+def test_a_call_of_exactly_max_batch_size_items_is_one_batch():
+    async def scenario():
+        model = Model()
+        model.release.set()
+        batcher = Batcher(model, max_batch_size=3)
+        return await batcher(["a", "b", "c"]), model.batches
+
+    assert asyncio.run(scenario()) == (["A", "B", "C"], [["a", "b", "c"]])
+
+
+def test_batches_of_one_and_the_limits_of_the_settings():
+    async def scenario():
+        model = Model()
+        model.release.set()
+        batcher = Batcher(model, max_batch_size=1)
+        tasks = await _arrive(batcher, [["a"], ["b"]])
+        return await asyncio.gather(*tasks), model.batches
+
+    assert asyncio.run(scenario()) == ([["A"], ["B"]], [["a"], ["b"]])
+    for bad in (dict(max_batch_size=0), dict(max_batch_size=2, depth=0)):
+        with pytest.raises(ValueError, match="^max_batch_size and depth must be at least 1$"):
+            Batcher(Model(), **bad)
+    assert Batcher(Model(), max_batch_size=1, depth=1).depth == 1
+
+
+def test_a_batch_function_that_answers_the_wrong_number_of_items_fails_its_calls():
+    """One result per item, or none: a model that drops an image must not shift every later
+    answer onto the wrong request."""
+
+    async def short(calls):
+        return ["only one"]
+
+    async def scenario():
+        batcher = Batcher(short, max_batch_size=4)
+        tasks = await _arrive(batcher, [["a", "b"], ["c"]])  # two batches: "a b", then "c"
+        return await asyncio.gather(*tasks, return_exceptions=True), batcher.in_flight
+
+    (failed, answered), in_flight = asyncio.run(scenario())
+    assert isinstance(failed, RuntimeError) and "got 1 results" in str(failed)
+    assert answered == ["only one"] and in_flight == 0
+
+
+def test_the_line_counts_its_images_and_forgets_cancelled_calls():
+    async def scenario():
+        model = Model()
+        batcher = Batcher(model, max_batch_size=4)
+        tasks = await _arrive(batcher, [["a"], ["b", "c"], ["d"]])
+        queued = batcher.queued  # "a" runs; "b c" and "d" wait
+        tasks[1].cancel()
+        await asyncio.sleep(0)
+        model.release.set()
+        await asyncio.gather(tasks[0], tasks[2])
+        return queued, batcher.queued, batcher.in_flight, model.batches
+
+    assert asyncio.run(scenario()) == (3, 0, 0, [["a"], ["d"]])
+
+
+def test_a_full_batch_goes_at_once_whatever_the_wait():
+    """The wait is for short batches: three items in a batch of three go as the third comes,
+    not after the (long) wait."""
+
+    async def scenario():
+        model = Model()
+        batcher = Batcher(model, max_batch_size=3, batch_wait_timeout_s=60.0)
+        tasks = await _arrive(batcher, [["a"], ["b", "c"]])
+        await asyncio.sleep(0.01)  # the batch's task starts
+        formed = list(model.batches)
+        model.release.set()
+        await asyncio.gather(*tasks)
+        return formed
+
+    assert asyncio.run(scenario()) == [["a", "b", "c"]]
+
+
+def test_a_failing_batch_hands_its_error_to_its_calls_and_its_task_ends_quietly():
+    async def scenario():
+        model = Model()
+        model.fail = RuntimeError("out of memory")
+        batcher = Batcher(model, max_batch_size=2)
+        calls = await _arrive(batcher, [["a"]])
+        (task,) = batcher._tasks  # held while it runs: asyncio keeps weak references only
+        model.release.set()
+        outcome = await asyncio.gather(*calls, return_exceptions=True)
+        await asyncio.sleep(0)
+        return outcome, task.exception(), batcher._tasks, batcher.in_flight
+
+    (failed,), own, held, in_flight = asyncio.run(scenario())
+    assert isinstance(failed, RuntimeError) and own is None
+    assert held == set() and in_flight == 0
+
+
+@pytest.mark.parametrize("when", ["running", "before it starts"])
+def test_a_cancelled_batch_cancels_its_calls_and_the_next_batch_still_runs(when):
+    """A batch's task cancelled (the replica stopping) while the model runs it, or before it
+    even started: its calls are cancelled, not left waiting, and the batcher goes on."""
+
+    async def scenario():
+        model = Model()
+        batcher = Batcher(model, max_batch_size=1, depth=2)
+        calls = await _arrive(batcher, [["a"], ["b"]])
+        started = len(model.batches)  # "a" runs; "b"'s task is made but has not run yet
+        first, second = sorted(batcher._tasks, key=lambda t: int(t.get_name().split("-")[1]))
+        (first if when == "running" else second).cancel()
+        model.release.set()
+        answered = asyncio.gather(*calls, return_exceptions=True)
+        outcomes = await asyncio.wait_for(answered, 10)  # fails, rather than hangs, if left waiting
+        await asyncio.sleep(0)
+        after = await batcher(["c"])
+        await asyncio.sleep(0)  # its task's own end
+        return started, outcomes, after, batcher._tasks, batcher.in_flight
+
+    started, outcomes, after, held, in_flight = asyncio.run(scenario())
+    assert started == 1
+    cancelled = 0 if when == "running" else 1
+    assert isinstance(outcomes[cancelled], asyncio.CancelledError)
+    assert outcomes[1 - cancelled] == [["A"], ["B"]][1 - cancelled]
+    assert after == ["C"] and held == set() and in_flight == 0

@@ -45,8 +45,6 @@ def evaluate_classifier(
 @torch.inference_mode()
 def evaluate_detector(model: nn.Module, dataset, progress=False, batch_size=4) -> dict[str, float]:
     """COCO box and mask AP of `model` on a `models.data.detection_dataset` split."""
-    from pycocotools.cocoeval import COCOeval
-
     from .detection import detect
 
     coco = copy.deepcopy(dataset.coco)  # COCOeval rewrites the ground truth's segmentations
@@ -71,6 +69,15 @@ def evaluate_detector(model: nn.Module, dataset, progress=False, batch_size=4) -
                         "segmentation": rle,
                     }
                 )
+    return coco_ap(coco, results)
+
+
+def coco_ap(coco, results: list[dict]) -> dict[str, float]:
+    """COCO's box and mask AP (IoU 0.5:0.95) and AP50 of `results` (COCO result dicts, each
+    with `bbox` and an RLE `segmentation`) against the ground truth `coco` (a `COCO`, whose
+    annotations this rewrites), by pycocotools; 0 where nothing was found."""
+    from pycocotools.cocoeval import COCOeval
+
     if not results:
         return {"bbox_AP": 0.0, "bbox_AP50": 0.0, "segm_AP": 0.0, "segm_AP50": 0.0}
     metrics = {}
@@ -90,6 +97,8 @@ def evaluate_detector(model: nn.Module, dataset, progress=False, batch_size=4) -
 def confusion_matrix(
     pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255
 ) -> torch.Tensor:
+    """(num_classes, num_classes) pixel counts: row = the true class, column = the predicted
+    one; pixels whose target is `ignore_index` are not counted."""
     keep = target != ignore_index
     idx = target[keep].long() * num_classes + pred[keep].long()
     return torch.bincount(idx, minlength=num_classes**2).view(num_classes, num_classes)

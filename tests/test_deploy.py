@@ -24,15 +24,14 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
-SCHEMAS = ROOT.parent / "shared" / "schemas"  # CI clones the project with shared/ beside it
+SCHEMAS = ROOT / "tests" / "schemas"  # the KubeRay CRDs' and Compose's schemas (README there)
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "convnext-serve.json"
 OLDEST_K8S = "1.28.0"  # the oldest Kubernetes docs/DEPLOY.md supports (and the latest)
 
 
 def schema_file(*parts: str) -> Path:
     path = SCHEMAS.joinpath(*parts)
-    if not path.is_file():
-        pytest.skip(f"{path} is absent: the schemas live in the shared folder beside the clone")
+    assert path.is_file(), f"{path} is missing: the schemas travel with the project"
     return path
 
 
@@ -362,11 +361,8 @@ def strict(schema):
 
 @functools.cache
 def crd_schema(filename: str) -> dict:
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # 1 MB of YAML: libyaml when there
-    crd = yaml.load(schema_file("kuberay", filename).read_text(), Loader=loader)
-    version = crd["spec"]["versions"][0]
-    assert version["name"] == "v1"
-    return strict(version["schema"]["openAPIV3Schema"])
+    """A KubeRay CRD's v1 object schema (`tests/schemas/extract_crd.py` wrote it)."""
+    return strict(json.loads(schema_file("kuberay", filename).read_text()))
 
 
 def check(schema: dict, obj: dict) -> None:
@@ -380,7 +376,7 @@ def check(schema: dict, obj: dict) -> None:
 def test_rayservice_and_its_raycluster_match_the_kuberay_crds(objects):
     service = one(objects, "RayService")
     assert service["apiVersion"] == "ray.io/v1"
-    check(crd_schema("ray.io_rayservices.yaml"), service)
+    check(crd_schema("rayservice.v1.json"), service)
     # The RayCluster KubeRay makes from rayClusterConfig, against the RayCluster CRD.
     cluster = {
         "apiVersion": "ray.io/v1",
@@ -388,14 +384,14 @@ def test_rayservice_and_its_raycluster_match_the_kuberay_crds(objects):
         "metadata": {"name": "convnext-serve-raycluster"},
         "spec": service["spec"]["rayClusterConfig"],
     }
-    check(crd_schema("ray.io_rayclusters.yaml"), cluster)
+    check(crd_schema("raycluster.v1.json"), cluster)
 
 
 def test_strict_crd_schema_catches_typos(objects):
     service = copy.deepcopy(one(objects, "RayService"))
     service["spec"]["rayClusterConfig"]["enableInTreeAutoscalling"] = True
     with pytest.raises(AssertionError, match="enableInTreeAutoscalling"):
-        check(crd_schema("ray.io_rayservices.yaml"), service)
+        check(crd_schema("rayservice.v1.json"), service)
 
 
 def pod_templates(service: dict) -> list[dict]:

@@ -53,6 +53,8 @@ def test_classification_trains_and_writes_a_served_checkpoint(datasets, tmp_path
     rows = history(out)
     assert len(rows) == 4 and rows[-1]["loss"] < rows[0]["loss"]
     assert {"top1", "top5", "ema_top1", "ema_top5", "lr", "images_per_s"} <= set(rows[-1])
+    # 48 images in batches of 16 (the last partial one dropped): all of them, one worker
+    assert [(r["images"], r["world_size"]) for r in rows] == [(48, 1)] * 4
     assert set(metrics) == {"top1", "top5"}
     _, meta = load_checkpoint(out)
     assert meta.task == "classify" and meta.labels == ["circle", "square", "star", "triangle"]
@@ -214,7 +216,8 @@ def test_ctrl_c_then_resume_reproduces_the_uninterrupted_run(datasets, tmp_path)
 
 @pytest.mark.slow
 def test_two_ray_train_workers_on_cpu(datasets, tmp_path):
-    ray = pytest.importorskip("ray")
+    import ray
+
     out = tmp_path / "ray.safetensors"
     cfg = TrainConfig.for_task(
         "classify", data=str(datasets / "cls"), arch="convnext_atto", out=str(out),
@@ -227,6 +230,9 @@ def test_two_ray_train_workers_on_cpu(datasets, tmp_path):
     assert set(metrics) == {"top1", "top5"}
     _, meta = load_checkpoint(out)
     assert meta.provenance.model_extra["recipe"]["num_workers"] == 2
+    # each rank counts what it trained on and rank 0 logs the sum: 24 images each, 48 in all
+    (row,) = [json.loads(line) for line in out.with_name("ray.log.jsonl").read_text().splitlines()]
+    assert (row["world_size"], row["images"]) == (2, 48)
 
 
 def test_the_cli_picks_the_small_data_recipe_which_learns_real_digits(tmp_path, capsys):
@@ -234,7 +240,6 @@ def test_the_cli_picks_the_small_data_recipe_which_learns_real_digits(tmp_path, 
     CLI's defaults: it says it picks the small-data recipe, and ConvNeXt-atto learns them from
     scratch in 20 epochs (the paper's ImageNet recipe, `--recipe paper`, stays far below:
     bench/small_data.py)."""
-    pytest.importorskip("sklearn")
     from models.train.recipes import choose_recipe
 
     from .digits import write_digits

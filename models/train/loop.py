@@ -102,6 +102,10 @@ def state_dir_for(cfg: TrainConfig) -> Path:
     return Path(cfg.resume or cfg.state_dir or f"{cfg.out}.state")
 
 
+# an epoch's log row beside its losses and metrics
+BOOKKEEPING = ("epoch", "lr", "images_per_s", "seconds", "images", "world_size")
+
+
 def plot_curves(history: list[dict], path: Path) -> None:
     """Loss and metric curves per epoch, one panel each, as a PNG."""
     import matplotlib
@@ -109,7 +113,7 @@ def plot_curves(history: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k in history[-1] if k not in ("epoch", "lr", "images_per_s", "seconds")]
+    keys = [k for k in history[-1] if k not in BOOKKEEPING]
     cols = min(3, len(keys))
     rows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
@@ -260,8 +264,8 @@ def fit(cfg: TrainConfig, worker: Worker | None = None) -> dict:
     metrics = {
         k.removeprefix("ema_"): v
         for k, v in final.items()
-        if k.startswith("ema_") == (best == "ema") and not k.startswith(("loss", "lr", "epoch"))
-        and k not in ("images_per_s", "seconds")
+        if k.startswith("ema_") == (best == "ema") and not k.startswith("loss")
+        and k not in BOOKKEEPING
     }  # fmt: skip
     meta = task.meta(
         metrics,
@@ -347,5 +351,10 @@ def _train_epoch(
     elapsed = time.perf_counter() - started
     row = {"epoch": epoch + 1, "lr": max(g["lr"] for g in optimizer.param_groups)}
     row.update({k: v / steps for k, v in sums.items()})
+    # what every rank trained on, counted by each: with a worker missing, fewer images
+    images = torch.tensor([float(n_images // worker.world_size)], device=device)
+    if worker.world_size > 1:
+        torch.distributed.all_reduce(images)
+    row.update(images=int(images.item()), world_size=worker.world_size)
     row.update(images_per_s=n_images / elapsed, seconds=elapsed)
     return row

@@ -57,9 +57,19 @@ def test_modes_become_rgb(mode):
     else:
         image = red_square(mode)
     out = decode(encode(image, fmt), BIG)
-    assert out.pixels.shape[2] == 3 and out.pixels.dtype == np.uint8
+    assert out.pixels.shape == (*image.size[::-1], 3) and out.pixels.dtype == np.uint8
     if mode == "I;16":  # 16-bit is scaled down, not clipped to white
-        assert abs(int(out.pixels[5, 5, 0]) - 40000 * 255 // 65535) <= 1
+        assert np.abs(out.pixels.astype(int) - 40000 * 255 // 65535).max() <= 1
+        return
+    # the colours the image holds, in RGB: red (or its grey) in the square, white around it
+    square, ground = (np.array(image.convert("RGB").getpixel(xy)) for xy in ((20, 20), (2, 2)))
+    tolerance = 8 if fmt == "JPEG" else 0  # CMYK is stored as JPEG
+    assert np.abs(out.pixels[20, 20].astype(int) - square).max() <= tolerance, out.pixels[20, 20]
+    assert np.abs(out.pixels[2, 2].astype(int) - ground).max() <= tolerance, out.pixels[2, 2]
+    if mode in ("L", "LA"):
+        assert square[0] == square[1] == square[2] < 100
+    else:
+        assert square[0] > 200 and square[1:].max() < 60
 
 
 def test_alpha_composites_over_white():

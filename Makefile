@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint format bench bench-serve demo-models clean
+.PHONY: setup run test lint format bench bench-serve demo-models mutation clean
 
 setup: $(STAMP)
 
@@ -42,8 +42,15 @@ format: setup
 test: lint
 	$(PY) -m pytest
 
+# Mutation testing of the pure modules ([tool.mutmut] in pyproject.toml) against their fast
+# unit tests; docs/testing.md has the table. Not part of `make test`: it takes minutes.
+mutation: setup
+	rm -rf mutants
+	$(VENV)/bin/mutmut run --max-children 2
+	$(VENV)/bin/mutmut results --all true
+
 bench: setup
 	$(PY) bench/models_bench.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info mutants

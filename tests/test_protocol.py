@@ -269,3 +269,41 @@ def test_grpc_with_tritonclient(service):
     with pytest.raises(InferenceServerException, match="nobody"):
         client.infer("nobody", [tensor], headers=dict(key))
     assert client.is_server_live()
+
+
+def test_grpc_answers_every_task_as_http_does(service, client):
+    """Server metadata, pixels in, detect and segment over gRPC: the same tensors as the REST
+    protocol gives for the same inputs; an output the model does not have is refused."""
+    grpc = triton_grpc.InferenceServerClient(service.grpc_url)
+    key = {"x-api-key": AUTH["X-API-Key"]}
+    server = grpc.get_server_metadata(as_json=True)
+    assert server["name"] == "convnext-serve" and "binary_tensor_data" in server["extensions"]
+    images = [photo(c, box=BIG)[0] for c in ("green", "blue")]
+
+    def over_grpc(model: str, name: str, datatype: str, data: np.ndarray, **kw):
+        tensor = triton_grpc.InferInput(name, list(data.shape), datatype)
+        tensor.set_data_from_numpy(data)
+        return grpc.infer(model, [tensor], headers=key, **kw)
+
+    encoded = np.array(images, dtype=object)
+    pixels = np.stack([np.asarray(Image.open(io.BytesIO(i)).convert("RGB")) for i in images])
+    http = client.infer("colours", [pixels_input(images, True)], headers=auth())
+    by_grpc = over_grpc("colours", "pixels", "UINT8", pixels)
+    assert by_grpc.as_numpy("class_ids").tolist() == http.as_numpy("class_ids").tolist()
+
+    params = {"score_threshold": 0.3, "max_detections": 5}
+    http = client.infer("boxes", [image_input(images[:1], True)], parameters=params,
+                        headers=auth())  # fmt: skip
+    by_grpc = over_grpc("boxes", "image", "BYTES", encoded[:1], parameters=params)
+    assert int(by_grpc.as_numpy("num_detections")[0]) == int(http.as_numpy("num_detections")[0])
+    assert by_grpc.as_numpy("class_ids").tolist() == http.as_numpy("class_ids").tolist()
+    np.testing.assert_allclose(by_grpc.as_numpy("boxes"), http.as_numpy("boxes"), atol=1e-3)
+
+    http = client.infer("regions", [image_input(images, True)], headers=auth())
+    by_grpc = over_grpc("regions", "image", "BYTES", encoded)
+    assert np.array_equal(by_grpc.as_numpy("class_map"), http.as_numpy("class_map"))
+
+    with pytest.raises(InferenceServerException, match="nonsense"):
+        over_grpc("colours", "image", "BYTES", encoded,
+                  outputs=[triton_grpc.InferRequestedOutput("nonsense")])  # fmt: skip
+    assert grpc.is_server_live()

@@ -274,6 +274,9 @@ BAD_INPUTS = [
     ("max_detections", "/v1/detect", ["ok"], {"max_detections": 0}, 422, "invalid_parameter"),
     ("masks", "/v1/detect", ["ok"], {"masks": "perhaps"}, 422, "invalid_parameter"),
     ("format", "/v1/segment", ["ok"], {"format": "gif"}, 422, "invalid_parameter"),
+    ("render two", "/v1/detect", ["ok", "ok"], {"render": "true"}, 422, "invalid_parameter"),
+    ("png of two", "/v1/segment", ["ok", "ok"], {"format": "png"}, 422, "invalid_parameter"),
+    ("render two maps", "/v1/segment", ["ok", "ok"], {"render": "true"}, 422, "invalid_parameter"),
     ("unknown model", "/v1/classify", ["ok"], {"model": "nope"}, 404, "model_not_found"),
     ("wrong task", "/v1/detect", ["ok"], {"model": "colours"}, 404, "model_not_found"),
 ]

@@ -1,0 +1,42 @@
+"""The server deployment's options, derived from the models' settings (no Ray needed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from service.app import _gpus_per_replica, server_autoscaling
+from service.config import AppConfig
+
+
+def config(*models: dict, **gateway) -> AppConfig:
+    named = [{"name": f"m{i}", "checkpoint": "demo:classify", **m} for i, m in enumerate(models)]
+    return AppConfig.from_args({"models": named, "gateway": gateway})
+
+
+def test_autoscaling_spans_the_models_and_sums_their_targets():
+    """A replica holds every model: it scales between the largest minimum and the largest
+    maximum, aiming at the sum of the models' requests in flight."""
+    assert server_autoscaling(config({}, {"num_replicas": 3})) is None
+    merged = server_autoscaling(config(
+        {"autoscaling_config": {"min_replicas": 2, "max_replicas": 4,
+                                "target_ongoing_requests": 8, "upscale_delay_s": 5}},
+        {"autoscaling_config": {"min_replicas": 1, "max_replicas": 6,
+                                "target_ongoing_requests": 4}},
+        {},
+    ))  # fmt: skip
+    assert merged == {"min_replicas": 2, "max_replicas": 6, "target_ongoing_requests": 12,
+                      "upscale_delay_s": 5}  # fmt: skip
+    only_bounds = server_autoscaling(config({"autoscaling_config": {"max_replicas": 3}},
+                                            num_replicas=2))  # fmt: skip
+    assert only_bounds == {"min_replicas": 2, "max_replicas": 3}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU case: this machine has one")
+def test_a_replica_asks_for_gpus_only_where_a_model_runs_on_one():
+    """Without Ray started and without CUDA, a replica takes no GPU unless a model asks for one
+    (the most any asks for) or is forced onto CUDA (a whole one)."""
+    assert _gpus_per_replica(config({}, {})) == 0.0
+    assert _gpus_per_replica(config({"num_gpus": 0.25}, {"num_gpus": 0.5}, {})) == 0.5
+    assert _gpus_per_replica(config({"device": "cuda"}, {})) == 1.0
+    assert _gpus_per_replica(config({"device": "cpu"})) == 0.0

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models import load_checkpoint
+from models import CheckpointError, load_checkpoint
 from models.cpu import bf16_unsupported_reason, fast_path_summary
 from models.images import ImageError, decode_image, orient_chw, read_header
 from models.presets import preset_for
@@ -45,6 +45,10 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 class UnsupportedPrecision(ValueError):
     """The configured precision has no fast kernels on this device."""
+
+
+class ModelLoadError(ValueError):
+    """A model's checkpoint cannot be loaded; says which model, and why."""
 
 
 def resolve_checkpoint(spec: str) -> Path:
@@ -115,7 +119,10 @@ class ModelRunner:
         else:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        model, self.meta = load_checkpoint(resolve_checkpoint(config.checkpoint), self.device)
+        try:
+            model, self.meta = load_checkpoint(resolve_checkpoint(config.checkpoint), self.device)
+        except CheckpointError as e:  # the replica fails with this: name the model it was
+            raise ModelLoadError(f"model {config.name!r}: {e}") from None
         self.task = TASKS[self.meta.task]
         self.preset = preset_for(self.meta)
         # On a GPU, classification batches are padded up to a few bucket sizes, all warmed up,

@@ -397,7 +397,8 @@ def test_metric_labels_take_only_names_the_service_chose(service):
     as labels of their own: a client cannot grow the metric series."""
     made_up = "no-such-model-" + "x" * 40
     assert service.post("/v1/classify", [red()], params={"model": made_up}).status_code == 404
-    assert requests.get(service.url + "/v1/" + made_up, timeout=10).status_code == 404
+    r = requests.get(service.url + "/v1/" + made_up, headers=AUTH, timeout=10)
+    assert r.status_code == 404, r.text
     served = {"colours", "boxes", "regions", "unknown"}
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

@@ -238,7 +238,7 @@ def test_two_ray_train_workers_on_cpu(datasets, tmp_path):
 def test_the_cli_picks_the_small_data_recipe_which_learns_real_digits(tmp_path, capsys):
     """scikit-learn's handwritten digits (real 8 px scans, 1,437 train / 360 val) with the
     CLI's defaults: it says it picks the small-data recipe, and ConvNeXt-atto learns them from
-    scratch in 12 epochs (0.969 on an Intel Xeon) (the paper's ImageNet recipe, `--recipe paper`, stays far below:
+    scratch in 12 epochs (the paper's ImageNet recipe, `--recipe paper`, stays far below:
     bench/small_data.py)."""
     from models.train.recipes import choose_recipe
 

@@ -49,6 +49,14 @@ class Service:
         return requests.get(self.metrics_url, timeout=10).text
 
 
+def get_json(url: str, status: int = 200, **kw) -> dict:
+    """GET `url`; asserts the status (an error body must not pass for an answer), returns the
+    JSON."""
+    r = requests.get(url, timeout=10, **kw)
+    assert r.status_code == status, (url, r.status_code, r.text[:500])
+    return r.json()
+
+
 def _status(url: str) -> int:
     try:
         return requests.get(url, timeout=2).status_code

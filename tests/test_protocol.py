@@ -24,7 +24,7 @@ from models.train.progress import write_progress
 from service.grpc_api import SERVICER
 
 from .colour_shapes import COLOURS
-from .live_service import AUTH, free_port, run_service
+from .live_service import AUTH, free_port, get_json, run_service
 from .service_models import service_checkpoints
 from .test_service import photo
 
@@ -58,7 +58,7 @@ def service(tmp_path_factory):
 
 
 def test_a_model_trained_before_the_start_is_served_as_if_configured(service):
-    listed = requests.get(service.url + "/v1/models", headers=AUTH, timeout=10).json()
+    listed = get_json(service.url + "/v1/models", headers=AUTH)
     assert [m["name"] for m in listed["models"]] == ["colours", "boxes", "regions"]
     assert all(m["ready"] for m in listed["models"])
     (failed,) = listed["training"]  # a trained model that cannot be served: said, not fatal
@@ -234,7 +234,7 @@ def test_bad_tensors_get_clear_4xx_and_the_service_stays_up(service, client):
 
 
 def test_v2_is_in_the_docs_and_the_metrics(service, client):
-    paths = requests.get(service.url + "/openapi.json", timeout=10).json()["paths"]
+    paths = get_json(service.url + "/openapi.json")["paths"]
     assert {"/v2", "/v2/health/live", "/v2/models/{name}/infer"} <= set(paths)
     client.infer("colours", [image_input([photo("blue")[0]], True)], headers=auth())
     pattern = re.compile(r'convnext_serve_requests_total\{[^}]*endpoint="v2_infer"[^}]*\}')

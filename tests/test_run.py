@@ -1,6 +1,7 @@
 """`convnext-serve run` when a model cannot be served: it stops with the reason, at once."""
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -10,7 +11,7 @@ import yaml
 from models import build_model, save_checkpoint
 from models.checkpoint import CheckpointMeta, Provenance
 
-from .live_service import free_port, server_replicas
+from .live_service import free_port, get_json, server_replicas
 
 
 def test_a_model_that_cannot_load_stops_run_with_the_reason(tmp_path):
@@ -51,7 +52,6 @@ def test_pretrained_release_is_downloaded_converted_and_served(tmp_path):
     the ImageNet labels, served; the page and /v1/classify answer."""
     import io
     import os
-    import signal
 
     import requests
     import torch
@@ -84,7 +84,7 @@ def test_pretrained_release_is_downloaded_converted_and_served(tmp_path):
                 pass
             time.sleep(0.5)
         assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-        (served,) = requests.get(url + "/v1/models", timeout=10).json()["models"]
+        (served,) = get_json(url + "/v1/models")["models"]
         assert served["name"] == "convnext_tiny_1k"
         assert served["metadata"]["arch"] == "convnext_tiny"
         assert served["metadata"]["provenance"]["dataset"] == "imagenet-1k"
@@ -97,8 +97,7 @@ def test_pretrained_release_is_downloaded_converted_and_served(tmp_path):
         assert requests.get(url + "/", timeout=10).status_code == 200
         assert (cache / "served" / "convnext_tiny_1k.safetensors").is_file()
     finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=90)
+        stop(proc)
 
 
 def test_demo_models_join_the_running_service_as_they_finish(tmp_path):
@@ -107,7 +106,6 @@ def test_demo_models_join_the_running_service_as_they_finish(tmp_path):
     progress in /readyz and /v1/models and refused with 503 `model_training` until each joins
     the service (smoke recipes: a few steps each)."""
     import os
-    import signal
 
     import psutil
     import requests
@@ -126,7 +124,7 @@ def test_demo_models_join_the_running_service_as_they_finish(tmp_path):
     url = f"http://127.0.0.1:{port}"
 
     def served() -> dict:
-        return requests.get(url + "/v1/models", timeout=10).json()
+        return get_json(url + "/v1/models")
 
     try:
         deadline = time.monotonic() + 420
@@ -170,7 +168,9 @@ def test_demo_models_join_the_running_service_as_they_finish(tmp_path):
             "shapes-detector",
             "shapes-segmenter",
         ], log.read_text()[-3000:]
-        while time.monotonic() < deadline and requests.get(url + "/readyz").status_code != 200:
+        while time.monotonic() < deadline and (
+            requests.get(url + "/readyz", timeout=10).status_code != 200
+        ):
             time.sleep(0.5)
         listed = served()
         assert listed["training"] == [] and all(m["ready"] for m in listed["models"])
@@ -186,11 +186,21 @@ def test_demo_models_join_the_running_service_as_they_finish(tmp_path):
         assert progress["state"] == "done" and "bbox_AP" in progress["metrics"]
     finally:
         children = psutil.Process(proc.pid).children(recursive=True)
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=90)
+        stop(proc)
     assert proc.returncode == 0, log.read_text()[-3000:]
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE
                 and "models.demo" in " ".join(c.cmdline())]  # fmt: skip
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Ctrl-C, as a user stops it; killed if it has not stopped 90 s later (the test then
+    fails on its exit code), so no run outlives its test."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _trainer_niceness(pid: int, timeout_s: float = 30) -> int | None:

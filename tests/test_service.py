@@ -22,7 +22,7 @@ from models.train.progress import write_progress
 
 from .colour_shapes import COLOURS, background, draw
 from .drawn_shapes import box_iou
-from .live_service import API_KEY, AUTH, run_service, server_replicas
+from .live_service import API_KEY, AUTH, get_json, run_service, server_replicas
 from .service_models import service_checkpoints
 from .test_imaging import png_header
 
@@ -209,7 +209,7 @@ def test_segment_labels_the_pixels(service):
 
 
 def test_models_lists_metadata_and_settings(service):
-    models = requests.get(service.url + "/v1/models", headers=AUTH, timeout=10).json()["models"]
+    models = get_json(service.url + "/v1/models", headers=AUTH)["models"]
     by_name = {m["name"]: m for m in models}
     assert by_name["colours"]["task"] == "classify" and by_name["colours"]["ready"]
     assert by_name["colours"]["metadata"]["labels"] == sorted(COLOURS)
@@ -221,8 +221,8 @@ def test_a_model_in_training_is_refused_with_503_then_joins_the_replica_once_don
     """Listed with its progress and refused while training; then `serve_as`: the replica
     loads and warms the model beside the served ones, without a restart, and /readyz says
     ready throughout."""
-    ready = requests.get(service.url + "/readyz", timeout=10).json()
-    (listed,) = requests.get(service.url + "/v1/models", headers=AUTH, timeout=10).json()[
+    ready = get_json(service.url + "/readyz")
+    (listed,) = get_json(service.url + "/v1/models", headers=AUTH)[
         "training"]  # fmt: skip
     assert ready["training"] == [listed] and "later-regions" not in ready["models"]
     assert listed["name"] == "later-regions" and listed["task"] == "segment"
@@ -247,14 +247,14 @@ def test_a_model_in_training_is_refused_with_503_then_joins_the_replica_once_don
         time.sleep(0.2)
     assert r.status_code == 200 and r.json()["model"] == "later-regions", r.text
     assert readiness == {200}
-    listed = requests.get(service.url + "/v1/models", headers=AUTH, timeout=10).json()
+    listed = get_json(service.url + "/v1/models", headers=AUTH)
     assert listed["training"] == [] and "later-regions" in {m["name"] for m in listed["models"]}
     alive = {p.pid for p in server_replicas(service.proc.pid)}
     assert replicas and replicas <= alive, "a replica was restarted"
 
 
 def test_docs_show_every_endpoint(service):
-    spec = requests.get(service.url + "/openapi.json", timeout=10).json()
+    spec = get_json(service.url + "/openapi.json")
     for path in ("/v1/classify", "/v1/detect", "/v1/segment", "/v1/models", "/healthz"):
         assert path in spec["paths"]
     params = {p["name"] for p in spec["paths"]["/v1/detect"]["post"]["parameters"]}
@@ -418,9 +418,11 @@ def test_answers_match_the_documented_schemas(service):
 
     data, _ = photo("red", box=(60, 20, 280, 220))
     ClassifyResponse.model_validate(service.post("/v1/classify", [data]).json())
-    for masks in ("true", "false"):
-        r = service.post("/v1/detect", [data], params={"masks": masks, "score_threshold": 0})
-        DetectResponse.model_validate(r.json())
+    for masks in ("true", "false"):  # at the served threshold: the red object, found
+        r = service.post("/v1/detect", [data], params={"masks": masks})
+        assert (
+            r.status_code == 200 and DetectResponse.model_validate(r.json()).results[0].detections
+        )
     SegmentResponse.model_validate(service.post("/v1/segment", [data]).json())
     models = requests.get(service.url + "/v1/models", headers=AUTH, timeout=10)
     ModelsResponse.model_validate(models.json())

@@ -201,11 +201,11 @@ def test_ctrl_c_then_resume_reproduces_the_uninterrupted_run(datasets, tmp_path)
     deadline = time.monotonic() + 120
     while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)  # Ctrl-C during epoch 2
+    proc.send_signal(signal.SIGINT)  # Ctrl-C during epoch 2 (or 3, on a fast machine)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0, "the run finished before it could be interrupted"
     assert b"--resume" in err and not resumed.exists()
-    assert torch.load(state, weights_only=True)["epoch"] == 1
+    assert torch.load(state, weights_only=True)["epoch"] in (1, 2)  # the last full epoch
 
     assert cli(["train", "classify", "--resume", str(state.parent)]) == 0
     a, _ = load_checkpoint(straight)

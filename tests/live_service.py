@@ -108,12 +108,18 @@ def run_service(
         yield svc
     finally:
         if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Ctrl-C, as a user stops it; killed if it has not stopped 90 s later (a test that checks
+    the exit code then fails), so no run outlives its test."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def closed_loop(url: str, body: bytes, clients: int, seconds: float,

@@ -1,7 +1,6 @@
 """`convnext-serve run` when a model cannot be served: it stops with the reason, at once."""
 
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -11,7 +10,7 @@ import yaml
 from models import build_model, save_checkpoint
 from models.checkpoint import CheckpointMeta, Provenance
 
-from .live_service import free_port, get_json, server_replicas
+from .live_service import free_port, get_json, server_replicas, stop
 
 
 def test_a_model_that_cannot_load_stops_run_with_the_reason(tmp_path):
@@ -190,17 +189,6 @@ def test_demo_models_join_the_running_service_as_they_finish(tmp_path):
     assert proc.returncode == 0, log.read_text()[-3000:]
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE
                 and "models.demo" in " ".join(c.cmdline())]  # fmt: skip
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """Ctrl-C, as a user stops it; killed if it has not stopped 90 s later (the test then
-    fails on its exit code), so no run outlives its test."""
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=90)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def _trainer_niceness(pid: int, timeout_s: float = 30) -> int | None:

@@ -37,7 +37,8 @@ def server_replicas(pid: int) -> list[psutil.Process]:
 class Service:
     def __init__(self, url: str, metrics_url: str, proc: subprocess.Popen, log_path):
         self.url, self.metrics_url, self.proc, self.log_path = url, metrics_url, proc, log_path
-        self.readiness: list[tuple[int, int]] = []  # (healthz, readyz) seen while starting
+        # (/healthz, /readyz, the protocol's /v2/health/ready) seen while starting
+        self.readiness: list[tuple[int, int, int]] = []
 
     def post(self, path: str, images=(), params=None, headers=AUTH, **kw) -> requests.Response:
         files = [("image", (f"{i}.bin", data)) for i, data in enumerate(images)]
@@ -97,7 +98,9 @@ def run_service(
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:
-            seen = (_status(url + "/healthz"), _status(url + "/readyz"))
+            seen = tuple(
+                _status(url + path) for path in ("/healthz", "/readyz", "/v2/health/ready")
+            )
             svc.readiness.append(seen)
             if seen[1] == 200:
                 break

@@ -409,7 +409,8 @@ def test_metric_labels_take_only_names_the_service_chose(service):
     models = {re.search(r'model="([^"]*)"', line).group(1) for line in lines}
     endpoints = {re.search(r'endpoint="([^"]*)"', line).group(1) for line in lines}
     assert "unknown" in models and models <= served, models
-    known = {"classify", "detect", "segment", "models", "other", "v2_infer", "v2_metadata"}
+    known = {"classify", "detect", "segment", "models", "healthz", "readyz", "docs", "root",
+             "other", "v2_infer", "v2_ready", "v2_health", "v2_metadata"}  # fmt: skip
     assert "other" in endpoints and endpoints <= known, endpoints
     assert not [line for line in lines if 'status="5' in line]
 

@@ -314,7 +314,7 @@ def _train_epoch(
         torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     )
     sums: dict[str, float] = {}
-    n_images, started = 0, time.perf_counter()
+    own_images, started = 0, time.perf_counter()  # what this rank trained on
     bar = tqdm(
         total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
         disable=not (cfg.progress and worker.is_main), file=sys.stderr,
@@ -338,11 +338,11 @@ def _train_epoch(
                 ema.update_parameters(model)
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + float(v)
-        n_images += n * worker.world_size
+        own_images += n
         elapsed = time.perf_counter() - started
         bar.set_postfix(
             loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-            img_s=f"{n_images / elapsed:.1f}",
+            img_s=f"{own_images * worker.world_size / elapsed:.1f}",
         )  # fmt: skip
         bar.update()
         if progress is not None:
@@ -352,9 +352,9 @@ def _train_epoch(
     row = {"epoch": epoch + 1, "lr": max(g["lr"] for g in optimizer.param_groups)}
     row.update({k: v / steps for k, v in sums.items()})
     # what every rank trained on, counted by each: with a worker missing, fewer images
-    images = torch.tensor([float(n_images // worker.world_size)], device=device)
+    images = torch.tensor([float(own_images)], device=device)
     if worker.world_size > 1:
         torch.distributed.all_reduce(images)
     row.update(images=int(images.item()), world_size=worker.world_size)
-    row.update(images_per_s=n_images / elapsed, seconds=elapsed)
+    row.update(images_per_s=own_images * worker.world_size / elapsed, seconds=elapsed)
     return row

@@ -9,9 +9,11 @@ first; `CONVNEXT_SERVE_WEIGHTS_URL` points those downloads at a mirror (or a `fi
 
 from __future__ import annotations
 
+import http.client
 import os
 import re
 import tempfile
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,8 @@ from .labels import default_labels, read_labels_file
 from .registry import build_model, list_models
 
 OFFICIAL_BASE_URL = "https://dl.fbaipublicfiles.com/convnext"
+# how long a download may wait for the mirror to answer or to send its next bytes
+DOWNLOAD_TIMEOUT_S = 60
 
 
 @dataclass(frozen=True)
@@ -129,22 +133,47 @@ def pretrained_checkpoint(name: str) -> Path:
     return out
 
 
+class DownloadError(OSError):
+    """A download that did not arrive whole; the message names the URL and what went wrong."""
+
+
 def download(url: str, dest: Path) -> Path:
-    """Fetch `url` (http(s) or file://) to `dest` with a progress bar; reuse `dest` if present."""
+    """Fetch `url` (http(s) or file://) to `dest` with a progress bar; reuse `dest` if present.
+
+    Only a whole file lands at `dest`: a refused request, or a connection that closes before
+    the Content-Length it announced, raises `DownloadError` and leaves no partial file behind
+    (one would be taken for the whole file on the next run).
+    """
     if dest.is_file():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with urllib.request.urlopen(url) as response:
+    try:
+        response = urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S)
+    except urllib.error.HTTPError as e:
+        raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from None
+    except OSError as e:  # URLError, a refused connection, a timeout
+        raise DownloadError(f"{url}: cannot reach it ({getattr(e, 'reason', e)})") from None
+    with response:
         total = int(response.headers.get("Content-Length") or 0) or None
         fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".part")
+        received = 0
         try:
             with (
                 os.fdopen(fd, "wb") as out,
                 tqdm(total=total, unit="B", unit_scale=True, desc=dest.name) as bar,
             ):
-                while chunk := response.read(1 << 20):
-                    out.write(chunk)
-                    bar.update(len(chunk))
+                try:
+                    while chunk := response.read(1 << 20):
+                        out.write(chunk)
+                        bar.update(len(chunk))
+                        received += len(chunk)
+                except (OSError, http.client.HTTPException):
+                    pass  # a cut connection: counted as a short file below
+            if total is not None and received != total:
+                raise DownloadError(
+                    f"{url}: the connection closed after {received / 1e6:.1f} MB "
+                    f"of {total / 1e6:.1f} MB"
+                )
             os.replace(tmp, dest)
         finally:
             if os.path.exists(tmp):

@@ -4,12 +4,14 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import yaml
 
 from models import build_model, save_checkpoint
 from models.checkpoint import CheckpointMeta, Provenance
 
+from .http_mirror import http_mirror
 from .live_service import free_port, get_json, server_replicas, stop
 
 
@@ -46,18 +48,12 @@ def test_a_model_that_cannot_load_stops_run_with_the_reason(tmp_path):
 
 
 def test_pretrained_release_is_downloaded_converted_and_served(tmp_path):
-    """`convnext-serve run --pretrained convnext_tiny_1k`: the official file from the mirror
-    (here a file:// folder holding a ConvNeXt-T in the release's own format), converted with
-    the ImageNet labels, served; the page and /v1/classify answer."""
-    import io
-    import os
-
-    import requests
+    """`convnext-serve run --pretrained convnext_tiny_1k`: the official file downloaded over
+    HTTP from the mirror (here a local server holding a ConvNeXt-T in the release's own
+    format), converted with the ImageNet labels, served; the page and /v1/classify answer."""
     import torch
-    from PIL import Image
 
     from models.convert import OFFICIAL_RELEASES
-    from models.labels import imagenet1k_labels
 
     from . import official_convnext as official
 
@@ -65,13 +61,29 @@ def test_pretrained_release_is_downloaded_converted_and_served(tmp_path):
     mirror.mkdir()
     torch.save({"model": official.ConvNeXt().state_dict()},
                mirror / OFFICIAL_RELEASES["convnext_tiny_1k"].filename)  # fmt: skip
-    env = {**os.environ, "CONVNEXT_SERVE_WEIGHTS_URL": mirror.as_uri(),
+    with http_mirror(mirror) as mirror_url:
+        _serve_pretrained(mirror_url, cache)
+
+
+def _serve_pretrained(mirror_url: str, cache: Path) -> None:
+    """`convnext-serve run --pretrained convnext_tiny_1k` with the weights at `mirror_url`."""
+    import io
+    import os
+
+    import requests
+    from PIL import Image
+
+    from models.labels import imagenet1k_labels
+
+    env = {**os.environ, "CONVNEXT_SERVE_WEIGHTS_URL": mirror_url,
            "CONVNEXT_SERVE_CACHE": str(cache)}  # fmt: skip
     env.pop("CONVNEXT_SERVE_API_KEYS", None)
     port = free_port()
     cmd = [sys.executable, "-m", "service.cli", "run", "--pretrained", "convnext_tiny_1k",
            "--port", str(port), "--metrics-port", str(free_port()), "--num-cpus", "4"]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log = cache.parent / "run.log"  # a file: a pipe nobody reads would stall the progress bars
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
@@ -82,7 +94,7 @@ def test_pretrained_release_is_downloaded_converted_and_served(tmp_path):
             except requests.RequestException:
                 pass
             time.sleep(0.5)
-        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        assert proc.poll() is None, log.read_text()[-3000:]
         (served,) = get_json(url + "/v1/models")["models"]
         assert served["name"] == "convnext_tiny_1k"
         assert served["metadata"]["arch"] == "convnext_tiny"

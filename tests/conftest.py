@@ -30,3 +30,35 @@ def perturb_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 def rel_max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
+
+
+# ----------------------------------------------------------------- trained models, in order
+
+MODEL_GROUPS = {"service": 1, "demo": 2}  # run after the tests that need no trained model
+
+
+def _model_group(item: pytest.Item) -> int:
+    marker = item.get_closest_marker("needs_models")
+    return MODEL_GROUPS[marker.args[0]] if marker else 0
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """After pytest-randomly's shuffle (a stable sort keeps its order within each group): the
+    tests that need no trained model, then those of the service models, then the demo
+    models', so that a cold run trains them in the background meanwhile."""
+    items.sort(key=_model_group)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    from . import background_training
+
+    if session.config.option.collectonly:
+        return
+    needed = {m.args[0] for item in session.items for m in item.iter_markers("needs_models")}
+    background_training.start(needed)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    from . import background_training
+
+    background_training.stop()

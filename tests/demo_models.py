@@ -14,7 +14,7 @@ from pathlib import Path
 
 import models.data
 import models.demo
-from models.demo import DEMO_INIT, DEMO_RECIPES, build_demo_models
+from models.demo import DEMO_INIT, DEMO_RECIPES, build_demo_models, demo_checkpoint
 
 from .service_models import cache_root
 
@@ -26,6 +26,18 @@ def _fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
+def _folder() -> Path:
+    return cache_root() / "demo" / _fingerprint()
+
+
+def checkpoint_paths() -> list[Path]:
+    return [demo_checkpoint(task, _folder()) for task in DEMO_RECIPES]
+
+
 def demo_checkpoints() -> dict[str, Path]:
-    """{task: checkpoint path} of the three demo models, training whatever is not cached."""
-    return build_demo_models(cache_root() / "demo" / _fingerprint())
+    """{task: checkpoint path} of the three demo models, training whatever is not cached (or
+    waiting for the session's background training to make it: `background_training`)."""
+    from .background_training import wait_for
+
+    wait_for("demo")
+    return build_demo_models(_folder())

@@ -62,8 +62,16 @@ def cache_dir() -> Path:
     return cache_root() / _fingerprint()
 
 
+def checkpoint_paths() -> list[Path]:
+    return [cache_dir() / f"{task}.safetensors" for task in RECIPES]
+
+
 def service_checkpoints() -> dict[str, Path]:
-    """{task: checkpoint path}, training whatever is not cached yet."""
+    """{task: checkpoint path}, training whatever is not cached yet (or waiting for the
+    session's background training to make it: `background_training`)."""
+    from .background_training import wait_for
+
+    wait_for("service")
     folder = cache_dir()
     paths = {}
     for task, (write, n, recipe) in RECIPES.items():

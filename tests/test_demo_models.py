@@ -22,7 +22,7 @@ from .demo_quality import (
 )
 from .drawn_shapes import KINDS, box_iou, box_of, held_out, page_sample
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.needs_models("demo")]
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,8 @@ from .service_models import service_checkpoints
 from .test_imaging import corrupt_png, png_header
 from .test_service import photo
 
+pytestmark = pytest.mark.needs_models("service")
+
 MAX_IMAGES = 4
 BODY_TIMEOUT_S = 3
 CAPACITY = 16  # colours: max_ongoing_requests + max_queued_requests, per replica

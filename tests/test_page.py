@@ -34,6 +34,8 @@ if not (shutil.which("chromium") and shutil.which("chromedriver")):
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
+pytestmark = pytest.mark.needs_models("demo")
+
 BOX = (60, 50, 220, 190)  # the object in the test photo (x0, y0, x1, y1)
 
 

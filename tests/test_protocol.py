@@ -28,6 +28,8 @@ from .live_service import AUTH, free_port, get_json, run_service
 from .service_models import service_checkpoints
 from .test_service import photo
 
+pytestmark = pytest.mark.needs_models("service")
+
 BIG = (60, 20, 280, 220)  # the object fills most of the picture, as in the training data
 
 

@@ -26,6 +26,8 @@ from .live_service import API_KEY, AUTH, get_json, run_service, server_replicas
 from .service_models import service_checkpoints
 from .test_imaging import png_header
 
+pytestmark = pytest.mark.needs_models("service")
+
 METRICS = [
     "convnext_serve_requests_total",
     "convnext_serve_request_duration_seconds",

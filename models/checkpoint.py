@@ -61,7 +61,9 @@ class CheckpointMeta(BaseModel):
     head: Literal["linear", "maskrcnn", "upernet"]
     num_classes: int = Field(ge=1)
     labels: list[str]
-    image_size: int = Field(default=224, ge=16)
+    # at least the backbone's total stride: a smaller input has no pixel left for the last
+    # stage, and the model could load but never answer
+    image_size: int = Field(default=224, ge=32)
     crop_pct: float = Field(default=0.875, gt=0, le=1)
     interpolation: Literal["bilinear", "bicubic", "nearest"] = "bicubic"
     mean: tuple[float, float, float] = IMAGENET_MEAN

@@ -104,6 +104,11 @@ def test_no_metadata(saved):
         (json.dumps({"task": "classify"}), "bad metadata"),
         (make_meta().model_dump_json().replace('"c2"', '"c2","c3"'), "4 labels"),
         (make_meta().model_dump_json().replace("convnext_atto", "resnet50"), "unknown arch"),
+        # below the backbone's stride of 32 it would load, then fail on every image
+        (
+            make_meta().model_dump_json().replace('"image_size":224', '"image_size":16'),
+            "image_size",
+        ),
     ],
 )
 def test_bad_metadata(saved, meta, problem):

@@ -32,7 +32,9 @@ class TrainConfig(BaseModel):
     min_lr: float = 1e-6
     warmup_epochs: float = 20.0
     weight_decay: float = 0.05
-    image_size: int | None = None
+    image_size: int | None = Field(
+        None, ge=32, description="at least the backbone's stride (a checkpoint refuses less)"
+    )
     # model
     drop_path: float = 0.1
     layer_scale: float = 1e-6

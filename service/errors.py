@@ -67,21 +67,33 @@ class InvalidParameter(ServiceError):
     status, code = 422, "invalid_parameter"
 
 
-class Overloaded(ServiceError):
-    status, code = 503, "overloaded"
+class RetryLater(ServiceError):
+    """A 503 the client should send again: `Retry-After` says when."""
 
-    def __init__(self, message: str, retry_after_s: int):
-        super().__init__(f"{message}; retry shortly", {"Retry-After": str(retry_after_s)})
-
-
-class ModelTraining(ServiceError):
-    """The model is still training (a demo model `convnext-serve run` trains in the
-    background): retry after about the time its training expects to need."""
-
-    status, code = 503, "model_training"
+    status = 503
 
     def __init__(self, message: str, retry_after_s: int):
         super().__init__(message, {"Retry-After": str(retry_after_s)})
+
+
+class Overloaded(RetryLater):
+    code = "overloaded"
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(f"{message}; retry shortly", retry_after_s)
+
+
+class ModelTraining(RetryLater):
+    """The model is still training (a demo model `convnext-serve run` trains in the
+    background): retry after about the time its training expects to need."""
+
+    code = "model_training"
+
+
+class ModelUnavailable(RetryLater):
+    """The model loaded but failed to warm up: Serve's health check restarts its replica."""
+
+    code = "model_unavailable"
 
 
 class Timeout(ServiceError):

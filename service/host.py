@@ -16,7 +16,7 @@ from typing import Any
 from .admission import ModelBusy, ModelQueue
 from .batching import Batcher, Call
 from .config import ModelConfig
-from .errors import Overloaded, Timeout
+from .errors import ModelUnavailable, Overloaded, Timeout
 from .metrics import ModelMetrics, gateway_metrics
 from .runtime import Entry, ModelRunner
 
@@ -90,7 +90,12 @@ class ModelHost:
 
         async def all_calls() -> list[list[Any]]:
             if not self.warm.done():  # a replica still warming up: wait for it, not 503
-                await asyncio.wrap_future(self.warm)
+                await asyncio.wait([asyncio.wrap_future(self.warm)])
+            if (failed := self.failure()) is not None:
+                raise ModelUnavailable(
+                    f"model {self.name!r} failed to warm up ({failed!r}); its replica restarts",
+                    self.retry_after_s,
+                )
             if len(entries) <= size:
                 return [await call(entries)]
             return await asyncio.gather(

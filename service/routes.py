@@ -64,7 +64,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         (413, "payload_too_large, image_too_large"),
         (415, "unsupported_media_type"),
         (422, "invalid_parameter"),
-        (503, "overloaded, model_training (with Retry-After)"),
+        (503, "overloaded, model_training, model_unavailable (with Retry-After)"),
         (408, "request_timeout"),
         (504, "timeout"),
     ]

@@ -9,11 +9,13 @@ README, "Open Inference Protocol"). Tensors travel as `raw_input_contents` /
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import grpc
 from google.protobuf import json_format
 from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
 
 from .errors import InvalidParameter, ServiceError, Unauthorized
 from .guard import authorised
@@ -28,7 +30,21 @@ from .protocol import (
     the_input,
 )
 
-SERVICER = "tritonclient.grpc.service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server"
+# tritonclient generated the protocol's messages as module `grpc_service_pb2`, a name nothing
+# can import; pickle finds a class by its module's name. Ray's Python gRPC proxy (the one that
+# serves where HAProxy does not) pickles each message to a replica, so the name must resolve
+# in both processes: the proxy imports this module through SERVICER, a replica through Server.
+sys.modules.setdefault(pb.ModelInferRequest.__module__, pb)
+
+SERVICER = "service.grpc_api.add_servicer"  # the serve config's `grpc_servicer_functions`
+
+
+def add_servicer(servicer: Any, server: grpc.Server) -> None:
+    """tritonclient's `add_GRPCInferenceServiceServicer_to_server`, from this module so that
+    the proxy that calls it can also pickle the messages."""
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+
+
 STATUS = {
     400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
     404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.INVALID_ARGUMENT,

@@ -67,11 +67,12 @@ def _status(url: str) -> int:
 
 def run_service(
     folder: Path, models: list[dict], gateway: dict, extra: dict | None = None,
-    training: list[dict] | None = None,
+    training: list[dict] | None = None, env: dict[str, str] | None = None,
 ) -> Iterator[Service]:  # fmt: skip
     """The service with these models and gateway settings (API keys on; `extra`: more of the
-    serve config; `training`: models listed as still training), until the caller is done;
-    fails the test with the service's log when it does not become ready."""
+    serve config; `training`: models listed as still training; `env`: more of the
+    environment), until the caller is done; fails the test with the service's log when it
+    does not become ready."""
     port, metrics_port = free_port(), free_port()
     config = {
         "http_options": {"host": "127.0.0.1", "port": port},
@@ -84,7 +85,7 @@ def run_service(
     }  # fmt: skip
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
     log_path = folder / "service.log"
-    env = {**os.environ, "CONVNEXT_SERVE_API_KEYS": f"other-key,{API_KEY}"}
+    env = {**os.environ, "CONVNEXT_SERVE_API_KEYS": f"other-key,{API_KEY}", **(env or {})}
     # Ray's HAProxy and its fallback proxy take fixed ports: free ones let two services run
     for name in ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT",
                  "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"):  # fmt: skip
@@ -95,6 +96,7 @@ def run_service(
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     svc = Service(url, f"http://127.0.0.1:{metrics_port}/metrics", proc, log_path)
+    svc.haproxy_stats_url = f"http://127.0.0.1:{env['RAY_SERVE_HAPROXY_STATS_PORT']}/stats;csv"
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:

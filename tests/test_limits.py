@@ -1,0 +1,94 @@
+"""The replica's own limits, where HAProxy is not in front to refuse first.
+
+Without an HAProxy binary (or with `RAY_SERVE_ENABLE_HA_PROXY=0`) `convnext-serve run` falls
+back to Ray's Python proxy; the service still answers, and the replica's in-flight limit is
+then what refuses a burst. gRPC goes through Ray's gRPC proxy either way: a model's full
+queue refuses it as it refuses HTTP.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import numpy as np
+import pytest
+import requests
+import tritonclient.grpc as triton_grpc
+from tritonclient.utils import InferenceServerException
+
+from service.grpc_api import SERVICER
+
+from .live_service import AUTH, free_port, run_service
+from .service_models import service_checkpoints
+from .test_faults import png_rows
+from .test_service import error_of, photo
+
+pytestmark = pytest.mark.needs_models("service")
+
+MAX_IN_FLIGHT = 2
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    ckpt = service_checkpoints()
+    models = [
+        {"name": "colours", "checkpoint": str(ckpt["classify"]), "max_batch_size": 4},
+        {"name": "regions", "checkpoint": str(ckpt["segment"]), "max_batch_size": 1,
+         "max_ongoing_requests": 1, "max_queued_requests": 0, "warmup_batches": 1},
+    ]  # fmt: skip
+    gateway = {"max_in_flight": MAX_IN_FLIGHT, "max_body_bytes": 2_000_000}
+    grpc = {"grpc_options": {"port": free_port(), "grpc_servicer_functions": [SERVICER]}}
+    folder = tmp_path_factory.mktemp("limits")
+    env = {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+    for svc in run_service(folder, models, gateway, grpc, env=env):
+        svc.grpc_url = f"127.0.0.1:{grpc['grpc_options']['port']}"
+        yield svc
+
+
+def test_without_haproxy_the_python_proxy_serves(service):
+    with pytest.raises(requests.ConnectionError):  # no HAProxy: nothing on its stats port
+        requests.get(service.haproxy_stats_url, timeout=5)
+    data, _ = photo("blue")
+    r = service.post("/v1/classify", [data])
+    assert r.status_code == 200 and r.json()["results"][0]["predictions"][0]["label"] == "blue"
+
+
+def test_the_replicas_in_flight_limit_refuses_a_burst(service):
+    """Six 12-megapixel images to classify at once (each decodes for a while): the replica
+    holds `max_in_flight` of them and answers each; the rest get 503 `overloaded` at once."""
+    image = png_rows(4000, 3000)
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        responses = list(pool.map(
+            lambda _: service.post("/v1/classify", [image]), range(3 * MAX_IN_FLIGHT)
+        ))  # fmt: skip
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses.count(200) >= 1 and statuses.count(503) >= 3, statuses
+    assert set(statuses) == {200, 503}, statuses
+    refused = next(r for r in responses if r.status_code == 503)
+    assert error_of(refused) == "overloaded" and int(refused.headers["Retry-After"]) >= 1
+    assert "in-flight request limit" in refused.json()["error"]["message"]
+    assert service.post("/v1/classify", [photo("red")[0]]).status_code == 200
+
+
+def test_grpc_meets_a_full_model_queue(service):
+    """A model that holds one request and queues none: of four slow gRPC requests at once,
+    one is answered and the others get UNAVAILABLE, saying the queue is full."""
+    image = np.array([png_rows(4000, 3000)], dtype=object)
+    key = {"x-api-key": AUTH["X-API-Key"]}
+
+    def infer(_) -> str:
+        client = triton_grpc.InferenceServerClient(service.grpc_url)
+        tensor = triton_grpc.InferInput("image", [1], "BYTES")
+        tensor.set_data_from_numpy(image)
+        try:
+            client.infer("regions", [tensor], headers=key, client_timeout=120)
+            return "ok"
+        except InferenceServerException as e:
+            return f"{e.status()}: {e.message()}"
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(infer, range(4)))
+    assert answers.count("ok") >= 1, answers
+    refused = [a for a in answers if a != "ok"]
+    assert refused, answers
+    assert all(a.startswith("StatusCode.UNAVAILABLE") and "full queue" in a for a in refused)

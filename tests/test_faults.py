@@ -525,17 +525,33 @@ def test_a_killed_replica_fails_almost_nothing(service):
         time.sleep(1)
 
 
+def wait_until_working(replicas: list[psutil.Process], cpu_s: float = 0.5) -> None:
+    """Until each replica has spent `cpu_s` of CPU since the call: the requests sent just
+    before are being worked on everywhere (an event to act on, where a sleep would guess)."""
+
+    def used(p: psutil.Process) -> float:
+        times = p.cpu_times()
+        return times.user + times.system
+
+    start = {p.pid: used(p) for p in replicas}
+    deadline = time.monotonic() + 60
+    while any(used(p) - start[p.pid] < cpu_s for p in replicas):
+        assert time.monotonic() < deadline, "the replicas never started on the requests"
+        time.sleep(0.05)
+
+
 def test_requests_a_killed_replica_was_working_on_are_answered_by_the_other(service):
     """Segmentations in flight (seconds of work each) on both replicas, one replica killed:
     HAProxy has the whole request buffered (`convnext-serve-haproxy`), replays the dead one's
     on the other replica, and every client gets its answer."""
     image = png_rows(4000, 3000)  # a 12 MP map: seconds of work, a small body
     assert len(image) < 256 << 10
+    replicas = _replicas(service)
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(service.post, "/v1/segment", [image]) for _ in range(4)]
-        time.sleep(1.5)
+        wait_until_working(replicas)
         assert not any(f.done() for f in futures), "the requests were not in flight"
-        _replicas(service)[0].send_signal(signal.SIGKILL)
+        replicas[0].send_signal(signal.SIGKILL)
         statuses = [f.result().status_code for f in futures]
     assert statuses == [200] * 4
     deadline = time.monotonic() + 120  # Serve replaces it; the service is whole again
@@ -555,7 +571,7 @@ def test_sigterm_finishes_the_requests_in_flight(tmp_path):
         children = psutil.Process(svc.proc.pid).children(recursive=True)
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
             futures = [pool.submit(svc.post, "/v1/segment", [image]) for _ in range(3)]
-            time.sleep(0.5)
+            wait_until_working(server_replicas(svc.proc.pid))
             assert not any(f.done() for f in futures), "the requests were not in flight"
             stopped_at = time.monotonic()
             svc.proc.send_signal(signal.SIGTERM)

@@ -36,8 +36,8 @@ def encoded(inputs, outputs=None, parameters=None) -> tuple[bytes, str | None]:
     return body, None if json_size is None else str(json_size)
 
 
-def bytes_input(images, binary: bool) -> triton.InferInput:
-    tensor = triton.InferInput("image", [len(images)], "BYTES")
+def bytes_input(images, binary: bool, name: str = "image") -> triton.InferInput:
+    tensor = triton.InferInput(name, [len(images)], "BYTES")
     tensor.set_data_from_numpy(np.array(images, dtype=object), binary_data=binary)
     return tensor
 
@@ -63,11 +63,12 @@ def test_pixels_from_tritonclient(binary):
 
 
 def test_two_binary_inputs_split_where_their_sizes_say():
-    first, second = bytes_input(IMAGES[:1], True), bytes_input(IMAGES[1:], True)
-    second._name = "other"
-    request, data = parse_request(*encoded([first, second]))
-    assert data == {"image": serialize_byte_tensor(np.array(IMAGES[:1], dtype=object)).item(),
-                    "other": serialize_byte_tensor(np.array(IMAGES[1:], dtype=object)).item()}  # fmt: skip
+    first, second = bytes_input(IMAGES[:1], True), bytes_input(IMAGES[1:], True, "other")
+    _, data = parse_request(*encoded([first, second]))
+    assert data == {
+        "image": serialize_byte_tensor(np.array(IMAGES[:1], dtype=object)).item(),
+        "other": serialize_byte_tensor(np.array(IMAGES[1:], dtype=object)).item(),
+    }
 
 
 def _input(**kw) -> RequestInput:

@@ -1,4 +1,6 @@
-"""`convnext-serve run` when a model cannot be served: it stops with the reason, at once."""
+"""`convnext-serve run` as a user starts it: a model that cannot load stops it with the reason,
+at once; one that cannot warm up is refused while Serve replaces its replica; pretrained
+releases download; the demo models join as they finish training."""
 
 import json
 import subprocess
@@ -45,6 +47,72 @@ def test_a_model_that_cannot_load_stops_run_with_the_reason(tmp_path):
     assert "server: " in reason and "model 'colours'" in reason
     assert "tensors do not match convnext_atto" in reason and "head.weight" in reason
     assert time.monotonic() - start < 240  # well before the 600 s ready timeout
+
+
+def test_a_model_that_fails_to_warm_up_is_refused_and_its_replica_restarted(tmp_path):
+    """A model that loads but cannot run (`compile: true` where there is no C++ compiler):
+    /readyz names it as not ready, its requests get 503 `model_unavailable` with the reason,
+    and the replica's health check fails, so Serve replaces the replica."""
+    import os
+
+    import requests
+
+    meta = CheckpointMeta(
+        task="classify", arch="convnext_atto", head="linear", num_classes=3,
+        labels=["a", "b", "c"], image_size=32, provenance=Provenance(source="trained"),
+    )  # fmt: skip
+    ckpt = save_checkpoint(build_model("convnext_atto", num_classes=3), tmp_path / "c.safetensors",
+                           meta)  # fmt: skip
+    port = free_port()
+    model = {"name": "compiled", "checkpoint": str(ckpt), "compile": True, "warmup_batches": 1}
+    config = {
+        "http_options": {"host": "127.0.0.1", "port": port},
+        "applications": [{
+            "name": "convnext-serve", "route_prefix": "/", "import_path": "service.app:build_app",
+            "args": {"models": [model]},
+        }],
+    }  # fmt: skip
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    cmd = [sys.executable, "-m", "service.cli", "run", "--config", str(tmp_path / "config.yaml"),
+           "--metrics-port", str(free_port()), "--num-cpus", "4"]  # fmt: skip
+    env = {**os.environ, "CXX": "/nonexistent/g++", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
+    env.pop("CONVNEXT_SERVE_API_KEYS", None)
+    log = tmp_path / "run.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+
+    def refused() -> requests.Response | None:
+        """The classify answer once the application is up (it waits for the warm-up)."""
+        try:
+            if requests.get(url + "/healthz", timeout=2).status_code != 200:
+                return None
+            return requests.post(url + "/v1/classify", data=b"\xff\xd8", timeout=60,
+                                 headers={"Content-Type": "image/jpeg"})  # fmt: skip
+        except requests.RequestException:
+            return None
+
+    try:
+        deadline = time.monotonic() + 300
+        answer = None
+        while time.monotonic() < deadline and proc.poll() is None and answer is None:
+            answer = refused()
+            time.sleep(0.5)
+        assert answer is not None, log.read_text()[-3000:]
+        assert answer.status_code == 503, answer.text
+        error = answer.json()["error"]
+        assert error["code"] == "model_unavailable" and "C++ compiler" in error["message"]
+        assert int(answer.headers["Retry-After"]) >= 1
+        ready = requests.get(url + "/readyz", timeout=10)
+        assert ready.status_code == 503 and "compiled" in ready.text
+        first = {p.pid for p in server_replicas(proc.pid)}
+        while time.monotonic() < deadline and (
+            not server_replicas(proc.pid) or {p.pid for p in server_replicas(proc.pid)} == first
+        ):
+            time.sleep(0.5)
+        assert first and {p.pid for p in server_replicas(proc.pid)} - first, "not replaced"
+    finally:
+        stop(proc)
 
 
 def test_pretrained_release_is_downloaded_converted_and_served(tmp_path):

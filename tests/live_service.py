@@ -65,6 +65,14 @@ def _status(url: str) -> int:
         return 0
 
 
+def proxy_ports_env() -> dict[str, str]:
+    """Free ports for what Ray's HAProxy and its fallback proxy would take at fixed ones, so
+    that two services (two test runs) on one machine do not collide."""
+    names = ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT",
+             "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT")  # fmt: skip
+    return {name: str(free_port()) for name in names}
+
+
 def run_service(
     folder: Path, models: list[dict], gateway: dict, extra: dict | None = None,
     training: list[dict] | None = None, env: dict[str, str] | None = None,
@@ -85,11 +93,8 @@ def run_service(
     }  # fmt: skip
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
     log_path = folder / "service.log"
-    env = {**os.environ, "CONVNEXT_SERVE_API_KEYS": f"other-key,{API_KEY}", **(env or {})}
-    # Ray's HAProxy and its fallback proxy take fixed ports: free ones let two services run
-    for name in ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT",
-                 "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"):  # fmt: skip
-        env[name] = str(free_port())
+    env = {**os.environ, "CONVNEXT_SERVE_API_KEYS": f"other-key,{API_KEY}",
+           **proxy_ports_env(), **(env or {})}  # fmt: skip
     cmd = [sys.executable, "-m", "service.cli", "run", "--config", str(folder / "config.yaml"),
            "--metrics-port", str(metrics_port), "--num-cpus", "8"]  # fmt: skip
     with open(log_path, "wb") as log:

@@ -34,6 +34,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from tests.live_service import proxy_ports_env
 from tests.ports import free_port
 from tests.test_deploy import DEPLOY, dashboard_queries, promql_metric_names
 
@@ -223,7 +224,8 @@ def stack(tmp_path_factory):
     logs = [serve_log, prom_log]
     cli = Path(sys.executable).parent / "convnext-serve"
     command = [str(cli)] if cli.exists() else [sys.executable, "-m", "service.cli"]
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "CONVNEXT_SERVE_DEVICE": "cpu"}
+    env = {**os.environ, **proxy_ports_env(), "RAY_USAGE_STATS_ENABLED": "0",
+           "CONVNEXT_SERVE_DEVICE": "cpu"}  # fmt: skip
     serve = prom = None
     stop_traffic = threading.Event()
     traffic = None

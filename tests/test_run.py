@@ -3,6 +3,7 @@ at once; one that cannot warm up is refused while Serve replaces its replica; pr
 releases download; the demo models join as they finish training."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ from models import build_model, save_checkpoint
 from models.checkpoint import CheckpointMeta, Provenance
 
 from .http_mirror import http_mirror
-from .live_service import free_port, get_json, server_replicas, stop
+from .live_service import free_port, get_json, proxy_ports_env, server_replicas, stop
 
 
 def test_a_model_that_cannot_load_stops_run_with_the_reason(tmp_path):
@@ -38,7 +39,8 @@ def test_a_model_that_cannot_load_stops_run_with_the_reason(tmp_path):
     cmd = [sys.executable, "-m", "service.cli", "run", "--config", str(tmp_path / "config.yaml"),
            "--metrics-port", str(free_port()), "--num-cpus", "4"]  # fmt: skip
     start = time.monotonic()
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, **proxy_ports_env()}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 1, done.stderr[-3000:]
     ours = [line for line in done.stderr.splitlines() if line.startswith("convnext-serve: ")]
     assert len(ours) == 1, done.stderr[-3000:]
@@ -53,7 +55,6 @@ def test_a_model_that_fails_to_warm_up_is_refused_and_its_replica_restarted(tmp_
     """A model that loads but cannot run (`compile: true` where there is no C++ compiler):
     /readyz names it as not ready, its requests get 503 `model_unavailable` with the reason,
     and the replica's health check fails, so Serve replaces the replica."""
-    import os
 
     import requests
 
@@ -75,7 +76,8 @@ def test_a_model_that_fails_to_warm_up_is_refused_and_its_replica_restarted(tmp_
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     cmd = [sys.executable, "-m", "service.cli", "run", "--config", str(tmp_path / "config.yaml"),
            "--metrics-port", str(free_port()), "--num-cpus", "4"]  # fmt: skip
-    env = {**os.environ, "CXX": "/nonexistent/g++", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
+    env = {**os.environ, **proxy_ports_env(), "CXX": "/nonexistent/g++",
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}  # fmt: skip
     env.pop("CONVNEXT_SERVE_API_KEYS", None)
     log = tmp_path / "run.log"
     with open(log, "wb") as out:
@@ -136,14 +138,13 @@ def test_pretrained_release_is_downloaded_converted_and_served(tmp_path):
 def _serve_pretrained(mirror_url: str, cache: Path) -> None:
     """`convnext-serve run --pretrained convnext_tiny_1k` with the weights at `mirror_url`."""
     import io
-    import os
 
     import requests
     from PIL import Image
 
     from models.labels import imagenet1k_labels
 
-    env = {**os.environ, "CONVNEXT_SERVE_WEIGHTS_URL": mirror_url,
+    env = {**os.environ, **proxy_ports_env(), "CONVNEXT_SERVE_WEIGHTS_URL": mirror_url,
            "CONVNEXT_SERVE_CACHE": str(cache)}  # fmt: skip
     env.pop("CONVNEXT_SERVE_API_KEYS", None)
     port = free_port()
@@ -184,14 +185,13 @@ def test_demo_models_join_the_running_service_as_they_finish(tmp_path):
     first and served; the detector and the segmenter train in the background, shown with their
     progress in /readyz and /v1/models and refused with 503 `model_training` until each joins
     the service (smoke recipes: a few steps each)."""
-    import os
 
     import psutil
     import requests
 
     from service.schemas import ModelsResponse, Readiness
 
-    env = {**os.environ, "CONVNEXT_SERVE_DEMO_DIR": str(tmp_path / "demo"),
+    env = {**os.environ, **proxy_ports_env(), "CONVNEXT_SERVE_DEMO_DIR": str(tmp_path / "demo"),
            "CONVNEXT_SERVE_DEMO_SMOKE": "1"}  # fmt: skip
     env.pop("CONVNEXT_SERVE_API_KEYS", None)
     port = free_port()

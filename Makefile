@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint format bench bench-serve demo-models mutation clean
+.PHONY: setup run test lint format docs bench bench-serve demo-models mutation clean
 
 setup: $(STAMP)
 
@@ -49,8 +49,12 @@ mutation: setup
 	$(VENV)/bin/mutmut run --max-children 2
 	$(VENV)/bin/mutmut results --all true
 
+# The docs site (docs/, mkdocs.yml) at http://127.0.0.1:8001; the tests build it with --strict.
+docs: setup
+	$(VENV)/bin/mkdocs serve --dev-addr 127.0.0.1:8001
+
 bench: setup
 	$(PY) bench/models_bench.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info mutants
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info mutants site

@@ -1,6 +1,6 @@
 """Served checkpoints: one `.safetensors` file, the model's state dict plus JSON metadata.
 
-The metadata lives under the safetensors header key `convnext_serve` (DESIGN section 3). Loading
+The metadata lives under the safetensors header key `convnext_serve` (docs/checkpoints.md). Loading
 never unpickles anything, and every way a file can be wrong ends in one `CheckpointError` that
 names the file and the problem.
 """

@@ -1,6 +1,6 @@
 """Datasets for training and evaluation, and a synthetic "shapes" dataset to try them on.
 
-The layouts are the ones people already have (DESIGN section 4): ImageFolder for classification,
+The layouts are the ones people already have (docs/training.md): ImageFolder for classification,
 COCO for detection, ADE20K style for segmentation. `synth` writes a small dataset in each layout
 as real JPEG/PNG files, fully determined by its seed, so that training, evaluation and the service
 can be exercised end to end without downloading anything. The readers are torchvision's datasets

@@ -1,7 +1,7 @@
 """Metrics: top-1/top-5, COCO box and mask AP (pycocotools), mIoU and pixel accuracy.
 
 `evaluate_checkpoint` is what `convnext-serve eval` runs: a served checkpoint against the
-validation split of a dataset in the layouts of DESIGN section 4.
+validation split of a dataset in the layouts of docs/training.md.
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ def evaluate_checkpoint(
     batch_size: int = 32,
     progress: bool = True,
 ) -> dict[str, float]:
-    """The DESIGN section 4 metrics of a served checkpoint on a dataset's validation split."""
+    """The metrics of a served checkpoint on a dataset's validation split."""
     from . import data as datasets
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

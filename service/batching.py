@@ -8,8 +8,7 @@ arrived while the model was busy goes into the next batch together.
 
 Ray Serve's `@serve.batch` forms a batch as soon as one item is queued and lets it wait for
 the model there; under load the requests that arrive a moment later then wait a whole batch,
-and a closed loop of clients settles into lopsided batches (measured with 16 clients on one
-CPU replica with batches of 8: a repeating 8, 1, 5, 2). README: "The hot path (issue 13)".
+and a closed loop of clients settles into lopsided batches (docs/benchmarks/serving-cpu.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`convnext-serve`: the command line (DESIGN section 4).
+"""`convnext-serve`: the command line (docs/training.md).
 
 Each subcommand is a thin wrapper over a library call; heavy imports happen inside the handlers
 so that `--help` answers at once.
@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a served checkpoint on a dataset's val split")
     p.add_argument("eval_task", choices=["classify", "detect", "segment"])
-    p.add_argument("--data", required=True, help="dataset root (DESIGN layouts)")
+    p.add_argument("--data", required=True, help="dataset root (ImageFolder, COCO or ADE20K)")
     p.add_argument("--checkpoint", required=True, help="served .safetensors checkpoint")
     p.add_argument("--json", action="store_true", help="last line: one JSON object of metrics")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")

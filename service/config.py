@@ -25,18 +25,22 @@ class ModelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    checkpoint: str = Field(description="path to a served .safetensors, or demo:<task>")
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    compile: bool = False
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="the name requests use (`?model=`)"
+    )
+    checkpoint: str = Field(description="path to a served `.safetensors`, or `demo:<task>`")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="bf16/fp16: autocast; refused at load on a CPU without native bf16"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present")
+    compile: bool = Field(False, description="torch.compile the model (compiled at warm-up)")
     torch_threads: int | None = Field(
         None, ge=1,
         description="CPU threads of a replica; default: all cores. On a CPU node, one "
         "single-threaded replica per core gives the most images/s, one replica with every "
-        "core the lowest latency (README: the serving benchmark)",
+        "core the lowest latency (docs: the serving benchmark)",
     )  # fmt: skip
-    max_batch_size: int = Field(16, ge=1, le=1024)
+    max_batch_size: int = Field(16, ge=1, le=1024, description="images in one forward pass")
     batch_wait_timeout_s: float = Field(
         0.0, ge=0, le=10,
         description="how long a batch waits for more items after its first; under load "
@@ -46,11 +50,13 @@ class ModelConfig(BaseModel):
         None, ge=1, description="default: 4x the batch size, at least 32"
     )
     max_queued_requests: int = Field(64, ge=-1, description="beyond this: 503 overloaded")
-    num_replicas: int = Field(1, ge=1)
-    autoscaling_config: dict[str, Any] | None = None
-    num_cpus: float = Field(1.0, ge=0)
+    num_replicas: int = Field(1, ge=1, description="server replicas (each hosts every model)")
+    autoscaling_config: dict[str, Any] | None = Field(
+        None, description="Ray Serve's (`min_replicas`, `max_replicas`, ...); merged over models"
+    )
+    num_cpus: float = Field(1.0, ge=0, description="CPUs a server replica reserves")
     num_gpus: float | None = Field(None, ge=0, description="default: 1 when GPUs exist")
-    warmup_batches: int = Field(2, ge=0)
+    warmup_batches: int = Field(2, ge=0, description="full batches run before it is ready")
     timeout_s: float | None = Field(None, gt=0, description="default: the gateway's")
     sliding_window: bool = Field(False, description="segment: sliding-window inference")
     gpu_decode: bool = Field(
@@ -76,10 +82,10 @@ class GatewayConfig(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="CONVNEXT_SERVE_", extra="forbid")
 
-    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
-    max_pixels: int = Field(40_000_000, ge=1)
-    max_images_per_request: int = Field(32, ge=1)
-    request_timeout_s: float = Field(30.0, gt=0)
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="413 beyond")
+    max_pixels: int = Field(40_000_000, ge=1, description="per image, from its header; 413 beyond")
+    max_images_per_request: int = Field(32, ge=1, description="422 beyond")
+    request_timeout_s: float = Field(30.0, gt=0, description="504 beyond, unless the model's")
     body_timeout_s: float = Field(
         30.0, gt=0, description="a request body must arrive within this (408 beyond)"
     )
@@ -87,9 +93,9 @@ class GatewayConfig(BaseSettings):
     api_keys_env: str = Field(
         "CONVNEXT_SERVE_API_KEYS", description="comma-separated keys; unset: no auth"
     )
-    num_replicas: int = Field(1, ge=1)
-    num_cpus: float = Field(0.5, ge=0)
-    retry_after_s: int = Field(1, ge=1)
+    num_replicas: int = Field(1, ge=1, description="server replicas, at least")
+    num_cpus: float = Field(0.5, ge=0, description="CPUs a server replica reserves, at least")
+    retry_after_s: int = Field(1, ge=1, description="the Retry-After of a 503 overloaded")
 
 
 class TrainingModel(BaseModel):
@@ -100,8 +106,8 @@ class TrainingModel(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    task: Task
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="as a model's")
+    task: Task = Field(description="classify, detect or segment")
     progress_file: str = Field(description="the JSON file the training writes its progress to")
     serve_as: ModelConfig | None = Field(
         None,

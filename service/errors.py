@@ -1,6 +1,7 @@
 """Every failure a client can be told about, one exception type each, and the one place that
-turns them (and FastAPI's own) into responses: `{"error": {"code", "message"}}` (DESIGN 5), or
-on the Open Inference Protocol's routes (`/v2`) the protocol's `{"error": "<message>"}`."""
+turns them (and FastAPI's own) into responses: `{"error": {"code", "message"}}`, or on the Open
+Inference Protocol's routes (`/v2`) the protocol's `{"error": "<message>"}`
+(docs/serving-api.md)."""
 
 from __future__ import annotations
 

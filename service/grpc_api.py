@@ -3,7 +3,7 @@
 Ray Serve's gRPC ingress calls the server replica's method of each RPC's name with the request
 message; these methods are a mixin of `service.app.Server`, so gRPC requests go through the
 same models, batches and decoders as HTTP. Enabled by `grpc_options` in the serve config (see
-README, "Open Inference Protocol"). Tensors travel as `raw_input_contents` /
+docs/serving-api.md). Tensors travel as `raw_input_contents` /
 `raw_output_contents`, as tritonclient sends and reads them.
 """
 

@@ -1,4 +1,4 @@
-"""The service's metrics (DESIGN section 7), through Ray's metrics agent.
+"""The service's metrics (docs/operations.md), through Ray's metrics agent.
 
 Recorded where the work happens: requests, latency, decode time and in-flight requests in the
 gateway; images, batch size, queue wait and inference time in the model replicas. Ray exports

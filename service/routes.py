@@ -1,4 +1,4 @@
-"""The HTTP API (DESIGN section 5): thin route handlers over the server replica.
+"""The HTTP API (docs/serving-api.md): thin route handlers over the server replica.
 
 Each handler parses its query parameters (FastAPI), asks the server (`request.app.state.server`,
 see `service.app.Server`) to run the request's images through the model, and shapes the answer

@@ -1,4 +1,4 @@
-"""The HTTP API's response bodies as pydantic models, with examples (DESIGN section 5).
+"""The HTTP API's response bodies as pydantic models, with examples (docs/serving-api.md).
 
 Used as the routes' `response_model`, so `/docs` and `/openapi.json` show the real schemas. The
 handlers build plain dicts and answer `JSONResponse`s (FastAPI then skips re-validating every
@@ -134,7 +134,7 @@ class ModelInfo(BaseModel):
     ready: bool = Field(description="loaded and warmed up")
     device: str | None = Field(description="cpu or cuda; null until loaded")
     precision: str
-    metadata: dict[str, Any] = Field(description="the checkpoint's metadata (DESIGN section 3)")
+    metadata: dict[str, Any] = Field(description="the checkpoint's metadata (docs/checkpoints.md)")
     serving: dict[str, Any] = Field(description="batching and scaling settings")
 
 

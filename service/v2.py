@@ -1,5 +1,5 @@
-"""The Open Inference Protocol's REST routes (`/v2`, DESIGN 5b): thin handlers over the same
-server replica, batches and decoding as `/v1`.
+"""The Open Inference Protocol's REST routes (`/v2`, docs/serving-api.md): thin handlers over
+the same server replica, batches and decoding as `/v1`.
 
 Each served model is a protocol model of the same name, version "1", with two inputs of which
 a request sends one: `image` (`BYTES [N]`, encoded images, decoded as `/v1` decodes them) or

@@ -3,7 +3,7 @@
 A cold run (CI, a fresh `$CONVNEXT_SERVE_TEST_CACHE`) must train the service tests' models and
 the demo models before the tests that serve them. Trained in the foreground, that time adds to
 the suite's; the service tests leave much of the CPU idle (they wait on processes starting, on
-HTTP and on timeouts). So the session starts one process at the lowest priority (nice 19) that
+HTTP and on timeouts). So the test run starts one process at the lowest priority (nice 19) that
 trains what is missing, in the order the tests want it, and the tests that need a group of
 models (`@pytest.mark.needs_models("service" | "demo")`) run after the others, the service
 group first, each waiting only for its own files. Run as `python -m tests.background_training

@@ -36,7 +36,7 @@ def checkpoint_paths() -> list[Path]:
 
 def demo_checkpoints() -> dict[str, Path]:
     """{task: checkpoint path} of the three demo models, training whatever is not cached (or
-    waiting for the session's background training to make it: `background_training`)."""
+    waiting for the test run's background training to make it: `background_training`)."""
     from .background_training import wait_for
 
     wait_for("demo")

@@ -4,7 +4,7 @@ Trained once on the colour-shapes data (`colour_shapes.py`) and cached under
 `$CONVNEXT_SERVE_TEST_CACHE` (default ~/.cache/convnext-serve/test-models), keyed by a hash of
 the recipes and the data generator, so a repeated local run starts at once and a fresh CI
 machine trains them (about six minutes on two cores, most of it the detector). Each reaches
-what the service tests assert with at least 0.1 to spare (README, "Tests").
+what the service tests assert with at least 0.1 to spare (docs/testing.md).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def checkpoint_paths() -> list[Path]:
 
 def service_checkpoints() -> dict[str, Path]:
     """{task: checkpoint path}, training whatever is not cached yet (or waiting for the
-    session's background training to make it: `background_training`)."""
+    test run's background training to make it: `background_training`)."""
     from .background_training import wait_for
 
     wait_for("service")

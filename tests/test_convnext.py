@@ -10,8 +10,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from models import build_model, cpu, list_models
 
-# Parameter counts (M) and GMACs at 224 from DESIGN section 2 (the paper's Table 2.1 / 3.3).
-DESIGN_PARAMS = {
+# Parameter counts (M) and GMACs at 224 from the paper (Table 2.1 / 3.3).
+PAPER_PARAMS = {
     "convnext_tiny": 28.59,
     "convnext_small": 50.22,
     "convnext_base": 88.59,
@@ -21,14 +21,14 @@ DESIGN_PARAMS = {
     "convnext_iso_base": 87.08,
     "convnext_iso_large": 305.91,
 }
-# The small CPU variants are timm's definitions; DESIGN lists them rounded to 0.1M.
+# The small CPU variants are timm's definitions, here rounded to 0.1M.
 SMALL_VARIANTS = {
     "convnext_atto": 3.7,
     "convnext_femto": 5.2,
     "convnext_pico": 9.1,
     "convnext_nano": 15.6,
 }
-DESIGN_GMACS = {
+PAPER_GMACS = {
     "convnext_tiny": 4.47,
     "convnext_small": 8.68,
     "convnext_base": 15.35,
@@ -41,15 +41,15 @@ def n_params(model: torch.nn.Module) -> int:
 
 
 def test_every_design_name_is_registered():
-    assert set(DESIGN_PARAMS) | set(SMALL_VARIANTS) <= set(list_models("classify"))
+    assert set(PAPER_PARAMS) | set(SMALL_VARIANTS) <= set(list_models("classify"))
 
 
-@pytest.mark.parametrize("arch", list(DESIGN_PARAMS))
+@pytest.mark.parametrize("arch", list(PAPER_PARAMS))
 def test_param_count_matches_paper(arch):
     with torch.device("meta"):
         model = build_model(arch)
     got = n_params(model) / 1e6
-    assert abs(got - DESIGN_PARAMS[arch]) / DESIGN_PARAMS[arch] <= 1e-3, got
+    assert abs(got - PAPER_PARAMS[arch]) / PAPER_PARAMS[arch] <= 1e-3, got
 
 
 @pytest.mark.parametrize("arch", list(SMALL_VARIANTS))
@@ -57,11 +57,11 @@ def test_small_variants_match_timm_exactly(arch):
     with torch.device("meta"):
         ours, theirs = build_model(arch), timm.create_model(arch)
     assert n_params(ours) == n_params(theirs)
-    # DESIGN's 0.1M rounding: atto and nano round to it; pico is 9.05M (timm's figure too).
+    # The 0.1M rounding: atto and nano round to it; pico is 9.05M (timm's figure too).
     assert abs(n_params(ours) / 1e6 - SMALL_VARIANTS[arch]) <= 0.06
 
 
-@pytest.mark.parametrize("arch", list(DESIGN_GMACS))
+@pytest.mark.parametrize("arch", list(PAPER_GMACS))
 def test_gmacs_match_paper(arch):
     with torch.device("meta"):
         model = build_model(arch)
@@ -70,7 +70,7 @@ def test_gmacs_match_paper(arch):
     with counter:
         model(x)
     gmacs = counter.get_total_flops() / 2 / 1e9
-    assert abs(gmacs - DESIGN_GMACS[arch]) / DESIGN_GMACS[arch] <= 0.01, gmacs
+    assert abs(gmacs - PAPER_GMACS[arch]) / PAPER_GMACS[arch] <= 0.01, gmacs
 
 
 def test_unknown_arch_names_the_known_ones():
@@ -225,4 +225,4 @@ def test_flop_counter_sees_the_fused_kernel():
         with counter:
             model(x)
     gmacs = counter.get_total_flops() / 2 / 1e9
-    assert abs(gmacs - DESIGN_GMACS["convnext_tiny"]) / DESIGN_GMACS["convnext_tiny"] <= 0.01
+    assert abs(gmacs - PAPER_GMACS["convnext_tiny"]) / PAPER_GMACS["convnext_tiny"] <= 0.01

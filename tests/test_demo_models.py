@@ -3,7 +3,7 @@
 The three demo models, trained by `models.demo`'s recipes exactly as `make run` trains them,
 scored on held-out drawn shapes they never trained on (`drawn_shapes.py`: the page's samples
 and shapes drawn with Pillow), through the service's own runner. The thresholds leave margin
-for another CPU's rounding and thread timing; README, "Demo models", has the figures.
+for another CPU's rounding and thread timing; docs/demo-models.md has the figures.
 """
 
 from __future__ import annotations

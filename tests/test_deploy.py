@@ -1,4 +1,4 @@
-"""Static checks of the deployment files (issue 6): Dockerfile, docker compose, Prometheus,
+"""Static checks of the deployment files: Dockerfile, docker compose, Prometheus,
 Grafana and the KubeRay manifests. There is no Docker engine and no cluster in CI, so each file is
 checked with the real linter or schema of its consumer: hadolint, the Compose Specification's
 JSON schema, the KubeRay CRDs (ray.io/v1), Kubernetes' own OpenAPI schemas (kubernetes-validate),
@@ -217,7 +217,7 @@ PROMQL_WORDS = {
 
 
 def service_metrics() -> dict[str, str]:
-    """{name as DESIGN section 7 writes it: kind}, read from service/metrics.py."""
+    """{name as docs/operations.md writes it: kind}, read from service/metrics.py."""
     source = (ROOT / "service" / "metrics.py").read_text()
     found = re.findall(r'(Counter|Gauge|Histogram)\(\s*"(convnext_serve_\w+)"', source)
     return {name: kind for kind, name in found}
@@ -288,7 +288,7 @@ def test_dashboard_is_valid_and_uses_only_existing_metrics():
             unknown = names - known
             assert not unknown, f"{panel['title']}: unknown metric(s) {sorted(unknown)}"
             used |= names
-    # The dashboard shows every metric of DESIGN section 7.
+    # The dashboard shows every documented metric.
     for name, kind in service_metrics().items():
         assert exported_names(name, kind) & used, f"no panel shows {name}"
     # The issue's panels: GPU and CPU use, replicas.
@@ -469,7 +469,7 @@ def test_podmonitor_scrapes_port_8080_of_every_ray_pod(objects):
 
 
 def test_serve_config_v2_is_the_serve_config(objects):
-    """DESIGN section 6: the RayService embeds deploy/serve_config.yaml verbatim."""
+    """The RayService embeds deploy/serve_config.yaml verbatim."""
     from ray.serve.config import AutoscalingConfig
     from ray.serve.schema import ServeDeploySchema
 

@@ -1,10 +1,10 @@
-"""A real Prometheus scraping the real service (issue 6, DESIGN section 7).
+"""A real Prometheus scraping the real service (docs/operations.md).
 
 Starts `convnext-serve run` with the project's serve config (deploy/serve_config.yaml, its demo
 checkpoints swapped for small untrained ones made here) and a Prometheus with the project's scrape
 config (deploy/prometheus/prometheus.yml, its target pointed at the service's metrics port on
 127.0.0.1), sends classify/detect/segment traffic and asks Prometheus's HTTP API that:
-the target is up, every metric of DESIGN section 7 has samples with its labels, and every query
+the target is up, every metric of docs/operations.md has samples with its labels, and every query
 of the Grafana dashboard returns data, so no panel is empty or misspelled.
 
 Takes about two minutes (the service needs ~1 min to start on 2 CPUs). Everything listens on
@@ -52,8 +52,8 @@ RATE_WINDOW = "1m"  # what the dashboard's $__rate_interval stands for in these 
 READY_TIMEOUT_S = 300
 DATA_TIMEOUT_S = 120
 
-# DESIGN section 7: every series name and the labels it must carry.
-DESIGN_METRICS = {
+# docs/operations.md: every series name and the labels it must carry.
+DOCUMENTED_METRICS = {
     "ray_convnext_serve_requests_total": ("endpoint", "model", "status"),
     "ray_convnext_serve_request_duration_seconds_bucket": ("endpoint", "model", "le"),
     "ray_convnext_serve_images_total": ("model",),
@@ -291,7 +291,7 @@ def test_target_is_up(stack):
 
 
 def test_every_design_metric_has_samples(stack):
-    for name, labels in DESIGN_METRICS.items():
+    for name, labels in DOCUMENTED_METRICS.items():
         selector = name + "{" + ",".join(f'{label}!=""' for label in labels) + "}"
         wait_for(f"samples of {selector}", lambda s=selector: stack.query(s), DATA_TIMEOUT_S,
                  stack.logs)  # fmt: skip

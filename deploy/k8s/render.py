@@ -1,6 +1,6 @@
 """Copy deploy/serve_config.yaml into the RayService's serveConfigV2 (deploy/k8s/rayservice.yaml).
 
-The serve config is the one source of truth (DESIGN section 6): the RayService embeds it verbatim
+The serve config is the one source of truth (docs/deploy.md): the RayService embeds it verbatim
 as a YAML block scalar. Run after editing the serve config:
 
     python deploy/k8s/render.py          # rewrite the block

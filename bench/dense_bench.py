@@ -43,9 +43,13 @@ def main() -> None:
         ("maskrcnn_convnext_tiny", "800x1333", (800, 1333), dets),
         ("maskrcnn_convnext_tiny", "1280x800", (800, 1280), dets),
         ("cascade_maskrcnn_convnext_tiny", "1280x800", (800, 1280), dets),
-        ("upernet_convnext_tiny", "512x512", (512, 512),
-         lambda m, imgs: segment(m, imgs, image_size=512)),
-    ]  # fmt: skip
+        (
+            "upernet_convnext_tiny",
+            "512x512",
+            (512, 512),
+            lambda m, imgs: segment(m, imgs, image_size=512),
+        ),
+    ]
     cases = [c for c in cases if args.only is None or args.only in c[0]]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(cpu.fast_path_summary())
@@ -80,8 +84,11 @@ def main() -> None:
                         times.append(time.perf_counter() - start)
                 seconds = statistics.median(times) / batch
                 precision = "bf16 autocast" if bf16 else "fp32"
-                print(f"| {name} | {label} | {batch} | {precision} | {seconds * 1e3:.0f} | "
-                      f"{1 / seconds:.1f} | {paper} |", flush=True)  # fmt: skip
+                print(
+                    f"| {name} | {label} | {batch} | {precision} | {seconds * 1e3:.0f} | "
+                    f"{1 / seconds:.1f} | {paper} |",
+                    flush=True,
+                )
         del model
 
 

@@ -43,8 +43,13 @@ async def build_server(checkpoint: Path, max_batch_size: int):
 
     cls = Server.func_or_class
     server = cls.__new__(cls)
-    model = {"name": "atto", "checkpoint": str(checkpoint), "max_batch_size": max_batch_size,
-             "torch_threads": 1, "max_queued_requests": -1}  # fmt: skip
+    model = {
+        "name": "atto",
+        "checkpoint": str(checkpoint),
+        "max_batch_size": max_batch_size,
+        "torch_threads": 1,
+        "max_queued_requests": -1,
+    }
     await cls.__init__(server, gateway={}, models=[model])
     for host in server.hosts.values():
         await asyncio.wrap_future(host.warm)
@@ -55,10 +60,20 @@ async def one_request(api, path: str, body: bytes, headers: dict[str, str]) -> N
     route, _, query = path.partition("?")
     raw_headers = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
     raw_headers += [(b"content-length", str(len(body)).encode()), (b"host", b"bench")]
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-             "method": "POST", "scheme": "http", "path": route, "raw_path": route.encode(),
-             "query_string": query.encode(), "root_path": "", "headers": raw_headers,
-             "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 1)}  # fmt: skip
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": route,
+        "raw_path": route.encode(),
+        "query_string": query.encode(),
+        "root_path": "",
+        "headers": raw_headers,
+        "server": ("127.0.0.1", 80),
+        "client": ("127.0.0.1", 1),
+    }
     chunks = [body[i : i + CHUNK] for i in range(0, len(body), CHUNK)]
 
     async def receive() -> dict:
@@ -109,8 +124,13 @@ async def measure(args) -> list[tuple[int, float, float, float]]:
             await run_requests(api, request, args.requests, args.concurrency)
             elapsed = time.perf_counter() - started
             loop_s, infer_s = time.thread_time() - loop_s, thread_cpu_s(inference_id) - infer_s
-            runs.append((1e3 * loop_s / args.requests, 1e3 * infer_s / (args.requests * n),
-                         args.requests / elapsed))  # fmt: skip
+            runs.append(
+                (
+                    1e3 * loop_s / args.requests,
+                    1e3 * infer_s / (args.requests * n),
+                    args.requests / elapsed,
+                )
+            )
         rows.append((n, *(statistics.median(r[i] for r in runs) for i in range(3))))
         print(f"{n} a request: {runs}", flush=True)
     return rows
@@ -129,12 +149,16 @@ def main() -> None:
         parser.error("--raw-body takes one image a request")
     rows = asyncio.run(measure(args))
     print()
-    print(f"convnext_atto 64x64, 640x480 JPEGs, {'raw' if args.raw_body else 'multipart'} "
-          f"bodies, {args.concurrency} requests in flight, median of {args.repeats} runs of "
-          f"{args.requests}; each thread's own CPU time")  # fmt: skip
+    print(
+        f"convnext_atto 64x64, 640x480 JPEGs, {'raw' if args.raw_body else 'multipart'} "
+        f"bodies, {args.concurrency} requests in flight, median of {args.repeats} runs of "
+        f"{args.requests}; each thread's own CPU time"
+    )
     print()
-    print("| images a request | event loop CPU ms a request | inference CPU ms an image "
-          "| requests/s |")  # fmt: skip
+    print(
+        "| images a request | event loop CPU ms a request | inference CPU ms an image "
+        "| requests/s |"
+    )
     print("|---:|---:|---:|---:|")
     for n, loop_ms, infer_ms, rate in rows:
         print(f"| {n} | {loop_ms:.3f} | {infer_ms:.2f} | {rate:.0f} |")

@@ -57,21 +57,42 @@ end
 """
 
 
-def start(folder: Path, checkpoint: Path, replicas: int = 2, queued: int = 8
-          ) -> tuple[subprocess.Popen, str]:  # fmt: skip
+def start(
+    folder: Path, checkpoint: Path, replicas: int = 2, queued: int = 8
+) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    model = {"name": "tiny", "checkpoint": str(checkpoint), "max_batch_size": 8,
-             "max_ongoing_requests": 8, "max_queued_requests": queued,
-             "torch_threads": 1}  # fmt: skip
+    model = {
+        "name": "tiny",
+        "checkpoint": str(checkpoint),
+        "max_batch_size": 8,
+        "max_ongoing_requests": 8,
+        "max_queued_requests": queued,
+        "torch_threads": 1,
+    }
     config = {
         "http_options": {"host": "127.0.0.1", "port": port},
-        "applications": [{"name": "faults", "route_prefix": "/",
-                          "import_path": "service.app:build_app",
-                          "args": {"models": [model], "gateway": {"num_replicas": replicas}}}],
-    }  # fmt: skip
+        "applications": [
+            {
+                "name": "faults",
+                "route_prefix": "/",
+                "import_path": "service.app:build_app",
+                "args": {"models": [model], "gateway": {"num_replicas": replicas}},
+            }
+        ],
+    }
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
-    cmd = [sys.executable, "-m", "service.cli", "run", "--config", str(folder / "config.yaml"),
-           "--metrics-port", str(free_port()), "--num-cpus", "8"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "service.cli",
+        "run",
+        "--config",
+        str(folder / "config.yaml"),
+        "--metrics-port",
+        str(free_port()),
+        "--num-cpus",
+        "8",
+    ]
     log = open(folder / "service.log", "ab")  # noqa: SIM115 (the server's lifetime)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
@@ -80,12 +101,16 @@ def start(folder: Path, checkpoint: Path, replicas: int = 2, queued: int = 8
 
 
 def replicas(proc: subprocess.Popen) -> list[psutil.Process]:
-    return [p for p in psutil.Process(proc.pid).children(recursive=True)
-            if "ServeReplica:faults:server" in " ".join(p.cmdline())]  # fmt: skip
+    return [
+        p
+        for p in psutil.Process(proc.pid).children(recursive=True)
+        if "ServeReplica:faults:server" in " ".join(p.cmdline())
+    ]
 
 
-def clients(url: str, photo: bytes, n: int, seconds: float, pause_s: float = 0.0,
-            side=None) -> list[tuple[float, object, float]]:  # fmt: skip
+def clients(
+    url: str, photo: bytes, n: int, seconds: float, pause_s: float = 0.0, side=None
+) -> list[tuple[float, object, float]]:
     """`n` closed-loop clients posting `photo`: (start, status or error, latency) of each."""
     results = closed_loop(url + "/v1/classify", photo, n, seconds, side=side, pause_s=pause_s)
     return [(t, status, latency) for t, status, latency, _ in results]
@@ -104,18 +129,33 @@ def overload(url: str, proc, photo: bytes, seconds: float, folder: Path) -> list
     calm_ok = sum(1 for _, s, _ in calm if s == 200) / seconds
     before = rss()
     wrk = subprocess.Popen(
-        ["wrk", "-t1", f"-c{10 * CAPACITY}", f"-d{seconds:g}s", "--timeout", "60s",
-         "-s", str(folder / "count.lua"), url + "/v1/classify"],
-        stdout=subprocess.PIPE, text=True, env={**os.environ, "BENCH_BODY": str(body)},
-    )  # fmt: skip
+        [
+            "wrk",
+            "-t1",
+            f"-c{10 * CAPACITY}",
+            f"-d{seconds:g}s",
+            "--timeout",
+            "60s",
+            "-s",
+            str(folder / "count.lua"),
+            url + "/v1/classify",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "BENCH_BODY": str(body)},
+    )
     time.sleep(1)
     probe = clients(url, photo, 1, seconds - 2, pause_s=0.05)
     out = wrk.communicate()[0]
     ok, refused, other, socket_errors = map(int, out.split("COUNTS")[1].split())
     after = rss()
     t = time.monotonic()  # the queues still hold what the burst got in: answered, then free
-    while requests.post(url + "/v1/classify", data=photo, timeout=60,
-                        headers={"Content-Type": "image/jpeg"}).status_code != 200:  # fmt: skip
+    while (
+        requests.post(
+            url + "/v1/classify", data=photo, timeout=60, headers={"Content-Type": "image/jpeg"}
+        ).status_code
+        != 200
+    ):
         time.sleep(0.01)
     first = time.monotonic() - t
     refusals = [lat for _, s, lat in probe if s == 503]
@@ -125,14 +165,18 @@ def overload(url: str, proc, photo: bytes, seconds: float, folder: Path) -> list
         (f"burst: {10 * CAPACITY} connections (10x capacity), answered/s", f"{ok / seconds:.0f}"),
         ("burst: refused (503)/s", f"{refused / seconds:.0f}"),
         ("burst: other statuses, socket errors", f"{other}, {socket_errors}"),
-        ("probe during the burst: 503 latency p50 / p99 (ms)",
-         f"{1e3 * pct(refusals, 50):.0f} / {1e3 * pct(refusals, 99):.0f}"),
-        ("probe during the burst: 200 latency p50 / p99 (ms)",
-         f"{1e3 * pct(answers, 50):.0f} / {1e3 * pct(answers, 99):.0f} ({len(answers)} of "
-         f"{len(probe)})"),
+        (
+            "probe during the burst: 503 latency p50 / p99 (ms)",
+            f"{1e3 * pct(refusals, 50):.0f} / {1e3 * pct(refusals, 99):.0f}",
+        ),
+        (
+            "probe during the burst: 200 latency p50 / p99 (ms)",
+            f"{1e3 * pct(answers, 50):.0f} / {1e3 * pct(answers, 99):.0f} ({len(answers)} of "
+            f"{len(probe)})",
+        ),
         ("replica memory before / after (MiB)", f"{before:.0f} / {after:.0f}"),
         ("after the burst: first 200 answer within (ms)", f"{1e3 * first:.0f}"),
-    ]  # fmt: skip
+    ]
 
 
 def kill_one(url: str, proc, photo: bytes) -> list[tuple]:
@@ -157,12 +201,14 @@ def kill_one(url: str, proc, photo: bytes) -> list[tuple]:
     replaced = time.monotonic() - killed[0]
     return [
         ("SIGKILL one of 2 replicas, 6 clients for 30 s: requests", f"{len(results)}"),
-        ("  failed (%), of which 500 / dropped",
-         f"{100 * len(failed) / len(results):.2f} ({sum(s == 500 for s in failed)} / "
-         f"{sum(isinstance(s, str) for s in failed)})"),
+        (
+            "  failed (%), of which 500 / dropped",
+            f"{100 * len(failed) / len(results):.2f} ({sum(s == 500 for s in failed)} / "
+            f"{sum(isinstance(s, str) for s in failed)})",
+        ),
         ("  longest wait for an answer after the kill (s)", f"{longest_gap:.2f}"),
         ("  replacement replica running after (s)", f"{replaced:.1f}"),
-    ]  # fmt: skip
+    ]
 
 
 def drain(folder: Path, checkpoint: Path, photo: bytes) -> list[tuple]:
@@ -217,8 +263,9 @@ def main() -> None:
         stop(proc)
     rows += drain(folder, checkpoint, photo)
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo
-                if line.startswith("model name")), "?")  # fmt: skip
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "?"
+    )
     print(f"\nconvnext-serve under faults ({os.cpu_count()} x {cpu}; convnext_atto 64x64)\n")
     width = max(len(name) for name, _ in rows)
     print(f"| {'what':{width}} | measured |\n|{'-' * (width + 2)}|----------|")

@@ -55,9 +55,14 @@ def make_checkpoint(folder: Path, arch: str = "convnext_tiny", image_size: int =
     torch.manual_seed(0)
     model = build_model(arch)
     meta = CheckpointMeta(
-        task="classify", arch=arch, head="linear", num_classes=1000, image_size=image_size,
-        labels=imagenet1k_labels(), provenance=Provenance(source="converted", dataset="bench"),
-    )  # fmt: skip
+        task="classify",
+        arch=arch,
+        head="linear",
+        num_classes=1000,
+        image_size=image_size,
+        labels=imagenet1k_labels(),
+        provenance=Provenance(source="converted", dataset="bench"),
+    )
     return save_checkpoint(model, folder / f"{arch}.safetensors", meta)
 
 
@@ -83,8 +88,9 @@ def raw_model(
     from service.config import ModelConfig
     from service.runtime import ModelRunner
 
-    config = ModelConfig(name="raw", checkpoint=str(checkpoint), precision=precision,
-                         compile=compile)  # fmt: skip
+    config = ModelConfig(
+        name="raw", checkpoint=str(checkpoint), precision=precision, compile=compile
+    )
     runner = ModelRunner(config)
     size = runner.meta.image_size
     image = np.random.default_rng(0).integers(0, 256, (3, size, size), dtype=np.uint8)
@@ -162,8 +168,12 @@ def zero_overhead_bound(
 
 def bound_of(decode_ms: float, model_ms: float, batch: int) -> dict:
     """(d) from one thread's CPU time an image for each part: every core doing both."""
-    return {"decode_ms": decode_ms, "model_ms": model_ms, "batch": batch,
-            "images_per_s": (os.cpu_count() or 1) * 1e3 / (decode_ms + model_ms)}  # fmt: skip
+    return {
+        "decode_ms": decode_ms,
+        "model_ms": model_ms,
+        "batch": batch,
+        "images_per_s": (os.cpu_count() or 1) * 1e3 / (decode_ms + model_ms),
+    }
 
 
 def fastest_bound(measured: list[dict]) -> dict:
@@ -176,8 +186,10 @@ def fastest_bound(measured: list[dict]) -> dict:
 
 
 def describe_bound(bound: dict) -> str:
-    return (f"decode and preprocess {bound['decode_ms']:.2f} ms + model {bound['model_ms']:.2f}"
-            f" ms at batch {bound['batch']}, one thread each")  # fmt: skip
+    return (
+        f"decode and preprocess {bound['decode_ms']:.2f} ms + model {bound['model_ms']:.2f}"
+        f" ms at batch {bound['batch']}, one thread each"
+    )
 
 
 async def load(
@@ -193,8 +205,9 @@ async def load(
     def form_of(i: int) -> aiohttp.FormData:
         form = aiohttp.FormData()
         for j in range(per_request):
-            form.add_field("image", photos[(i + j) % len(photos)], filename="p.jpg",
-                           content_type="image/jpeg")  # fmt: skip
+            form.add_field(
+                "image", photos[(i + j) % len(photos)], filename="p.jpg", content_type="image/jpeg"
+            )
         return form
 
     async def client(k: int, session: aiohttp.ClientSession) -> None:
@@ -224,8 +237,12 @@ async def load(
         deadline = started + seconds
         await asyncio.gather(*(client(k, session) for k in range(concurrency)))
         elapsed = time.perf_counter() - started
-    return {"latencies": latencies, "elapsed": elapsed, "errors": errors,
-            "images": len(latencies) * per_request}  # fmt: skip
+    return {
+        "latencies": latencies,
+        "elapsed": elapsed,
+        "errors": errors,
+        "images": len(latencies) * per_request,
+    }
 
 
 def _load_in_process(args: tuple) -> dict:
@@ -265,8 +282,11 @@ def request_of(kind: str, photos: list[bytes], per_request: int) -> tuple[str, b
             for photo in chosen
         ]
         body = b"".join(parts) + f"--{boundary}--\r\n".encode()
-        return ("/v1/classify?top_k=5", body,
-                {"Content-Type": f"multipart/form-data; boundary={boundary}"})  # fmt: skip
+        return (
+            "/v1/classify?top_k=5",
+            body,
+            {"Content-Type": f"multipart/form-data; boundary={boundary}"},
+        )
     if kind == "raw":
         return "/v1/classify?top_k=5", chosen[0], {"Content-Type": "image/jpeg"}
     if kind == "v2-image":
@@ -276,22 +296,37 @@ def request_of(kind: str, photos: list[bytes], per_request: int) -> tuple[str, b
         pixels = np.stack([np.asarray(Image.open(io.BytesIO(p)).convert("RGB")) for p in chosen])
         tensor = pixels.tobytes()
         name, datatype, shape = "pixels", "UINT8", list(pixels.shape)
-    header = json.dumps({
-        "inputs": [{"name": name, "datatype": datatype, "shape": shape,
-                    "parameters": {"binary_data_size": len(tensor)}}],
-        "outputs": [{"name": n, "parameters": {"binary_data": True}}
-                    for n in ("scores", "class_ids")],
-        "parameters": {"top_k": 5},
-    }).encode()  # fmt: skip
-    headers = {"Content-Type": "application/octet-stream",
-               "Inference-Header-Content-Length": str(len(header))}  # fmt: skip
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": name,
+                    "datatype": datatype,
+                    "shape": shape,
+                    "parameters": {"binary_data_size": len(tensor)},
+                }
+            ],
+            "outputs": [
+                {"name": n, "parameters": {"binary_data": True}} for n in ("scores", "class_ids")
+            ],
+            "parameters": {"top_k": 5},
+        }
+    ).encode()
+    headers = {
+        "Content-Type": "application/octet-stream",
+        "Inference-Header-Content-Length": str(len(header)),
+    }
     return "/v2/models/tiny/infer", header + tensor, headers
 
 
 def run_wrk(
-    url: str, photos: list[bytes], concurrency: int, seconds: float, per_request: int = 1,
+    url: str,
+    photos: list[bytes],
+    concurrency: int,
+    seconds: float,
+    per_request: int = 1,
     kind: str = "multipart",
-) -> dict:  # fmt: skip
+) -> dict:
     """Closed-loop load from wrk (C, one thread: a cheap client that leaves the cores to the
     server) on the service at `url`: every request the same, a classify request of `kind`
     (BODIES) with `per_request` photos."""
@@ -302,13 +337,26 @@ def run_wrk(
     path, body, headers = request_of(kind, photos, per_request)
     (folder / "body").write_bytes(body)
     (folder / "post.lua").write_text(WRK_SCRIPT)
-    env = {**os.environ, "BENCH_BODY": str(folder / "body"),
-           "BENCH_HEADERS": "\n".join(f"{k}: {v}" for k, v in headers.items())}  # fmt: skip
+    env = {
+        **os.environ,
+        "BENCH_BODY": str(folder / "body"),
+        "BENCH_HEADERS": "\n".join(f"{k}: {v}" for k, v in headers.items()),
+    }
     url = url + path
     # wrk gives up on a request after 2 s by default and leaves it out of the latencies; a
     # slow model at high concurrency answers later than that
-    cmd = [shutil.which("wrk") or "wrk", "-t1", f"-c{concurrency}", f"-d{seconds:g}s",
-           "--timeout", "120s", "--latency", "-s", str(folder / "post.lua"), url]  # fmt: skip
+    cmd = [
+        shutil.which("wrk") or "wrk",
+        "-t1",
+        f"-c{concurrency}",
+        f"-d{seconds:g}s",
+        "--timeout",
+        "120s",
+        "--latency",
+        "-s",
+        str(folder / "post.lua"),
+        url,
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
     units = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
@@ -322,14 +370,23 @@ def run_wrk(
     socket_errors = re.search(r"Socket errors: (.*)", out)  # connect, read, write, timeout
     if socket_errors:
         failed += sum(int(n) for n in re.findall(r"\d+", socket_errors.group(1)))
-    return {"images_per_s": rps * per_request, "p50": latency(50), "p95": float("nan"),
-            "p99": latency(99), "errors": failed}  # fmt: skip
+    return {
+        "images_per_s": rps * per_request,
+        "p50": latency(50),
+        "p95": float("nan"),
+        "p99": latency(99),
+        "errors": failed,
+    }
 
 
 def run_load(
-    url: str, photos: list[bytes], concurrency: int, seconds: float, per_request: int = 1,
+    url: str,
+    photos: list[bytes],
+    concurrency: int,
+    seconds: float,
+    per_request: int = 1,
     processes: int = 1,
-) -> dict:  # fmt: skip
+) -> dict:
     """`load` split over `processes` client processes (one Python process cannot send the
     thousands of requests a second a GPU service takes); images/s and latency percentiles."""
     processes = max(1, min(processes, concurrency))
@@ -348,9 +405,13 @@ def run_load(
     def pct(p: float) -> float:
         return lat[min(len(lat) - 1, int(p * len(lat)))] * 1e3 if lat else float("nan")
 
-    return {"images_per_s": sum(part["images"] for part in parts) / elapsed,
-            "p50": pct(0.5), "p95": pct(0.95), "p99": pct(0.99),
-            "errors": sum(part["errors"] for part in parts)}  # fmt: skip
+    return {
+        "images_per_s": sum(part["images"] for part in parts) / elapsed,
+        "p50": pct(0.5),
+        "p95": pct(0.95),
+        "p99": pct(0.99),
+        "errors": sum(part["errors"] for part in parts),
+    }
 
 
 def wait_http(url: str, proc: subprocess.Popen, timeout_s: float = 600) -> None:
@@ -383,8 +444,12 @@ def scrape(metrics_url: str) -> dict[str, float]:
     return totals
 
 
-PROCESS_GROUPS = (("server", "ServeReplica:bench:server"),
-                  ("proxy", "ProxyActor"), ("proxy", "haproxy"), ("proxy", "HAProxy"))  # fmt: skip
+PROCESS_GROUPS = (
+    ("server", "ServeReplica:bench:server"),
+    ("proxy", "ProxyActor"),
+    ("proxy", "haproxy"),
+    ("proxy", "HAProxy"),
+)
 
 
 def cpu_seconds() -> dict[str, float]:
@@ -421,8 +486,15 @@ def floor_levels(photos: list[bytes], args, replicas: int) -> list[tuple[int, in
     import psutil
 
     port = free_port()
-    cmd = [sys.executable, "-m", "bench.floor_app", "--port", str(port),
-           "--replicas", str(replicas)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.floor_app",
+        "--port",
+        str(port),
+        "--replicas",
+        str(replicas),
+    ]
     log = tempfile.TemporaryFile()  # noqa: SIM115 (the server's lifetime)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     kind = "raw" if args.raw_body else "multipart"
@@ -438,9 +510,11 @@ def floor_levels(photos: list[bytes], args, replicas: int) -> list[tuple[int, in
             busy -= after.iowait - machine.iowait
             used = {k: roles_after[k] - roles[k] for k in roles}
             requests = max(1.0, result["images_per_s"] * args.seconds / n)
-            result["cpu_ms"] = {"all but Ray": 1e3 * (busy - used["ray"]) / requests,
-                                "server": 1e3 * used["server"] / requests,
-                                "HAProxy": 1e3 * used["proxy"] / requests}  # fmt: skip
+            result["cpu_ms"] = {
+                "all but Ray": 1e3 * (busy - used["ray"]) / requests,
+                "server": 1e3 * used["server"] / requests,
+                "HAProxy": 1e3 * used["proxy"] / requests,
+            }
             result["ray_cores"] = used["ray"] / elapsed
             rows.append((n, c, result))
             print(f"(e) floor {n} a request c={c}: {result}", flush=True)
@@ -460,20 +534,37 @@ def serve_levels(
     layout = dict(layout)
     gateway = layout.pop("gateway", {})
     model = {
-        "name": "tiny", "checkpoint": str(checkpoint), "precision": args.precision,
-        "max_batch_size": args.max_batch_size, "max_queued_requests": -1,
-        "compile": args.compile, **layout,
-    }  # fmt: skip
+        "name": "tiny",
+        "checkpoint": str(checkpoint),
+        "precision": args.precision,
+        "max_batch_size": args.max_batch_size,
+        "max_queued_requests": -1,
+        "compile": args.compile,
+        **layout,
+    }
     config = {
         "http_options": {"host": "127.0.0.1", "port": port},
-        "applications": [{"name": "bench", "route_prefix": "/",
-                          "import_path": "service.app:build_app",
-                          "logging_config": LOGGING_CONFIG,  # as shipped
-                          "args": {"models": [model], "gateway": gateway}}],
-    }  # fmt: skip
+        "applications": [
+            {
+                "name": "bench",
+                "route_prefix": "/",
+                "import_path": "service.app:build_app",
+                "logging_config": LOGGING_CONFIG,  # as shipped
+                "args": {"models": [model], "gateway": gateway},
+            }
+        ],
+    }
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
-    cmd = [sys.executable, "-m", "service.cli", "run", "--config", str(folder / "config.yaml"),
-           "--metrics-port", str(metrics_port)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "service.cli",
+        "run",
+        "--config",
+        str(folder / "config.yaml"),
+        "--metrics-port",
+        str(metrics_port),
+    ]
     # Ray exports metrics every 10 s unless told otherwise: the waits around a level follow it
     env, export_s = dict(os.environ), 10.0
     if args.metrics_interval_s:
@@ -499,16 +590,16 @@ def serve_levels(
             if args.client == "wrk":
                 result = run_wrk(url, photos, c, args.seconds, n, kind)
             else:
-                result = run_load(url + "/v1/classify?top_k=5", photos, c, args.seconds, n,
-                                  args.client_processes)  # fmt: skip
+                result = run_load(
+                    url + "/v1/classify?top_k=5", photos, c, args.seconds, n, args.client_processes
+                )
             cpu_after = cpu_seconds()
             time.sleep(1.2 * export_s)
             after = scrape(metrics_url)
             batches = after["batches"] - before["batches"]
             result["mean_batch"] = (after["images"] - before["images"]) / batches if batches else 0
             images = max(1.0, after["images"] - before["images"])
-            result["cpu_ms"] = {k: 1e3 * (cpu_after[k] - cpu_before[k]) / images
-                                for k in cpu_after}  # fmt: skip
+            result["cpu_ms"] = {k: 1e3 * (cpu_after[k] - cpu_before[k]) / images for k in cpu_after}
             result["per_request"] = n
             name = f"service, {label}" + ("" if kind in ("multipart", "raw") else f", {kind}")
             rows.append((name, c, result))
@@ -528,74 +619,103 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--seconds", type=float, default=20, help="per load level")
     parser.add_argument(
-        "--concurrency", type=int, nargs="+", default=None,
+        "--concurrency",
+        type=int,
+        nargs="+",
+        default=None,
         help="clients in flight (default: 1 8 32, and 256 on a GPU)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--images-per-request", type=int, nargs="+", default=[1],
+        "--images-per-request",
+        type=int,
+        nargs="+",
+        default=[1],
         help="photos a request carries; several values are levels on the same running service",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--metrics-interval-s", type=float, default=0,
+        "--metrics-interval-s",
+        type=float,
+        default=0,
         help="Ray's metrics export period for the service (default Ray's 10 s); the waits "
         "around each level follow it, so 1 s makes a run shorter",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--gpu-decode", choices=list(GPU_DECODES), default="both",
+        "--gpu-decode",
+        choices=list(GPU_DECODES),
+        default="both",
         help="on a GPU, the layouts to run: GPU (nvJPEG) decode, CPU (Pillow) decode, or both",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--raw-body", action="store_true",
+        "--raw-body",
+        action="store_true",
         help="send the photo as a raw image/jpeg body, not a multipart form (wrk, one image "
         "a request)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--client", choices=["wrk", "python"], default="wrk" if shutil.which("wrk") else "python",
+        "--client",
+        choices=["wrk", "python"],
+        default="wrk" if shutil.which("wrk") else "python",
         help="load generator: wrk (C, cheap; Debian's wrk) or Python aiohttp processes",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--client-processes", type=int, default=0,
+        "--client-processes",
+        type=int,
+        default=0,
         help="load-generator processes (default: 1 on a CPU node, a quarter of the cores on "
         "a GPU node)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--arch", default="convnext_tiny",
+        "--arch",
+        default="convnext_tiny",
         help="e.g. convnext_atto with --image-size 64: a model so cheap that the service's "
         "own CPU cost per image decides the images/s, as on a GPU",
-    )  # fmt: skip
+    )
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument(
-        "--max-batch-size", type=int, default=0,
+        "--max-batch-size",
+        type=int,
+        default=0,
         help="the service's batch size (default: the raw model's best)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--batches", type=int, nargs="+", default=None,
+        "--batches",
+        type=int,
+        nargs="+",
+        default=None,
         help="raw batch sizes to try (default: 1 2 4 8 on CPU, up to 256 on a GPU)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--gpu-replicas", type=int, nargs="+", default=[2, 4],
+        "--gpu-replicas",
+        type=int,
+        nargs="+",
+        default=[2, 4],
         help="server replicas sharing the GPU: each replica's Python handles every request it "
         "gets, so several spread that work over cores",
-    )  # fmt: skip
+    )
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument(
-        "--ready-timeout-s", type=float, default=600,
+        "--ready-timeout-s",
+        type=float,
+        default=600,
         help="give up on a replica layout whose service is not ready by then, and go on",
-    )  # fmt: skip
+    )
     parser.add_argument("--log-dir", help="where the services' logs go (default: a temp folder)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument(
-        "--protocol", choices=["v1", "v2"], default="v1",
+        "--protocol",
+        choices=["v1", "v2"],
+        default="v1",
         help="v2: also the Open Inference Protocol (binary tensors: the JPEGs as BYTES, and "
         "pixels the client decoded as UINT8) beside /v1 at each level (wrk)",
-    )  # fmt: skip
+    )
     parser.add_argument("--raw-only", action="store_true", help="(a) only: the raw model")
     parser.add_argument(
-        "--floor", action="store_true",
+        "--floor",
+        action="store_true",
         help="(e): the same load on Ray Serve's front end answering at once "
         "(`bench.floor_app`), the least CPU a request takes on this stack, and so the most the "
         "service could reach (on a GPU node, with the first --gpu-replicas)",
-    )  # fmt: skip
+    )
     args = parser.parse_args()
     if args.raw_body and (args.client != "wrk" or args.images_per_request != [1]):
         parser.error("--raw-body takes the wrk client and one image a request")
@@ -615,17 +735,23 @@ def main() -> None:
     raw, batch1_ms = raw_model(checkpoint, args.precision, args.seconds, batches, args.compile)
     best_batch = max(raw, key=raw.get)
     args.max_batch_size = args.max_batch_size or best_batch
-    print(f"(a) raw model, {args.precision}{' + compile' if args.compile else ''}: " + ", ".join(
-        f"b{b} {v:.1f}/s" for b, v in raw.items()) + f"; batch-1 latency {batch1_ms:.1f} ms",
-        flush=True)  # fmt: skip
+    print(
+        f"(a) raw model, {args.precision}{' + compile' if args.compile else ''}: "
+        + ", ".join(f"b{b} {v:.1f}/s" for b, v in raw.items())
+        + f"; batch-1 latency {batch1_ms:.1f} ms",
+        flush=True,
+    )
     if args.raw_only:
         return
 
     bound = None
     if not gpu:  # a GPU node's bound is the GPU's, not its cores'
         bound = zero_overhead_bound(checkpoint, photos, args.precision, batches, args.seconds)
-        print(f"(d) the bound, before the service: {cores} cores / ({describe_bound(bound)}) = "
-              f"{bound['images_per_s']:.1f} images/s", flush=True)  # fmt: skip
+        print(
+            f"(d) the bound, before the service: {cores} cores / ({describe_bound(bound)}) = "
+            f"{bound['images_per_s']:.1f} images/s",
+            flush=True,
+        )
     floor = []
     if args.floor:  # one replica a core on a CPU node, as many as the GPU layouts' first
         floor = floor_levels(photos, args, args.gpu_replicas[0] if gpu else cores)
@@ -637,8 +763,10 @@ def main() -> None:
         for r in args.gpu_replicas:
             for decode in GPU_DECODES[args.gpu_decode]:
                 layouts[f"{r} replicas on the GPU, {decode} decode"] = {
-                    "num_replicas": r, "num_gpus": round(1 / r, 3),
-                    "gpu_decode": decode == "GPU"}  # fmt: skip
+                    "num_replicas": r,
+                    "num_gpus": round(1 / r, 3),
+                    "gpu_decode": decode == "GPU",
+                }
     else:
         layouts = {
             f"1 replica x {cores} threads": {"num_replicas": 1, "torch_threads": cores},
@@ -649,22 +777,36 @@ def main() -> None:
         try:
             rows += serve_levels(checkpoint, folder, photos, args, layout, label)
         except (RuntimeError, TimeoutError, subprocess.CalledProcessError) as e:
-            print(f"(b) {label}: failed ({e!r}); its log is in {args.log_dir or folder}",
-                  flush=True)  # fmt: skip
+            print(
+                f"(b) {label}: failed ({e!r}); its log is in {args.log_dir or folder}", flush=True
+            )
 
     if bound:  # again after the service's rows: the VM's speed drifts within a run
         after = zero_overhead_bound(checkpoint, photos, args.precision, batches, args.seconds)
-        print(f"(d) the bound, after the service: {describe_bound(after)} = "
-              f"{after['images_per_s']:.1f} images/s", flush=True)  # fmt: skip
+        print(
+            f"(d) the bound, after the service: {describe_bound(after)} = "
+            f"{after['images_per_s']:.1f} images/s",
+            flush=True,
+        )
         bound = fastest_bound([bound, after])
 
     if not args.skip_naive:
         port = free_port()
         env = {**os.environ, "BENCH_CHECKPOINT": str(checkpoint), "BENCH_PRECISION": args.precision}
         naive = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "bench.naive_server:app", "--port", str(port),
-             "--log-level", "warning"], cwd=ROOT, env=env,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "bench.naive_server:app",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ],
+            cwd=ROOT,
+            env=env,
+        )
         try:
             wait_http(f"http://127.0.0.1:{port}/healthz", naive)
             url = f"http://127.0.0.1:{port}"
@@ -673,8 +815,9 @@ def main() -> None:
                 if args.client == "wrk":
                     result = run_wrk(url, photos, c, args.seconds, n)
                 else:
-                    result = run_load(url + "/v1/classify", photos, c, args.seconds, n,
-                                      args.client_processes)  # fmt: skip
+                    result = run_load(
+                        url + "/v1/classify", photos, c, args.seconds, n, args.client_processes
+                    )
                 result["mean_batch"] = float(n)
                 result["per_request"] = n
                 rows.append(("naive FastAPI", c, result))
@@ -686,16 +829,20 @@ def main() -> None:
     device = torch.cuda.get_device_name() if gpu else f"{cores}-core CPU"
     print()
     body = "a raw body" if args.raw_body else "multipart requests"
-    print(f"{device}, {args.arch} {args.image_size}x{args.image_size} {args.precision}, JPEG "
-          f"640x480 in, {body}, {args.client} client; raw model in-process: best "
-          f"{best:.1f} images/s at batch {best_batch}; "
-          f"batch 1: {raw[1]:.1f} images/s, {batch1_ms:.1f} ms; service max_batch_size "
-          f"{args.max_batch_size}")  # fmt: skip
+    print(
+        f"{device}, {args.arch} {args.image_size}x{args.image_size} {args.precision}, JPEG "
+        f"640x480 in, {body}, {args.client} client; raw model in-process: best "
+        f"{best:.1f} images/s at batch {best_batch}; "
+        f"batch 1: {raw[1]:.1f} images/s, {batch1_ms:.1f} ms; service max_batch_size "
+        f"{args.max_batch_size}"
+    )
     if bound:
         each = " and ".join(f"{b['images_per_s']:.1f}" for b in bound["measured"])
-        print(f"bound (d): {bound['images_per_s']:.1f} images/s ({describe_bound(bound)}: the "
-              f"least of each measured before and after the service's rows, which alone "
-              f"gave {each})")  # fmt: skip
+        print(
+            f"bound (d): {bound['images_per_s']:.1f} images/s ({describe_bound(bound)}: the "
+            f"least of each measured before and after the service's rows, which alone "
+            f"gave {each})"
+        )
     print()
     print(
         "| server | images a request | concurrency | images/s | % of raw best | % of bound "
@@ -707,10 +854,12 @@ def main() -> None:
         cpu = r.get("cpu_ms")  # server, proxy, ray: cpu_seconds()'s order
         cpu_text = " / ".join(f"{v:.1f}" for v in cpu.values()) if cpu else "-"
         of_bound = f"{100 * r['images_per_s'] / bound['images_per_s']:.0f}%" if bound else "-"
-        print(f"| {name} | {r['per_request']} | {c} | {r['images_per_s']:.1f} "
-              f"| {100 * r['images_per_s'] / best:.0f}% "
-              f"| {of_bound} | {r['p50']:.0f} | {r['p95']:.0f} | {r['p99']:.0f} "
-              f"| {r['mean_batch']:.1f} | {cpu_text} | {r['errors']} |")  # fmt: skip
+        print(
+            f"| {name} | {r['per_request']} | {c} | {r['images_per_s']:.1f} "
+            f"| {100 * r['images_per_s'] / best:.0f}% "
+            f"| {of_bound} | {r['p50']:.0f} | {r['p95']:.0f} | {r['p99']:.0f} "
+            f"| {r['mean_batch']:.1f} | {cpu_text} | {r['errors']} |"
+        )
     if floor:
         print_floor(floor, bound, cores)
 
@@ -721,12 +870,15 @@ def print_floor(floor: list[tuple[int, int, dict]], bound: dict | None, cores: i
     the rest of Ray's) / (decode and model of an image + the floor's CPU a request / images a
     request), what the service would reach if its own code cost nothing."""
     print()
-    print("(e) the floor: Ray Serve's front end answering at once (`bench.floor_app`), the "
-          "same load")  # fmt: skip
+    print(
+        "(e) the floor: Ray Serve's front end answering at once (`bench.floor_app`), the same load"
+    )
     print()
-    print("| images a request | concurrency | requests/s "
-          "| CPU ms a request: all but Ray / server / HAProxy | rest of Ray, cores "
-          "| front end's most images/s | ceiling images/s | ceiling % of bound |")  # fmt: skip
+    print(
+        "| images a request | concurrency | requests/s "
+        "| CPU ms a request: all but Ray / server / HAProxy | rest of Ray, cores "
+        "| front end's most images/s | ceiling images/s | ceiling % of bound |"
+    )
     print("|---:|---:|---:|---|---:|---:|---:|---:|")
     for n, c, r in floor:
         cpu = r["cpu_ms"]
@@ -737,9 +889,11 @@ def print_floor(floor: list[tuple[int, int, dict]], bound: dict | None, cores: i
             per_image_ms = bound["decode_ms"] + bound["model_ms"] + cpu["all but Ray"] / n
             most = cores_left * 1e3 / per_image_ms
             ceiling, share = f"{most:.1f}", f"{100 * most / bound['images_per_s']:.0f}%"
-        print(f"| {n} | {c} | {r['images_per_s'] / n:.0f} | "
-              + " / ".join(f"{v:.2f}" for v in cpu.values())
-              + f" | {r['ray_cores']:.2f} | {front_end:.0f} | {ceiling} | {share} |")  # fmt: skip
+        print(
+            f"| {n} | {c} | {r['images_per_s'] / n:.0f} | "
+            + " / ".join(f"{v:.2f}" for v in cpu.values())
+            + f" | {r['ray_cores']:.2f} | {front_end:.0f} | {ceiling} | {share} |"
+        )
 
 
 if __name__ == "__main__":

@@ -53,8 +53,20 @@ def main() -> None:
     for name, flags in runs.items():
         out = folder / f"{len(curves)}.safetensors"
         started = time.perf_counter()
-        cmd = ["train", "classify", "--data", str(data), "--arch", "convnext_atto", "--out",
-               str(out), "--epochs", str(args.epochs), "--no-progress", *flags]  # fmt: skip
+        cmd = [
+            "train",
+            "classify",
+            "--data",
+            str(data),
+            "--arch",
+            "convnext_atto",
+            "--out",
+            str(out),
+            "--epochs",
+            str(args.epochs),
+            "--no-progress",
+            *flags,
+        ]
         assert cli(cmd) == 0
         minutes = (time.perf_counter() - started) / 60
         log = [json.loads(line) for line in out.with_name(out.stem + ".log.jsonl").open()]
@@ -62,11 +74,17 @@ def main() -> None:
         best = max(row["top1"] for row in log)
         rows.append((name, f"{log[-1]['top1']:.3f}", f"{best:.3f}", f"{minutes:.1f}"))
     rows.append(("RBF SVM on the pixels (reference)", f"{svm_reference():.3f}", "", ""))
-    cpu = next((line.split(":", 1)[1].strip() for line in
-                Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "?")  # fmt: skip
-    print(f"\ndigits, convnext_atto from scratch, {args.epochs} epochs "
-          f"({os.cpu_count()} x {cpu})\n")  # fmt: skip
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "?",
+    )
+    print(
+        f"\ndigits, convnext_atto from scratch, {args.epochs} epochs ({os.cpu_count()} x {cpu})\n"
+    )
     print("| recipe | top-1 (last) | top-1 (best epoch) | minutes |\n|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
@@ -79,8 +97,12 @@ def main() -> None:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for name, values in curves.items():
             ax.plot(range(1, len(values) + 1), values, label=name)
-        ax.set(xlabel="epoch", ylabel="val top-1", ylim=(0, 1),
-               title="ConvNeXt-atto on 1,437 digits (8 px), from scratch")  # fmt: skip
+        ax.set(
+            xlabel="epoch",
+            ylabel="val top-1",
+            ylim=(0, 1),
+            title="ConvNeXt-atto on 1,437 digits (8 px), from scratch",
+        )
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right")
         fig.tight_layout()

@@ -57,21 +57,37 @@ class CascadeStage(nn.Module):
     """One box stage: its head and predictor, and (as torchvision's `RoIHeads`, holding no
     layers) its matcher at its IoU, the shared sampler's settings and its box coder."""
 
-    def __init__(self, head: nn.Module, predictor: AgnosticBoxPredictor, iou: float,
-                 coder_weights: Sequence[float], batch_size_per_image: int,
-                 positive_fraction: float):  # fmt: skip
+    def __init__(
+        self,
+        head: nn.Module,
+        predictor: AgnosticBoxPredictor,
+        iou: float,
+        coder_weights: Sequence[float],
+        batch_size_per_image: int,
+        positive_fraction: float,
+    ):
         super().__init__()
         self.head, self.predictor = head, predictor
         self.sampling = RoIHeads(
-            None, None, None, iou, iou, batch_size_per_image, positive_fraction,
-            tuple(coder_weights), 0.05, 0.5, 100,
-        )  # fmt: skip
+            None,
+            None,
+            None,
+            iou,
+            iou,
+            batch_size_per_image,
+            positive_fraction,
+            tuple(coder_weights),
+            0.05,
+            0.5,
+            100,
+        )
 
     def forward(self, box_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.predictor(self.head(box_features))
 
-    def decode(self, regression: torch.Tensor, proposals: list[torch.Tensor],
-               labels: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    def decode(
+        self, regression: torch.Tensor, proposals: list[torch.Tensor], labels: torch.Tensor
+    ) -> torch.Tensor:
         """The boxes (N, 4) the regression gives, each of its label's (class-specific) or the
         one box (class-agnostic)."""
         boxes = self.sampling.box_coder.decode(regression, proposals)  # (N, 1 or K, 4)
@@ -80,8 +96,9 @@ class CascadeStage(nn.Module):
         return boxes[torch.arange(len(boxes), device=boxes.device), labels]
 
 
-def _per_image(boxes: torch.Tensor, like: list[torch.Tensor],
-               image_shapes: list[tuple[int, int]]) -> list[torch.Tensor]:  # fmt: skip
+def _per_image(
+    boxes: torch.Tensor, like: list[torch.Tensor], image_shapes: list[tuple[int, int]]
+) -> list[torch.Tensor]:
     """A stage's boxes (N, 4) as the next stage's proposals: split per image as `like` is,
     clipped to each image."""
     parts = boxes.split([len(p) for p in like])
@@ -92,12 +109,18 @@ class CascadeRoIHeads(nn.Module):
     """Drop-in for torchvision's `RoIHeads` in `MaskRCNN` (same inputs, same outputs and the
     same `score_thresh` / `nms_thresh` / `detections_per_img` knobs)."""
 
-    def __init__(self, box_roi_pool: nn.Module, stages: Sequence[CascadeStage],
-                 mask_roi_pool: nn.Module, mask_heads: Sequence[nn.Module],
-                 mask_predictors: Sequence[nn.Module],
-                 stage_loss_weights: Sequence[float] = STAGE_LOSS_WEIGHTS,
-                 score_thresh: float = 0.05, nms_thresh: float = 0.5,
-                 detections_per_img: int = 100):  # fmt: skip
+    def __init__(
+        self,
+        box_roi_pool: nn.Module,
+        stages: Sequence[CascadeStage],
+        mask_roi_pool: nn.Module,
+        mask_heads: Sequence[nn.Module],
+        mask_predictors: Sequence[nn.Module],
+        stage_loss_weights: Sequence[float] = STAGE_LOSS_WEIGHTS,
+        score_thresh: float = 0.05,
+        nms_thresh: float = 0.5,
+        detections_per_img: int = 100,
+    ):
         super().__init__()
         if not len(stages) == len(mask_heads) == len(mask_predictors) == len(stage_loss_weights):
             raise ValueError("every stage needs a box head, a mask head and a loss weight")
@@ -109,10 +132,13 @@ class CascadeRoIHeads(nn.Module):
         self.score_thresh, self.nms_thresh = score_thresh, nms_thresh
         self.detections_per_img = detections_per_img
 
-    def forward(self, features: dict[str, torch.Tensor], proposals: list[torch.Tensor],
-                image_shapes: list[tuple[int, int]],
-                targets: list[dict[str, torch.Tensor]] | None = None,
-                ) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:  # fmt: skip
+    def forward(
+        self,
+        features: dict[str, torch.Tensor],
+        proposals: list[torch.Tensor],
+        image_shapes: list[tuple[int, int]],
+        targets: list[dict[str, torch.Tensor]] | None = None,
+    ) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
         if self.training:
             if targets is None:
                 raise ValueError("training needs targets")
@@ -131,10 +157,12 @@ class CascadeRoIHeads(nn.Module):
             # positives: their object's class; the rest: the class they look most like
             guess = torch.where(labels_all > 0, labels_all, logits[:, 1:].argmax(1) + 1)
             boxes = stage.decode(regression, proposals, guess)
-            matched_gt = torch.cat([
-                t["boxes"][m] if len(t["boxes"]) else torch.zeros_like(p)
-                for t, m, p in zip(targets, matched, proposals, strict=True)
-            ])  # fmt: skip
+            matched_gt = torch.cat(
+                [
+                    t["boxes"][m] if len(t["boxes"]) else torch.zeros_like(p)
+                    for t, m, p in zip(targets, matched, proposals, strict=True)
+                ]
+            )
             positive = labels_all > 0
             # mmdet's averages: both over every sampled RoI, the box loss summed on positives
             losses[f"s{i}_loss_classifier"] = weight * F.cross_entropy(logits, labels_all)
@@ -144,9 +172,12 @@ class CascadeRoIHeads(nn.Module):
             pos_matched = [m[lab > 0] for m, lab in zip(matched, labels, strict=True)]
             mask_logits = self._mask_logits(i, features, positives, image_shapes)
             losses[f"s{i}_loss_mask"] = weight * maskrcnn_loss(
-                mask_logits, positives, [t["masks"] for t in targets],
-                [t["labels"] for t in targets], pos_matched,
-            )  # fmt: skip
+                mask_logits,
+                positives,
+                [t["masks"] for t in targets],
+                [t["labels"] for t in targets],
+                pos_matched,
+            )
             # the next stage starts from this one's boxes (no gradient through them)
             proposals = _per_image(boxes.detach(), proposals, image_shapes)
         return losses
@@ -175,8 +206,10 @@ class CascadeRoIHeads(nn.Module):
         boxes, scores, labels = last.postprocess_detections(
             logits, regression, proposals, image_shapes
         )
-        result = [{"boxes": b, "labels": c, "scores": s}
-                  for b, s, c in zip(boxes, scores, labels, strict=True)]  # fmt: skip
+        result = [
+            {"boxes": b, "labels": c, "scores": s}
+            for b, s, c in zip(boxes, scores, labels, strict=True)
+        ]
         pooled = self.mask_roi_pool(features, boxes, image_shapes)  # once for every stage
         probs = [
             maskrcnn_inference(predictor(head(pooled)), labels)
@@ -204,20 +237,28 @@ def cascade_maskrcnn_convnext(
     """Cascade Mask R-CNN with a ConvNeXt-`arch` + FPN backbone; other `kw` as
     `maskrcnn_convnext` takes them (image sizes, normalisation, RPN settings)."""
     model = maskrcnn_convnext(
-        arch, num_classes=num_classes, fpn_channels=fpn_channels, box_head_dim=box_head_dim,
-        mask_head_dim=mask_head_dim, **kw,
-    )  # fmt: skip
+        arch,
+        num_classes=num_classes,
+        fpn_channels=fpn_channels,
+        box_head_dim=box_head_dim,
+        mask_head_dim=mask_head_dim,
+        **kw,
+    )
     classes = num_classes + 1
     predictor = AgnosticBoxPredictor if class_agnostic else FastRCNNPredictor
     stages = [
         CascadeStage(
-            FastRCNNConvFCHead((fpn_channels, 7, 7), [fpn_channels] * 4, [box_head_dim],
-                               norm_layer=nn.BatchNorm2d),
+            FastRCNNConvFCHead(
+                (fpn_channels, 7, 7), [fpn_channels] * 4, [box_head_dim], norm_layer=nn.BatchNorm2d
+            ),
             predictor(box_head_dim, classes),
-            iou, weights, box_batch_size_per_image, box_positive_fraction,
+            iou,
+            weights,
+            box_batch_size_per_image,
+            box_positive_fraction,
         )
         for iou, weights in zip(STAGE_IOUS, STAGE_CODER_WEIGHTS, strict=True)
-    ]  # fmt: skip
+    ]
     heads = model.roi_heads
     model.roi_heads = CascadeRoIHeads(
         heads.box_roi_pool,

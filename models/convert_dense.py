@@ -45,28 +45,43 @@ class DenseRelease:
 def _dense_releases() -> dict[str, DenseRelease]:
     releases = {
         "maskrcnn_convnext_tiny_1k_3x_coco": DenseRelease(
-            "maskrcnn_convnext_tiny", "coco/mask_rcnn_convnext_tiny_1k_3x.pth", 800,
+            "maskrcnn_convnext_tiny",
+            "coco/mask_rcnn_convnext_tiny_1k_3x.pth",
+            800,
             "box AP 46.2, mask AP 41.7",
         ),
-    }  # fmt: skip
-    cascade = {("tiny", "1k"): "50.4 / 43.7", ("small", "1k"): "51.9 / 45.0",
-               ("base", "1k"): "52.7 / 45.6", ("base", "22k"): "54.0 / 46.9",
-               ("large", "22k"): "54.8 / 47.6", ("xlarge", "22k"): "55.2 / 47.7"}  # fmt: skip
+    }
+    cascade = {
+        ("tiny", "1k"): "50.4 / 43.7",
+        ("small", "1k"): "51.9 / 45.0",
+        ("base", "1k"): "52.7 / 45.6",
+        ("base", "22k"): "54.0 / 46.9",
+        ("large", "22k"): "54.8 / 47.6",
+        ("xlarge", "22k"): "55.2 / 47.7",
+    }
     for (size, pre), ap in cascade.items():
         box, mask = ap.split(" / ")
         releases[f"cascade_maskrcnn_convnext_{size}_{pre}_3x_coco"] = DenseRelease(
             f"cascade_maskrcnn_convnext_{size}",
-            f"coco/cascade_mask_rcnn_convnext_{size}_{pre}_3x.pth", 800,
+            f"coco/cascade_mask_rcnn_convnext_{size}_{pre}_3x.pth",
+            800,
             f"box AP {box}, mask AP {mask}",
-        )  # fmt: skip
-    upernet = {("tiny", "1k", 512): "46.0", ("small", "1k", 512): "48.7",
-               ("base", "1k", 512): "49.1", ("base", "22k", 640): "52.6",
-               ("large", "22k", 640): "53.2", ("xlarge", "22k", 640): "53.6"}  # fmt: skip
+        )
+    upernet = {
+        ("tiny", "1k", 512): "46.0",
+        ("small", "1k", 512): "48.7",
+        ("base", "1k", 512): "49.1",
+        ("base", "22k", 640): "52.6",
+        ("large", "22k", 640): "53.2",
+        ("xlarge", "22k", 640): "53.6",
+    }
     for (size, pre, res), miou in upernet.items():
         releases[f"upernet_convnext_{size}_{pre}_ade20k_{res}"] = DenseRelease(
-            f"upernet_convnext_{size}", f"ade20k/upernet_convnext_{size}_{pre}_{res}x{res}.pth",
-            res, f"mIoU {miou} (single scale)",
-        )  # fmt: skip
+            f"upernet_convnext_{size}",
+            f"ade20k/upernet_convnext_{size}_{pre}_{res}x{res}.pth",
+            res,
+            f"mIoU {miou} (single scale)",
+        )
     return releases
 
 
@@ -96,9 +111,11 @@ _DETECTION_RULES = [
     (r"^roi_head\.bbox_head\.(\d)\.fc_reg\.", r"roi_heads.stages.\1.predictor.bbox_pred."),
     (r"^roi_head\.mask_head\.(\d)\.convs\.(\d+)\.conv\.", r"roi_heads.mask_heads.\1.\2.0."),
     (r"^roi_head\.mask_head\.(\d)\.upsample\.", r"roi_heads.mask_predictors.\1.conv5_mask."),
-    (r"^roi_head\.mask_head\.(\d)\.conv_logits\.",
-     r"roi_heads.mask_predictors.\1.mask_fcn_logits."),
-]  # fmt: skip
+    (
+        r"^roi_head\.mask_head\.(\d)\.conv_logits\.",
+        r"roi_heads.mask_predictors.\1.mask_fcn_logits.",
+    ),
+]
 _SEGMENTATION_RULES = [
     (r"^backbone\.", "backbone."),
     (r"^decode_head\.psp_modules\.(\d+)\.1\.conv\.", r"decode_head.ppm.\1.1.0."),
@@ -221,9 +238,14 @@ def convert_dense_checkpoint(
         image_size=image_size,
         crop_pct=1.0,
         interpolation="bilinear",
-        provenance=Provenance(source="converted", dataset=dataset, upstream=source,
-                              upstream_layout=layout, paper=paper),
+        provenance=Provenance(
+            source="converted",
+            dataset=dataset,
+            upstream=source,
+            upstream_layout=layout,
+            paper=paper,
+        ),
         model_kwargs=kwargs,
-    )  # fmt: skip
+    )
     save_checkpoint(model, out, meta)
     return meta

@@ -43,9 +43,19 @@ MIN_CONTRAST = 100.0  # RGB distance between a shape's colour and the background
 # Plain colours people draw with, the page's sample colours among them: a shape takes one of
 # these half the time, otherwise any colour that stands out from what is under it.
 NAMED_COLOURS = (
-    (220, 30, 30), (30, 200, 40), (30, 60, 230), (250, 200, 0), (255, 128, 0), (150, 40, 200),
-    (0, 0, 0), (255, 255, 255), (128, 128, 128), (0, 180, 200), (240, 80, 160), (120, 70, 20),
-)  # fmt: skip
+    (220, 30, 30),
+    (30, 200, 40),
+    (30, 60, 230),
+    (250, 200, 0),
+    (255, 128, 0),
+    (150, 40, 200),
+    (0, 0, 0),
+    (255, 255, 255),
+    (128, 128, 128),
+    (0, 180, 200),
+    (240, 80, 160),
+    (120, 70, 20),
+)
 GROUNDS = ("flat", "noise", "split", "gradient", "textured")
 # The angle at which each shape stands as people draw it (a square axis-aligned, a triangle
 # and a star on their base); a third of the shapes are drawn so, the rest at any angle.
@@ -208,9 +218,12 @@ def _paint(
 
 
 def _place(
-    rng: np.random.Generator, size: int, kind: str, extent: tuple[float, float],
+    rng: np.random.Generator,
+    size: int,
+    kind: str,
+    extent: tuple[float, float],
     centre_jitter: float = 1.0,
-) -> list[float]:  # fmt: skip
+) -> list[float]:
     """A random polygon of `kind` whose longer side spans `extent` of the frame, inside it:
     upright a third of the time, otherwise at any angle; stretched up to `MAX_STRETCH`."""
     angle = UPRIGHT[kind] if rng.random() < UPRIGHT_FRACTION else rng.uniform(0, 2 * np.pi)

@@ -32,10 +32,22 @@ DEMO_RECIPES: dict[str, tuple[dict, dict]] = {
     "classify": (
         {"n": 20000, "n_val": 1000, "image_size": 32},
         {
-            "arch": "convnext_atto", "epochs": 14, "batch_size": 64, "image_size": 32,
-            "lr": 2e-3, "warmup_epochs": 1.5, "drop_path": 0.0, "ema_decay": 0.0,
-            "mixup": 0.0, "cutmix": 0.0, "randaug_ops": 0, "reprob": 0.0, "smoothing": 0.1,
-            "crop_scale": (1.0, 1.0), "crop_pct": 1.0, "vflip": 0.5,
+            "arch": "convnext_atto",
+            "epochs": 14,
+            "batch_size": 64,
+            "image_size": 32,
+            "lr": 2e-3,
+            "warmup_epochs": 1.5,
+            "drop_path": 0.0,
+            "ema_decay": 0.0,
+            "mixup": 0.0,
+            "cutmix": 0.0,
+            "randaug_ops": 0,
+            "reprob": 0.0,
+            "smoothing": 0.1,
+            "crop_scale": (1.0, 1.0),
+            "crop_pct": 1.0,
+            "vflip": 0.5,
         },
     ),
     # Mask R-CNN from the classifier's backbone. The paper's widths (FPN 256, box head 1024,
@@ -50,11 +62,24 @@ DEMO_RECIPES: dict[str, tuple[dict, dict]] = {
     "detect": (
         {"n": 2800, "n_val": 100, "image_size": 128},
         {
-            "arch": "maskrcnn_convnext_atto", "epochs": 3, "batch_size": 8, "min_size": 128,
-            "max_size": 128, "min_size_low": 1.0, "lr": 2e-3, "warmup_epochs": 0.1,
-            "drop_path": 0.0, "roi_batch_size": 128, "roi_positive_fraction": 0.125,
-            "rpn_train_proposals": 200, "rpn_test_proposals": 200, "layer_decay": 0.9,
-            "fpn_channels": 32, "box_head_dim": 256, "mask_head_dim": 32, "roi_align": "mmdet",
+            "arch": "maskrcnn_convnext_atto",
+            "epochs": 3,
+            "batch_size": 8,
+            "min_size": 128,
+            "max_size": 128,
+            "min_size_low": 1.0,
+            "lr": 2e-3,
+            "warmup_epochs": 0.1,
+            "drop_path": 0.0,
+            "roi_batch_size": 128,
+            "roi_positive_fraction": 0.125,
+            "rpn_train_proposals": 200,
+            "rpn_test_proposals": 200,
+            "layer_decay": 0.9,
+            "fpn_channels": 32,
+            "box_head_dim": 256,
+            "mask_head_dim": 32,
+            "roi_align": "mmdet",
             "ema_decay": 0.0,
         },
     ),
@@ -66,12 +91,20 @@ DEMO_RECIPES: dict[str, tuple[dict, dict]] = {
     "segment": (
         {"n": 2000, "n_val": 100, "image_size": 128},
         {
-            "arch": "upernet_convnext_atto", "epochs": 5, "batch_size": 8, "image_size": 128,
-            "lr": 4e-3, "warmup_epochs": 0.1, "drop_path": 0.0, "layer_decay": 0.9,
-            "scale_range": (1.0, 1.0), "decode_channels": 64, "ema_decay": 0.0,
+            "arch": "upernet_convnext_atto",
+            "epochs": 5,
+            "batch_size": 8,
+            "image_size": 128,
+            "lr": 4e-3,
+            "warmup_epochs": 0.1,
+            "drop_path": 0.0,
+            "layer_decay": 0.9,
+            "scale_range": (1.0, 1.0),
+            "decode_channels": 64,
+            "ema_decay": 0.0,
         },
     ),
-}  # fmt: skip
+}
 
 
 # the demo model whose backbone each dense one starts from (`--init`), trained first
@@ -140,8 +173,11 @@ def _build(task: str, folder: Path, out: Path) -> tuple[float, dict]:
         # a smoke run (the tests, a new image): little data, two steps an epoch; the models
         # answer, but know little
         synth_args = {**synth_args, "n": 64, "n_val": 16}
-        train_args = {**train_args, "epochs": min(2, train_args["epochs"]),
-                      "max_steps_per_epoch": 2}  # fmt: skip
+        train_args = {
+            **train_args,
+            "epochs": min(2, train_args["epochs"]),
+            "max_steps_per_epoch": 2,
+        }
     data = folder / "data" / task
     stamp = data / ".complete"  # holds the synth arguments: a changed recipe re-synthesises
     started = time.perf_counter()
@@ -173,14 +209,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--force", action="store_true", help="retrain even if present")
     parser.add_argument(
-        "--tasks", nargs="+", choices=list(DEMO_RECIPES), default=list(DEMO_RECIPES),
+        "--tasks",
+        nargs="+",
+        choices=list(DEMO_RECIPES),
+        default=list(DEMO_RECIPES),
         help="which models (with those they start from: DEMO_INIT)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--nice", type=int, default=0,
+        "--nice",
+        type=int,
+        default=0,
         help="lower this process's CPU priority by N (the service's background training: a "
         "model joining the service, and the requests, come first)",
-    )  # fmt: skip
+    )
     args = parser.parse_args(argv)
     if args.nice:
         os.nice(args.nice)

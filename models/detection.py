@@ -63,10 +63,15 @@ class AlignedRoIAlign(MultiScaleRoIAlign):
     def __init__(self, featmap_names: list[str], output_size: int, sampling_ratio: int = 0):
         super().__init__(featmap_names, output_size, sampling_ratio)
 
-    def forward(self, x: dict[str, torch.Tensor], boxes: list[torch.Tensor],
-                image_shapes: list[tuple[int, int]]) -> torch.Tensor:  # fmt: skip
-        rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], 1)
-                          for i, b in enumerate(boxes)])  # fmt: skip
+    def forward(
+        self,
+        x: dict[str, torch.Tensor],
+        boxes: list[torch.Tensor],
+        image_shapes: list[tuple[int, int]],
+    ) -> torch.Tensor:
+        rois = torch.cat(
+            [torch.cat([torch.full_like(b[:, :1], i), b], 1) for i, b in enumerate(boxes)]
+        )
         feats = [x[name] for name in self.featmap_names]
         scale = ((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2])).sqrt()
         levels = torch.floor(torch.log2(scale / 56 + 1e-6)).clamp(0, len(feats) - 1).long()
@@ -76,8 +81,14 @@ class AlignedRoIAlign(MultiScaleRoIAlign):
             index = torch.where(levels == level)[0]
             if len(index):
                 # the boxes stay float32: in bf16 a coordinate near 128 px is off by up to 0.5
-                pooled = roi_align(feat.to(rois.dtype), rois[index], size, 1 / stride,
-                                   self.sampling_ratio, aligned=True)  # fmt: skip
+                pooled = roi_align(
+                    feat.to(rois.dtype),
+                    rois[index],
+                    size,
+                    1 / stride,
+                    self.sampling_ratio,
+                    aligned=True,
+                )
                 out[index] = pooled.to(out.dtype)
         return out
 

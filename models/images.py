@@ -68,9 +68,11 @@ class ImageHeader:
         """A baseline RGB or grayscale JPEG: what a GPU decoder (nvJPEG) takes."""
         info = self.image.info
         return (
-            self.format == "JPEG" and self.image.mode in ("RGB", "L")
-            and not info.get("progressive") and not info.get("progression")
-        )  # fmt: skip
+            self.format == "JPEG"
+            and self.image.mode in ("RGB", "L")
+            and not info.get("progressive")
+            and not info.get("progression")
+        )
 
 
 def read_header(data: bytes, max_pixels: int | None = None, orient: bool = True) -> ImageHeader:
@@ -102,9 +104,12 @@ def read_header(data: bytes, max_pixels: int | None = None, orient: bool = True)
 
 
 def decode_image(
-    data: bytes, max_pixels: int | None = None, min_short_side: int | None = None,
-    orient: bool = True, header: ImageHeader | None = None,
-) -> DecodedImage:  # fmt: skip
+    data: bytes,
+    max_pixels: int | None = None,
+    min_short_side: int | None = None,
+    orient: bool = True,
+    header: ImageHeader | None = None,
+) -> DecodedImage:
     """Decode `data` to RGB, refusing images over `max_pixels` before decoding them.
 
     With `min_short_side`, a JPEG may decode at a reduced DCT scale as long as its short side

@@ -65,8 +65,10 @@ class Server(GrpcInference):
         keys = os.environ.get(self.config.api_keys_env, "")
         self.api_keys = {k.strip() for k in keys.split(",") if k.strip()}
         # each task's default model: the first configured
-        self.default = {task: next((h for h in self.hosts.values() if h.meta.task == task), None)
-                        for task in TASK_PATHS.values()}  # fmt: skip
+        self.default = {
+            task: next((h for h in self.hosts.values() if h.meta.task == task), None)
+            for task in TASK_PATHS.values()
+        }
         self.metrics = gateway_metrics()
         self.in_flight: dict[str, int] = {}  # by endpoint, counted by the guard
         # API requests by (endpoint, model, status) since the guard's task last counted them
@@ -226,8 +228,11 @@ def _query_value(query: bytes, key: bytes) -> str | None:
     """The last value of `key` in a query string (FastAPI's choice), without parsing the rest."""
     if key + b"=" not in query:
         return None
-    values = [v for k, v in parse_qsl(query.decode("latin-1"), keep_blank_values=True)
-              if k == key.decode()]  # fmt: skip
+    values = [
+        v
+        for k, v in parse_qsl(query.decode("latin-1"), keep_blank_values=True)
+        if k == key.decode()
+    ]
     return values[-1] if values else None
 
 

@@ -86,9 +86,12 @@ async def _form_images(request: Request, body: bytes, config: GatewayConfig) -> 
         yield body
 
     parser = MultiPartParser(
-        request.headers, stream(), max_files=config.max_images_per_request + 8,
-        max_fields=64, max_part_size=config.max_body_bytes,
-    )  # fmt: skip
+        request.headers,
+        stream(),
+        max_files=config.max_images_per_request + 8,
+        max_fields=64,
+        max_part_size=config.max_body_bytes,
+    )
     try:
         form = await parser.parse()
     except MultiPartException as e:

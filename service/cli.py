@@ -44,9 +44,13 @@ def _data_synth(args: argparse.Namespace) -> int:
     from models.data import synth
 
     counts = synth(
-        args.task, args.out, n=args.n, seed=args.seed, image_size=args.image_size,
+        args.task,
+        args.out,
+        n=args.n,
+        seed=args.seed,
+        image_size=args.image_size,
         plain=args.plain,
-    )  # fmt: skip
+    )
     for split, c in counts.items():
         print(f"wrote {args.out}: {split}: {c['images']} images, {c['objects']} objects")
     return 0
@@ -89,8 +93,11 @@ def _with_recipe(given: dict) -> dict:
     name, values, why = choose_recipe(given.get("recipe", "auto"), given["data"], epochs)
     shown = ", ".join(f"{k} {v}" for k, v in values.items() if k not in given)
     other = "paper" if name == "small" else "small"
-    print(f"convnext-serve train: the {name} recipe ({why}){': ' + shown if shown else ''}; "
-          f"--recipe {other} for the other", file=sys.stderr)  # fmt: skip
+    print(
+        f"convnext-serve train: the {name} recipe ({why}){': ' + shown if shown else ''}; "
+        f"--recipe {other} for the other",
+        file=sys.stderr,
+    )
     return {**values, **given, "recipe": name}
 
 
@@ -98,9 +105,13 @@ def _eval(args: argparse.Namespace) -> int:
     from models.evaluate import evaluate_checkpoint
 
     metrics = evaluate_checkpoint(
-        args.eval_task, args.data, args.checkpoint, device=args.device,
-        batch_size=args.batch_size, progress=not args.json,
-    )  # fmt: skip
+        args.eval_task,
+        args.data,
+        args.checkpoint,
+        device=args.device,
+        batch_size=args.batch_size,
+        progress=not args.json,
+    )
     if not args.json:
         for k, v in metrics.items():
             print(f"{k:>10s}  {v:.4f}")
@@ -113,8 +124,14 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.pretrained and args.config:
         raise SystemExit("convnext-serve run: --pretrained or --config, not both")
-    return run(args.config, args.host, args.port, args.metrics_port, args.num_cpus,
-               pretrained=args.pretrained)  # fmt: skip
+    return run(
+        args.config,
+        args.host,
+        args.port,
+        args.metrics_port,
+        args.num_cpus,
+        pretrained=args.pretrained,
+    )
 
 
 def _demo_models(args: argparse.Namespace) -> int:
@@ -174,10 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=8080, help="Prometheus metrics port")
     p.add_argument("--num-cpus", type=int, help="logical CPUs Ray schedules (default: >= 4)")
     p.add_argument(
-        "--pretrained", action="append", metavar="RELEASE",
+        "--pretrained",
+        action="append",
+        metavar="RELEASE",
         help="serve an official release (e.g. convnext_tiny_1k; repeatable), downloaded and "
         "converted on first use ($CONVNEXT_SERVE_WEIGHTS_URL: a mirror; `convert --list`)",
-    )  # fmt: skip
+    )
     p.set_defaults(handler=_run)
 
     p = sub.add_parser("demo-models", help="train the demo models if missing")

@@ -35,17 +35,20 @@ class ModelConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present")
     compile: bool = Field(False, description="torch.compile the model (compiled at warm-up)")
     torch_threads: int | None = Field(
-        None, ge=1,
+        None,
+        ge=1,
         description="CPU threads of a replica; default: all cores. On a CPU node, one "
         "single-threaded replica per core gives the most images/s, one replica with every "
         "core the lowest latency (docs: the serving benchmark)",
-    )  # fmt: skip
+    )
     max_batch_size: int = Field(16, ge=1, le=1024, description="images in one forward pass")
     batch_wait_timeout_s: float = Field(
-        0.0, ge=0, le=10,
+        0.0,
+        ge=0,
+        le=10,
         description="how long a batch waits for more items after its first; under load "
         "batches fill anyway from the requests that queue while the model runs",
-    )  # fmt: skip
+    )
     max_ongoing_requests: int | None = Field(
         None, ge=1, description="default: 4x the batch size, at least 32"
     )
@@ -60,9 +63,10 @@ class ModelConfig(BaseModel):
     timeout_s: float | None = Field(None, gt=0, description="default: the gateway's")
     sliding_window: bool = Field(False, description="segment: sliding-window inference")
     gpu_decode: bool = Field(
-        True, description="on a CUDA device, decode plain JPEGs on the GPU (nvJPEG); false: "
+        True,
+        description="on a CUDA device, decode plain JPEGs on the GPU (nvJPEG); false: "
         "Pillow on the CPU, as CPU replicas do",
-    )  # fmt: skip
+    )
 
     @property
     def max_replicas(self) -> int:
@@ -210,8 +214,13 @@ LOGGING_CONFIG = {"enable_access_log": False}
 
 def app_serve_config(models: list[dict[str, Any]], **http: Any) -> dict[str, Any]:
     """A serve config of this service's application with `models` (`http`: http_options)."""
-    app = {"name": "convnext-serve", "route_prefix": "/", "import_path": IMPORT_PATH,
-           "logging_config": dict(LOGGING_CONFIG), "args": {"models": models}}  # fmt: skip
+    app = {
+        "name": "convnext-serve",
+        "route_prefix": "/",
+        "import_path": IMPORT_PATH,
+        "logging_config": dict(LOGGING_CONFIG),
+        "args": {"models": models},
+    }
     return {**({"http_options": http} if http else {}), "applications": [app]}
 
 

@@ -31,8 +31,11 @@ def demo_task(model: dict[str, Any]) -> str | None:
 
 def demo_tasks(config: dict[str, Any]) -> list[str]:
     """The demo tasks a serve config names, in training order."""
-    tasks = {demo_task(model) for app in config["applications"]
-             for model in (app.get("args") or {}).get("models", [])} - {None}  # fmt: skip
+    tasks = {
+        demo_task(model)
+        for app in config["applications"]
+        for model in (app.get("args") or {}).get("models", [])
+    } - {None}
     order = ["classify", "detect", "segment"]
     return sorted(tasks, key=order.index)
 
@@ -49,11 +52,18 @@ def with_training(config: dict[str, Any], tasks: list[str]) -> dict[str, Any]:
         if not later:
             continue
         args["models"] = [m for m in args["models"] if m not in later]
-        args["training"] = [*args.get("training", []), *(
-            {"name": m["name"], "task": demo_task(m), "serve_as": m,
-             "progress_file": str(progress_path(demo_checkpoint(demo_task(m))))}
-            for m in later
-        )]  # fmt: skip
+        args["training"] = [
+            *args.get("training", []),
+            *(
+                {
+                    "name": m["name"],
+                    "task": demo_task(m),
+                    "serve_as": m,
+                    "progress_file": str(progress_path(demo_checkpoint(demo_task(m)))),
+                }
+                for m in later
+            ),
+        ]
     return config
 
 
@@ -73,10 +83,19 @@ class BackgroundTraining:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "models.demo", "--nice", str(TRAINING_NICENESS),
-                 "--tasks", *self.waiting],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            )  # fmt: skip
+                [
+                    sys.executable,
+                    "-m",
+                    "models.demo",
+                    "--nice",
+                    str(TRAINING_NICENESS),
+                    "--tasks",
+                    *self.waiting,
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
 
     def config(self) -> dict[str, Any]:
         """The serve config now: the finished models served, the others still training."""

@@ -39,8 +39,10 @@ class InvalidMultipart(ServiceError):
 class Unauthorized(ServiceError):
     status, code = 401, "unauthorized"
 
-    def __init__(self, message: str = "a valid API key is required (Authorization: Bearer "
-                 "<key> or X-API-Key)"):  # fmt: skip
+    def __init__(
+        self,
+        message: str = "a valid API key is required (Authorization: Bearer <key> or X-API-Key)",
+    ):
         super().__init__(message, {"WWW-Authenticate": "Bearer"})
 
 
@@ -126,8 +128,9 @@ def response_for(e: Exception, path: str) -> JSONResponse:
     if isinstance(e, ServiceError):
         return error_response(e.status, e.code, e.message, e.headers, path)
     log.exception("internal error", exc_info=e)
-    return error_response(500, "internal_error", f"{type(e).__name__}: the server failed",
-                          path=path)  # fmt: skip
+    return error_response(
+        500, "internal_error", f"{type(e).__name__}: the server failed", path=path
+    )
 
 
 def _is_protocol(path: str) -> bool:

@@ -46,11 +46,15 @@ def add_servicer(servicer: Any, server: grpc.Server) -> None:
 
 
 STATUS = {
-    400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
-    404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.INVALID_ARGUMENT,
-    415: grpc.StatusCode.INVALID_ARGUMENT, 422: grpc.StatusCode.INVALID_ARGUMENT,
-    503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED,
-}  # fmt: skip
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    404: grpc.StatusCode.NOT_FOUND,
+    413: grpc.StatusCode.INVALID_ARGUMENT,
+    415: grpc.StatusCode.INVALID_ARGUMENT,
+    422: grpc.StatusCode.INVALID_ARGUMENT,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
 
 
 class GrpcInference:
@@ -105,11 +109,11 @@ class GrpcInference:
         except ServiceError as e:
             return _refuse(grpc_context, e, pb.ModelInferResponse())
         datatypes = {n: d for n, d, _ in host.task.tensor_outputs(host.meta)}
-        response = pb.ModelInferResponse(model_name=host.name, model_version=VERSION,
-                                         id=request.id)  # fmt: skip
+        response = pb.ModelInferResponse(model_name=host.name, model_version=VERSION, id=request.id)
         for name in names:
-            response.outputs.add(name=name, datatype=datatypes[name],
-                                 shape=tensor_shape(tensors[name]))  # fmt: skip
+            response.outputs.add(
+                name=name, datatype=datatypes[name], shape=tensor_shape(tensors[name])
+            )
             response.raw_output_contents.append(raw_tensor(tensors[name], datatypes[name]))
         return response
 

@@ -81,16 +81,18 @@ async def guard(server: Any, app, scope, receive, send) -> None:
         if api and server.api_keys and not authorised(headers, server.api_keys):
             refusal = Unauthorized()
         elif api and count >= config.max_in_flight:
-            refusal = Overloaded("the server is at its in-flight request limit",
-                                 config.retry_after_s)  # fmt: skip
+            refusal = Overloaded(
+                "the server is at its in-flight request limit", config.retry_after_s
+            )
         elif _content_length(headers) > config.max_body_bytes:
             refusal = PayloadTooLarge(body_limit_text(config))
         elif api and (full := server.full_model(path, scope["query_string"])) is not None:
             state["model"] = full.name
             refusal = full.overloaded()
         if refusal is not None:
-            response = error_response(refusal.status, refusal.code, refusal.message,
-                                      refusal.headers, path)  # fmt: skip
+            response = error_response(
+                refusal.status, refusal.code, refusal.message, refusal.headers, path
+            )
             await response(scope, receive, send_and_note_status)
         else:
             await app(scope, receive, send_and_note_status)

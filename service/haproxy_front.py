@@ -148,14 +148,20 @@ def add_rules(text: str, rules: FrontRules, error_dir: Path) -> str:
 def write_error_files(error_dir: Path, rules: FrontRules) -> None:
     files = {
         "convnext-408.http": error_file(
-            408, "Request Timeout", "request_timeout",
-            f"the request body did not arrive within {rules.body_timeout_s:g} s", 0,
+            408,
+            "Request Timeout",
+            "request_timeout",
+            f"the request body did not arrive within {rules.body_timeout_s:g} s",
+            0,
         ),
         "convnext-503.http": error_file(
-            503, "Service Unavailable", "unavailable",
-            "no server replica could answer this request; retry shortly", rules.retry_after_s,
+            503,
+            "Service Unavailable",
+            "unavailable",
+            "no server replica could answer this request; retry shortly",
+            rules.retry_after_s,
         ),
-    }  # fmt: skip
+    }
     for name, content in files.items():
         (error_dir / name).write_text(content)
 
@@ -170,8 +176,9 @@ def rewrite_config(path: Path, rules: FrontRules) -> bool:
             try:
                 tuned = add_rules(text, rules, path.parent)
             except UnknownTemplate as e:
-                print(f"convnext-serve-haproxy: {path}: {e}; started as Ray wrote it",
-                      file=sys.stderr)  # fmt: skip
+                print(
+                    f"convnext-serve-haproxy: {path}: {e}; started as Ray wrote it", file=sys.stderr
+                )
                 return False
             write_error_files(path.parent, rules)
             if tuned != text:

@@ -34,16 +34,21 @@ class ModelHost:
         # Batches in flight: one on a CPU (prepare and run are one step on the inference
         # thread), two on a GPU (the next batch decodes while this one runs).
         self.batcher = Batcher(
-            self._batch, config.max_batch_size, config.batch_wait_timeout_s,
+            self._batch,
+            config.max_batch_size,
+            config.batch_wait_timeout_s,
             depth=2 if self.runner.pipelined else 1,
-        )  # fmt: skip
+        )
         self.metrics = ModelMetrics(config.name)
         self._decode = gateway_metrics().decode
         self._decode_tags = {"endpoint": self.task.name}
         self.info_tags = {
-            "model": self.name, "arch": self.meta.arch, "task": self.meta.task,
-            "device": self.runner.device.type, "precision": self.runner.precision,
-        }  # fmt: skip
+            "model": self.name,
+            "arch": self.meta.arch,
+            "task": self.meta.task,
+            "device": self.runner.device.type,
+            "precision": self.runner.precision,
+        }
         self.warm: Future | None = None
 
     def start_warmup(self) -> None:

@@ -22,10 +22,19 @@ from .errors import ImageTooLarge, InvalidParameter
 
 # The protocol's datatypes this service reads or writes, as numpy types (BYTES: Python bytes).
 DTYPES = {
-    "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32,
-    "UINT64": np.uint64, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32,
-    "INT64": np.int64, "FP16": np.float16, "FP32": np.float32, "FP64": np.float64,
-}  # fmt: skip
+    "BOOL": np.bool_,
+    "UINT8": np.uint8,
+    "UINT16": np.uint16,
+    "UINT32": np.uint32,
+    "UINT64": np.uint64,
+    "INT8": np.int8,
+    "INT16": np.int16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "FP16": np.float16,
+    "FP32": np.float32,
+    "FP64": np.float64,
+}
 EXTENSIONS = ["binary_tensor_data"]
 # Each served model is a protocol model of version "1" with two inputs, of which a request
 # sends one: encoded images, or RGB pixels the client decoded.
@@ -307,9 +316,12 @@ def _first_line(error: Exception) -> str:
 
 
 def answer(
-    model: str, version: str, request: InferenceRequest, tensors: dict[str, Any],
+    model: str,
+    version: str,
+    request: InferenceRequest,
+    tensors: dict[str, Any],
     datatypes: dict[str, str],
-) -> tuple[bytes, int | None]:  # fmt: skip
+) -> tuple[bytes, int | None]:
     """The response body to `request` from the model's output `tensors` (the outputs it asked
     for, else all; binary where asked), and the JSON header's length when any is binary."""
     wanted = request.outputs or []
@@ -323,12 +335,14 @@ def answer(
     asked = {o.name: o.parameters or {} for o in wanted}
     binary = {n for n in names if asked.get(n, {}).get("binary_data", all_binary)}
     response = InferenceResponse(
-        model_name=model, model_version=version, id=request.id,
+        model_name=model,
+        model_version=version,
+        id=request.id,
         outputs=[
             ResponseOutput(name=n, datatype=datatypes[n], shape=tensor_shape(tensors[n]))
             for n in names
         ],
-    )  # fmt: skip
+    )
     return _encode(response, tensors, binary)
 
 

@@ -217,8 +217,11 @@ def run(
             _print_banner(url, metrics_port, shown_host)
         if background is not None:
             background.start()
-            print(f"convnext-serve: training {', '.join(background.waiting)} in the background "
-                  f"(log: {background.log}); each is served once trained", flush=True)  # fmt: skip
+            print(
+                f"convnext-serve: training {', '.join(background.waiting)} in the background "
+                f"(log: {background.log}); each is served once trained",
+                flush=True,
+            )
         next_check = time.monotonic()
         while not stopping:
             time.sleep(0.2)
@@ -246,13 +249,19 @@ def _join_trained(background: BackgroundTraining, url: str) -> BackgroundTrainin
     place: `serve_as`); None once nothing is left."""
     done = background.finished()
     if done:
-        print(f"convnext-serve: {', '.join(done)} trained: joining the service ({url}/v1/models)",
-              flush=True)  # fmt: skip
+        print(
+            f"convnext-serve: {', '.join(done)} trained: joining the service ({url}/v1/models)",
+            flush=True,
+        )
     code = background.failed()
     if code is not None:
         untrained = ", ".join(background.waiting)
-        print(f"convnext-serve: the background training stopped (exit code {code}) before "
-              f"{untrained}; see {background.log}", file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"convnext-serve: the background training stopped (exit code {code}) before "
+            f"{untrained}; see {background.log}",
+            file=sys.stderr,
+            flush=True,
+        )
         return None
     return background if background.waiting else None
 
@@ -308,14 +317,21 @@ def _print_banner(url: str, metrics_port: int, host: str) -> None:
             f"  - {m['name']:20s} {m['task']:9s} on {m.get('device')} ({m.get('precision')})"
         )
     for t in training:
-        lines.append(f"  - {t['name']:20s} {t['task']:9s} training in the background: "
-                     "served once trained (progress: /readyz, /v1/models)")  # fmt: skip
+        lines.append(
+            f"  - {t['name']:20s} {t['task']:9s} training in the background: "
+            "served once trained (progress: /readyz, /v1/models)"
+        )
     tasks = {m["task"] for m in models} or {"classify", "detect", "segment"}
     examples = {
         "classify": f"curl -F image=@{image} '{url}/v1/classify?top_k=3'",
         "detect": f"curl -F image=@{image} '{url}/v1/detect?render=true' -o detections.png",
         "segment": f"curl -F image=@{image} '{url}/v1/segment?render=true' -o segments.png",
     }
-    lines += ["", "Try it:", *(f"  {examples[t]}" for t in examples if t in tasks), "",
-              "Ctrl-C stops it."]  # fmt: skip
+    lines += [
+        "",
+        "Try it:",
+        *(f"  {examples[t]}" for t in examples if t in tasks),
+        "",
+        "Ctrl-C stops it.",
+    ]
     print("\n".join(lines), flush=True)

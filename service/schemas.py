@@ -79,7 +79,9 @@ class DetectResponse(BaseModel):
                     "height": 480,
                     "detections": [
                         {
-                            "label": "circle", "class_id": 0, "score": 0.97,
+                            "label": "circle",
+                            "class_id": 0,
+                            "score": 0.97,
                             "box": [12.5, 40.0, 210.0, 230.5],
                             "mask": {"size": [480, 640], "counts": "<COCO RLE>"},
                         }
@@ -87,7 +89,7 @@ class DetectResponse(BaseModel):
                 }
             ],
         }
-    )  # fmt: skip
+    )
     model: str
     results: list[DetectResult]
 
@@ -139,8 +141,17 @@ class ModelInfo(BaseModel):
 
 
 class TrainingProgress(BaseModel):
-    model_config = _example({"name": "shapes-detector", "task": "detect", "state": "training",
-                             "epoch": 1, "epochs": 2, "fraction": 0.31, "eta_s": 540})  # fmt: skip
+    model_config = _example(
+        {
+            "name": "shapes-detector",
+            "task": "detect",
+            "state": "training",
+            "epoch": 1,
+            "epochs": 2,
+            "fraction": 0.31,
+            "eta_s": 540,
+        }
+    )
     name: str
     task: Literal["classify", "detect", "segment"]
     state: Literal["waiting", "synthesising", "training", "done", "failed"] = Field(

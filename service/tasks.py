@@ -46,8 +46,13 @@ class Task:
     name: ClassVar[str]
     options: ClassVar[type]
 
-    def run(self, runner: Any, images: list[torch.Tensor], sizes: list[tuple[int, int]],
-            options: list[Any]) -> list[Any]:  # fmt: skip
+    def run(
+        self,
+        runner: Any,
+        images: list[torch.Tensor],
+        sizes: list[tuple[int, int]],
+        options: list[Any],
+    ) -> list[Any]:
         """Outputs for a batch, in order; `sizes` are the original (H, W) to answer in."""
         raise NotImplementedError
 
@@ -92,8 +97,11 @@ class Classify(Task):
         return ClassifyOptions(_parameter(parameters, "top_k", int, 5, 1, TOP_K_MAX))
 
     def tensor_outputs(self, meta) -> list[tuple[str, str, list[int]]]:
-        return [("scores", "FP32", [-1, -1]), ("class_ids", "INT32", [-1, -1]),
-                ("labels", "BYTES", [-1, -1])]  # fmt: skip
+        return [
+            ("scores", "FP32", [-1, -1]),
+            ("class_ids", "INT32", [-1, -1]),
+            ("labels", "BYTES", [-1, -1]),
+        ]
 
     def tensors(self, meta, outputs, options) -> dict[str, Any]:
         ids = np.array([[c for c, _ in out] for out in outputs], np.int32)
@@ -116,12 +124,13 @@ class Detect(Task):
 
     def run(self, runner, images, sizes, options) -> list[Detections]:
         return detect(
-            runner.model, images,
+            runner.model,
+            images,
             score_threshold=[o.score_threshold for o in options],
             max_detections=[o.max_detections for o in options],
             masks=[o.masks for o in options],
             output_sizes=sizes,
-        )  # fmt: skip
+        )
 
     def options_from(self, parameters) -> DetectOptions:
         return DetectOptions(
@@ -131,9 +140,13 @@ class Detect(Task):
         )
 
     def tensor_outputs(self, meta) -> list[tuple[str, str, list[int]]]:
-        return [("boxes", "FP32", [-1, -1, 4]), ("scores", "FP32", [-1, -1]),
-                ("class_ids", "INT32", [-1, -1]), ("num_detections", "INT32", [-1]),
-                ("masks", "BYTES", [-1, -1])]  # fmt: skip
+        return [
+            ("boxes", "FP32", [-1, -1, 4]),
+            ("scores", "FP32", [-1, -1]),
+            ("class_ids", "INT32", [-1, -1]),
+            ("num_detections", "INT32", [-1]),
+            ("masks", "BYTES", [-1, -1]),
+        ]
 
     def tensors(self, meta, outputs: list[Detections], options: DetectOptions) -> dict[str, Any]:
         """Padded to the request's `max_detections`; `num_detections` says how many are real.
@@ -147,8 +160,12 @@ class Detect(Task):
             boxes[i, :k], scores[i, :k], class_ids[i, :k] = out.boxes, out.scores, out.class_ids
             for j, rle in enumerate(out.masks or []):
                 masks[i][j] = rle["counts"].encode()
-        tensors = {"boxes": boxes, "scores": scores, "class_ids": class_ids,
-                   "num_detections": counts}  # fmt: skip
+        tensors = {
+            "boxes": boxes,
+            "scores": scores,
+            "class_ids": class_ids,
+            "num_detections": counts,
+        }
         if options.masks:
             tensors["masks"] = masks
         return tensors
@@ -173,9 +190,12 @@ class Segment(Task):
 
     def run(self, runner, images, sizes, options) -> list[np.ndarray]:
         maps = segment(
-            runner.model, images, image_size=runner.meta.image_size, output_sizes=sizes,
+            runner.model,
+            images,
+            image_size=runner.meta.image_size,
+            output_sizes=sizes,
             mode="slide" if runner.config.sliding_window else "whole",
-        )  # fmt: skip
+        )
         dtype = np.uint8 if runner.meta.num_classes <= 256 else np.uint16
         return [m.cpu().numpy().astype(dtype) for m in maps]
 
@@ -195,10 +215,13 @@ class Segment(Task):
         counts = np.bincount(output.ravel(), minlength=meta.num_classes)
         total = max(1, output.size)
         classes = [
-            {"class_id": int(c), "label": meta.labels[c],
-             "pixel_fraction": round(counts[c] / total, 6)}
+            {
+                "class_id": int(c),
+                "label": meta.labels[c],
+                "pixel_fraction": round(counts[c] / total, 6),
+            }
             for c in np.flatnonzero(counts)
-        ]  # fmt: skip
+        ]
         png = base64.b64encode(draw.class_map_png(output)).decode()
         return {
             "width": int(output.shape[1]),
@@ -208,8 +231,14 @@ class Segment(Task):
         }
 
 
-def _parameter(parameters: dict[str, Any], name: str, kind: type, default: Any,
-               low: float | None = None, high: float | None = None) -> Any:  # fmt: skip
+def _parameter(
+    parameters: dict[str, Any],
+    name: str,
+    kind: type,
+    default: Any,
+    low: float | None = None,
+    high: float | None = None,
+) -> Any:
     """A request parameter of a type (an int passes as a float, nothing else converts)."""
     value = parameters.get(name, default)
     ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))

@@ -132,9 +132,10 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
     if header_length is None:
         return Response(content, media_type="application/json")
     return Response(
-        content, media_type="application/octet-stream",
+        content,
+        media_type="application/octet-stream",
         headers={"Inference-Header-Content-Length": str(header_length)},
-    )  # fmt: skip
+    )
 
 
 LARGE_BODY = 1 << 20

@@ -47,9 +47,11 @@ def start(groups: set[str]) -> None:
     with open(log, "ab") as out:
         _process = subprocess.Popen(
             [sys.executable, "-m", "tests.background_training", *todo],
-            stdout=out, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).resolve().parents[1],
             preexec_fn=lambda: os.nice(19),
-        )  # fmt: skip
+        )
 
 
 def wait_for(group: str) -> None:

@@ -56,8 +56,12 @@ def scene(rng: np.random.Generator, size: int, n_objects: int):
 
 
 def _overlap(a, b, margin=2) -> bool:
-    return not (a[2] + margin <= b[0] or b[2] + margin <= a[0] or a[3] + margin <= b[1]
-                or b[3] + margin <= a[1])  # fmt: skip
+    return not (
+        a[2] + margin <= b[0]
+        or b[2] + margin <= a[0]
+        or a[3] + margin <= b[1]
+        or b[3] + margin <= a[1]
+    )
 
 
 def write_classify(root: Path, n: int, size: int = 48, seed: int = 0) -> None:
@@ -91,10 +95,16 @@ def write_detect(root: Path, n: int, size: int = 64, seed: int = 0) -> None:
                 x, y, w, h = (float(v) for v in mask_utils.toBbox(rle))
                 rle["counts"] = rle["counts"].decode()
                 annotations.append(
-                    {"id": len(annotations) + 1, "image_id": i + 1,
-                     "category_id": NAMES.index(colour) + 1, "bbox": [x, y, w, h],
-                     "area": float(mask.sum()), "iscrowd": 0, "segmentation": rle}
-                )  # fmt: skip
+                    {
+                        "id": len(annotations) + 1,
+                        "image_id": i + 1,
+                        "category_id": NAMES.index(colour) + 1,
+                        "bbox": [x, y, w, h],
+                        "area": float(mask.sum()),
+                        "iscrowd": 0,
+                        "segmentation": rle,
+                    }
+                )
         ann = root / "annotations" / f"instances_{split}.json"
         ann.parent.mkdir(parents=True, exist_ok=True)
         coco = {"images": images, "annotations": annotations, "categories": categories}

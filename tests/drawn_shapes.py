@@ -86,8 +86,10 @@ def _outline(kind: str, cx: float, cy: float, r: float, angle: float = -np.pi / 
         return [(cx + r * np.cos(a), cy + r * np.sin(a)) for a in t]
     k = np.arange(10)
     radii = np.where(k % 2 == 0, r, r * STAR_INNER)
-    return [(cx + q * np.cos(angle + i * np.pi / 5), cy + q * np.sin(angle + i * np.pi / 5))
-            for i, q in zip(k, radii, strict=True)]  # fmt: skip
+    return [
+        (cx + q * np.cos(angle + i * np.pi / 5), cy + q * np.sin(angle + i * np.pi / 5))
+        for i, q in zip(k, radii, strict=True)
+    ]
 
 
 def _draw(image: Image.Image, kind: str, colour, cx, cy, r, angle=-np.pi / 2) -> np.ndarray:
@@ -106,15 +108,27 @@ def _draw(image: Image.Image, kind: str, colour, cx, cy, r, angle=-np.pi / 2) ->
 def page_sample(name: str) -> Drawn:
     """One of the page's sample images, as its `sample(name)` draws it."""
     image = _page_ground()
-    shapes = [(kind, _draw(image, kind, colour, cx, cy, r))
-              for kind, colour, cx, cy, r in PAGE_SAMPLES[name]]  # fmt: skip
+    shapes = [
+        (kind, _draw(image, kind, colour, cx, cy, r))
+        for kind, colour, cx, cy, r in PAGE_SAMPLES[name]
+    ]
     return Drawn(f"page {name}", np.asarray(image).copy(), shapes)
 
 
 # Grounds, colours and frames of this set's own (none of them the training generator's).
 FRAMES = ((256, 256), (320, 240), (240, 320), (400, 300))
-COLOURS = ((200, 20, 60), (20, 40, 120), (0, 128, 128), (255, 215, 0), (70, 130, 180),
-           (139, 69, 19), (34, 139, 34), (148, 0, 211), (255, 99, 71), (25, 25, 25))  # fmt: skip
+COLOURS = (
+    (200, 20, 60),
+    (20, 40, 120),
+    (0, 128, 128),
+    (255, 215, 0),
+    (70, 130, 180),
+    (139, 69, 19),
+    (34, 139, 34),
+    (148, 0, 211),
+    (255, 99, 71),
+    (25, 25, 25),
+)
 
 
 def _ground(rng: np.random.Generator, width: int, height: int) -> Image.Image:

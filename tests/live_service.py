@@ -68,15 +68,22 @@ def _status(url: str) -> int:
 def proxy_ports_env() -> dict[str, str]:
     """Free ports for what Ray's HAProxy and its fallback proxy would take at fixed ones, so
     that two services (two test runs) on one machine do not collide."""
-    names = ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT",
-             "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT")  # fmt: skip
+    names = (
+        "RAY_SERVE_HAPROXY_METRICS_PORT",
+        "RAY_SERVE_HAPROXY_STATS_PORT",
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+    )
     return {name: str(free_port()) for name in names}
 
 
 def run_service(
-    folder: Path, models: list[dict], gateway: dict, extra: dict | None = None,
-    training: list[dict] | None = None, env: dict[str, str] | None = None,
-) -> Iterator[Service]:  # fmt: skip
+    folder: Path,
+    models: list[dict],
+    gateway: dict,
+    extra: dict | None = None,
+    training: list[dict] | None = None,
+    env: dict[str, str] | None = None,
+) -> Iterator[Service]:
     """The service with these models and gateway settings (API keys on; `extra`: more of the
     serve config; `training`: models listed as still training; `env`: more of the
     environment), until the caller is done; fails the test with the service's log when it
@@ -84,19 +91,36 @@ def run_service(
     port, metrics_port = free_port(), free_port()
     config = {
         "http_options": {"host": "127.0.0.1", "port": port},
-        "applications": [{
-            "name": "convnext-serve", "route_prefix": "/",
-            "import_path": "service.app:build_app",
-            "args": {"gateway": gateway, "models": models, "training": training or []},
-        }],
+        "applications": [
+            {
+                "name": "convnext-serve",
+                "route_prefix": "/",
+                "import_path": "service.app:build_app",
+                "args": {"gateway": gateway, "models": models, "training": training or []},
+            }
+        ],
         **(extra or {}),
-    }  # fmt: skip
+    }
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
     log_path = folder / "service.log"
-    env = {**os.environ, "CONVNEXT_SERVE_API_KEYS": f"other-key,{API_KEY}",
-           **proxy_ports_env(), **(env or {})}  # fmt: skip
-    cmd = [sys.executable, "-m", "service.cli", "run", "--config", str(folder / "config.yaml"),
-           "--metrics-port", str(metrics_port), "--num-cpus", "8"]  # fmt: skip
+    env = {
+        **os.environ,
+        "CONVNEXT_SERVE_API_KEYS": f"other-key,{API_KEY}",
+        **proxy_ports_env(),
+        **(env or {}),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "service.cli",
+        "run",
+        "--config",
+        str(folder / "config.yaml"),
+        "--metrics-port",
+        str(metrics_port),
+        "--num-cpus",
+        "8",
+    ]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -132,9 +156,15 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def closed_loop(url: str, body: bytes, clients: int, seconds: float,
-                headers: dict[str, str] | None = None, side: Callable[[], None] | None = None,
-                pause_s: float = 0.0) -> list[tuple[float, int | str, float, dict]]:  # fmt: skip
+def closed_loop(
+    url: str,
+    body: bytes,
+    clients: int,
+    seconds: float,
+    headers: dict[str, str] | None = None,
+    side: Callable[[], None] | None = None,
+    pause_s: float = 0.0,
+) -> list[tuple[float, int | str, float, dict]]:
     """`clients` threads posting `body` (an image/jpeg) to `url` for `seconds`, each sending
     its next request when the last is answered: (start, status or the error, latency, response
     headers) of every request; `side` runs on the side a third of the way in."""

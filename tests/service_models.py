@@ -24,25 +24,57 @@ COMMON = dict(
 )
 RECIPES = {
     "classify": (
-        colour_shapes.write_classify, 300,
-        dict(arch="convnext_atto", epochs=2, batch_size=16, image_size=48, lr=2e-3,
-             mixup=0.0, cutmix=0.0, randaug_ops=0, reprob=0.0, crop_scale=(0.6, 1.0)),
+        colour_shapes.write_classify,
+        300,
+        dict(
+            arch="convnext_atto",
+            epochs=2,
+            batch_size=16,
+            image_size=48,
+            lr=2e-3,
+            mixup=0.0,
+            cutmix=0.0,
+            randaug_ops=0,
+            reprob=0.0,
+            crop_scale=(0.6, 1.0),
+        ),
     ),
     # Narrow RoI heads: at the paper's widths they take 4/5 of a step on 64-px images. More
     # images beat more epochs: 400 x 6 reaches a better detector than 200 x 12.
     "detect": (
-        colour_shapes.write_detect, 400,
-        dict(arch="maskrcnn_convnext_atto", epochs=6, batch_size=4, min_size=64, max_size=64,
-             lr=1e-3, roi_batch_size=64, roi_positive_fraction=0.5, rpn_train_proposals=200,
-             rpn_test_proposals=100, fpn_channels=64, box_head_dim=256, mask_head_dim=64),
+        colour_shapes.write_detect,
+        400,
+        dict(
+            arch="maskrcnn_convnext_atto",
+            epochs=6,
+            batch_size=4,
+            min_size=64,
+            max_size=64,
+            lr=1e-3,
+            roi_batch_size=64,
+            roi_positive_fraction=0.5,
+            rpn_train_proposals=200,
+            rpn_test_proposals=100,
+            fpn_channels=64,
+            box_head_dim=256,
+            mask_head_dim=64,
+        ),
     ),
     # A 128-channel decoder: at 512 its 3x3 fusion conv over 2048 channels took the time.
     "segment": (
-        colour_shapes.write_segment, 400,
-        dict(arch="upernet_convnext_atto", epochs=4, batch_size=8, image_size=64, lr=1e-3,
-             scale_range=(0.75, 1.5), decode_channels=128),
+        colour_shapes.write_segment,
+        400,
+        dict(
+            arch="upernet_convnext_atto",
+            epochs=4,
+            batch_size=8,
+            image_size=64,
+            lr=1e-3,
+            scale_range=(0.75, 1.5),
+            decode_channels=128,
+        ),
     ),
-}  # fmt: skip
+}
 
 
 def _fingerprint() -> str:

@@ -18,17 +18,35 @@ def test_autoscaling_spans_the_models_and_sums_their_targets():
     """A replica holds every model: it scales between the largest minimum and the largest
     maximum, aiming at the sum of the models' requests in flight."""
     assert server_autoscaling(config({}, {"num_replicas": 3})) is None
-    merged = server_autoscaling(config(
-        {"autoscaling_config": {"min_replicas": 2, "max_replicas": 4,
-                                "target_ongoing_requests": 8, "upscale_delay_s": 5}},
-        {"autoscaling_config": {"min_replicas": 1, "max_replicas": 6,
-                                "target_ongoing_requests": 4}},
-        {},
-    ))  # fmt: skip
-    assert merged == {"min_replicas": 2, "max_replicas": 6, "target_ongoing_requests": 12,
-                      "upscale_delay_s": 5}  # fmt: skip
-    only_bounds = server_autoscaling(config({"autoscaling_config": {"max_replicas": 3}},
-                                            num_replicas=2))  # fmt: skip
+    merged = server_autoscaling(
+        config(
+            {
+                "autoscaling_config": {
+                    "min_replicas": 2,
+                    "max_replicas": 4,
+                    "target_ongoing_requests": 8,
+                    "upscale_delay_s": 5,
+                }
+            },
+            {
+                "autoscaling_config": {
+                    "min_replicas": 1,
+                    "max_replicas": 6,
+                    "target_ongoing_requests": 4,
+                }
+            },
+            {},
+        )
+    )
+    assert merged == {
+        "min_replicas": 2,
+        "max_replicas": 6,
+        "target_ongoing_requests": 12,
+        "upscale_delay_s": 5,
+    }
+    only_bounds = server_autoscaling(
+        config({"autoscaling_config": {"max_replicas": 3}}, num_replicas=2)
+    )
     assert only_bounds == {"min_replicas": 2, "max_replicas": 3}
 
 

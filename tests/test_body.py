@@ -25,8 +25,13 @@ def request(body: bytes, content_type: str | None, chunk: int = 64, pause_s: flo
     """A request whose body arrives `chunk` bytes at a time, `pause_s` apart; `received`
     counts the chunks the server took."""
     headers = [(b"content-type", content_type.encode())] if content_type else []
-    scope = {"type": "http", "method": "POST", "path": "/v1/classify", "headers": headers,
-             "query_string": b""}  # fmt: skip
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/classify",
+        "headers": headers,
+        "query_string": b"",
+    }
     parts = [body[i : i + chunk] for i in range(0, len(body), chunk)] or [b""]
     received = []
 
@@ -45,9 +50,14 @@ def request(body: bytes, content_type: str | None, chunk: int = 64, pause_s: flo
 def form(*fields: tuple[str, bytes], boundary: str = "XyZ", end: bool = True) -> bytes:
     out = b""
     for name, data in fields:
-        out += (f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; '
+        out += (
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; '
                 f'filename="{name}.bin"\r\nContent-Type: application/octet-stream\r\n\r\n'
-                ).encode() + data + b"\r\n"  # fmt: skip
+            ).encode()
+            + data
+            + b"\r\n"
+        )
     return out + (f"--{boundary}--\r\n".encode() if end else b"")
 
 

@@ -35,8 +35,10 @@ def test_the_stages_are_the_official_configs():
     matchers = [s.sampling.proposal_matcher for s in heads.stages]
     assert [m.high_threshold for m in matchers] == [0.5, 0.6, 0.7]
     assert [s.sampling.box_coder.weights for s in heads.stages] == [
-        (10.0, 10.0, 5.0, 5.0), (20.0, 20.0, 10.0, 10.0), (30.0, 30.0, 15.0, 15.0),
-    ]  # fmt: skip
+        (10.0, 10.0, 5.0, 5.0),
+        (20.0, 20.0, 10.0, 10.0),
+        (30.0, 30.0, 15.0, 15.0),
+    ]
     stage = heads.stages[0]
     convs = [m for m in stage.head.modules() if isinstance(m, torch.nn.Conv2d)]
     norms = [m for m in stage.head.modules() if isinstance(m, torch.nn.BatchNorm2d)]
@@ -53,10 +55,18 @@ def test_training_lowers_every_stages_losses():
     and the positives grow as the RPN and the stages before learn."""
     torch.manual_seed(0)
     # narrow heads (the structure is the paper's): the 4-conv heads at 256 channels took 2.4 min
-    model = build_model("cascade_maskrcnn_convnext_atto", num_classes=2, min_size=128,
-                        max_size=128, box_batch_size_per_image=128, rpn_pre_nms_top_n_train=300,
-                        rpn_post_nms_top_n_train=300, fpn_channels=64, box_head_dim=256,
-                        mask_head_dim=64)  # fmt: skip
+    model = build_model(
+        "cascade_maskrcnn_convnext_atto",
+        num_classes=2,
+        min_size=128,
+        max_size=128,
+        box_batch_size_per_image=128,
+        rpn_pre_nms_top_n_train=300,
+        rpn_post_nms_top_n_train=300,
+        fpn_channels=64,
+        box_head_dim=256,
+        mask_head_dim=64,
+    )
     images, targets, _ = shapes_batch()
     history = train_steps(model, lambda: model(images, targets), steps=25, lr=3e-4)
     stages = {f"s{i}_loss_{k}" for i in range(3) for k in ("classifier", "box_reg", "mask")}
@@ -69,18 +79,24 @@ def test_training_lowers_every_stages_losses():
 
 def test_detects_through_the_same_api_and_round_trips_its_checkpoint(tmp_path):
     torch.manual_seed(0)
-    model = build_model("cascade_maskrcnn_convnext_atto", num_classes=2, min_size=96,
-                        max_size=160).eval()  # fmt: skip
+    model = build_model(
+        "cascade_maskrcnn_convnext_atto", num_classes=2, min_size=96, max_size=160
+    ).eval()
     image = (torch.rand(3, 120, 200) * 255).to(torch.uint8)
     [found] = detect(model, [image], score_threshold=0.0, max_detections=7)
     assert len(found.scores) == 7 and np.all(np.diff(found.scores) <= 0)
     assert found.boxes[:, [0, 2]].max() <= 200 and found.boxes[:, [1, 3]].max() <= 120
     assert all(decode_rle(m).shape == (120, 200) for m in found.masks)
     meta = CheckpointMeta(
-        task="detect", arch="cascade_maskrcnn_convnext_atto", head="maskrcnn", num_classes=2,
-        labels=["square", "circle"], image_size=96, provenance=Provenance(source="trained"),
+        task="detect",
+        arch="cascade_maskrcnn_convnext_atto",
+        head="maskrcnn",
+        num_classes=2,
+        labels=["square", "circle"],
+        image_size=96,
+        provenance=Provenance(source="trained"),
         model_kwargs={"min_size": 96, "max_size": 160},
-    )  # fmt: skip
+    )
     save_checkpoint(model, tmp_path / "cascade.safetensors", meta)
     loaded, _ = load_checkpoint(tmp_path / "cascade.safetensors")
     [again] = detect(loaded, [image], score_threshold=0.0, max_detections=7)
@@ -93,11 +109,35 @@ def test_convnext_serve_train_detect_trains_a_cascade(tmp_path, capsys):
     cascade_maskrcnn_convnext_atto` writes a served checkpoint that `eval` reads back."""
     synth("detect", tmp_path / "det", n=6, seed=1, image_size=96, n_val=2)
     out = tmp_path / "cascade.safetensors"
-    args = ["train", "detect", "--data", str(tmp_path / "det"), "--arch",
-            "cascade_maskrcnn_convnext_atto", "--out", str(out), "--epochs", "2",
-            "--batch-size", "2", "--min-size", "96", "--max-size", "96", "--fpn-channels", "64",
-            "--box-head-dim", "256", "--mask-head-dim", "64", "--roi-batch-size", "64",
-            "--no-progress", "--loader-workers", "0"]  # fmt: skip
+    args = [
+        "train",
+        "detect",
+        "--data",
+        str(tmp_path / "det"),
+        "--arch",
+        "cascade_maskrcnn_convnext_atto",
+        "--out",
+        str(out),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "2",
+        "--min-size",
+        "96",
+        "--max-size",
+        "96",
+        "--fpn-channels",
+        "64",
+        "--box-head-dim",
+        "256",
+        "--mask-head-dim",
+        "64",
+        "--roi-batch-size",
+        "64",
+        "--no-progress",
+        "--loader-workers",
+        "0",
+    ]
     assert cli(args) == 0
     rows = [
         json.loads(line) for line in out.with_name(out.stem + ".log.jsonl").read_text().splitlines()
@@ -107,6 +147,8 @@ def test_convnext_serve_train_detect_trains_a_cascade(tmp_path, capsys):
     assert meta.arch == "cascade_maskrcnn_convnext_atto" and meta.task == "detect"
     assert isinstance(model.roi_heads, CascadeRoIHeads)
     capsys.readouterr()
-    assert cli(["eval", "detect", "--data", str(tmp_path / "det"), "--checkpoint", str(out),
-                "--json"]) == 0  # fmt: skip
+    assert (
+        cli(["eval", "detect", "--data", str(tmp_path / "det"), "--checkpoint", str(out), "--json"])
+        == 0
+    )
     assert "bbox_AP50" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -47,9 +47,19 @@ def test_header_is_the_documented_json(saved):
     with safe_open(path, "pt") as f:
         meta = json.loads(f.metadata()[META_KEY])
     assert set(meta) >= {
-        "format_version", "task", "arch", "head", "num_classes", "labels", "image_size",
-        "crop_pct", "interpolation", "mean", "std", "provenance",
-    }  # fmt: skip
+        "format_version",
+        "task",
+        "arch",
+        "head",
+        "num_classes",
+        "labels",
+        "image_size",
+        "crop_pct",
+        "interpolation",
+        "mean",
+        "std",
+        "provenance",
+    }
     assert meta["format_version"] == 1 and meta["head"] == "linear"
 
 
@@ -119,16 +129,20 @@ def test_bad_metadata(saved, meta, problem):
 
 
 @pytest.mark.parametrize(
-    "arch, head, task", [("convnext_atto", "linear", "classify"),
-                         ("maskrcnn_convnext_atto", "maskrcnn", "detect")],
-)  # fmt: skip
+    "arch, head, task",
+    [("convnext_atto", "linear", "classify"), ("maskrcnn_convnext_atto", "maskrcnn", "detect")],
+)
 def test_unknown_model_kwargs_fail_at_load(tmp_path, arch, head, task):
     # torchvision's MaskRCNN would pass an unknown keyword on to its transform and ignore it
     model = build_model(arch, num_classes=3)
     meta = make_meta().model_copy(
-        update={"arch": arch, "head": head, "task": task,
-                "model_kwargs": {"rpn_post_nms_top_n_tset": 150}}
-    )  # fmt: skip
+        update={
+            "arch": arch,
+            "head": head,
+            "task": task,
+            "model_kwargs": {"rpn_post_nms_top_n_tset": 150},
+        }
+    )
     path = save_checkpoint(model, tmp_path / "typo.safetensors", meta)
     with pytest.raises(CheckpointError, match=r"typo\.safetensors: cannot build.*top_n_tset"):
         load_checkpoint(path)

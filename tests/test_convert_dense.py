@@ -57,8 +57,14 @@ def mmdet_state_dict(model, cascade: bool) -> dict[str, torch.Tensor]:
         theirs[f"rpn_head.rpn_reg.{p}"] = ours.pop(f"rpn.head.bbox_pred.{p}")
     if cascade:
         boxes = [(f"roi_head.bbox_head.{s}", f"roi_heads.stages.{s}") for s in range(3)]
-        masks = [(f"roi_head.mask_head.{s}", f"roi_heads.mask_heads.{s}",
-                  f"roi_heads.mask_predictors.{s}") for s in range(3)]  # fmt: skip
+        masks = [
+            (
+                f"roi_head.mask_head.{s}",
+                f"roi_heads.mask_heads.{s}",
+                f"roi_heads.mask_predictors.{s}",
+            )
+            for s in range(3)
+        ]
     else:
         boxes = [("roi_head.bbox_head", "roi_heads")]
         masks = [("roi_head.mask_head", "roi_heads.mask_head", "roi_heads.mask_predictor")]
@@ -69,8 +75,10 @@ def mmdet_state_dict(model, cascade: bool) -> dict[str, torch.Tensor]:
             fcs = [(f"{tv}.head.5", f"{mm}.shared_fcs.0")]
             predictor = f"{tv}.predictor"
         else:
-            fcs = [(f"{tv}.box_head.fc6", f"{mm}.shared_fcs.0"),
-                   (f"{tv}.box_head.fc7", f"{mm}.shared_fcs.1")]  # fmt: skip
+            fcs = [
+                (f"{tv}.box_head.fc6", f"{mm}.shared_fcs.0"),
+                (f"{tv}.box_head.fc7", f"{mm}.shared_fcs.1"),
+            ]
             predictor = f"{tv}.box_predictor"
         for p in ("weight", "bias"):
             for src, dst in fcs:
@@ -131,8 +139,9 @@ def test_an_mmdet_detector_converts_to_the_same_outputs(arch, tmp_path):
     model = build_model(arch, num_classes=80, **kw).eval()
     _randomise_norms(model)
     _save_mm(mmdet_state_dict(model, cascade=arch.startswith("cascade")), tmp_path / "mm.pth")
-    meta = convert_checkpoint(tmp_path / "mm.pth", tmp_path / "det.safetensors", arch=arch,
-                              image_size=128)  # fmt: skip
+    meta = convert_checkpoint(
+        tmp_path / "mm.pth", tmp_path / "det.safetensors", arch=arch, image_size=128
+    )
     assert meta.labels == coco_labels() and meta.head == "maskrcnn"
     assert meta.model_kwargs["roi_align"] == "mmdet"  # what the weights were trained with
     loaded, _ = load_checkpoint(tmp_path / "det.safetensors")
@@ -151,8 +160,9 @@ def test_an_mmseg_upernet_converts_to_the_same_outputs(tmp_path):
     model = build_model("upernet_convnext_atto", num_classes=150).eval()
     _randomise_norms(model)
     _save_mm(mmseg_state_dict(model), tmp_path / "mm.pth")
-    meta = convert_checkpoint(tmp_path / "mm.pth", tmp_path / "seg.safetensors",
-                              arch="upernet_convnext_atto")  # fmt: skip
+    meta = convert_checkpoint(
+        tmp_path / "mm.pth", tmp_path / "seg.safetensors", arch="upernet_convnext_atto"
+    )
     assert meta.labels == ade20k_labels() and meta.image_size == 512
     loaded, _ = load_checkpoint(tmp_path / "seg.safetensors")
     a = segment(model, [_image()], image_size=128)[0]
@@ -165,16 +175,19 @@ def test_a_stray_or_missing_tensor_is_refused(tmp_path):
     sd = mmseg_state_dict(model)
     _save_mm({**sd, "decode_head.extra_conv.weight": torch.zeros(1)}, tmp_path / "stray.pth")
     with pytest.raises(CheckpointError, match="decode_head.extra_conv.weight"):
-        convert_checkpoint(tmp_path / "stray.pth", tmp_path / "o.safetensors",
-                           arch="upernet_convnext_atto")  # fmt: skip
+        convert_checkpoint(
+            tmp_path / "stray.pth", tmp_path / "o.safetensors", arch="upernet_convnext_atto"
+        )
     sd.pop("decode_head.fpn_bottleneck.bn.running_var")
     _save_mm(sd, tmp_path / "missing.pth")
     with pytest.raises(CheckpointError, match="missing"):
-        convert_checkpoint(tmp_path / "missing.pth", tmp_path / "o.safetensors",
-                           arch="upernet_convnext_atto")  # fmt: skip
+        convert_checkpoint(
+            tmp_path / "missing.pth", tmp_path / "o.safetensors", arch="upernet_convnext_atto"
+        )
     with pytest.raises(CheckpointError, match="not an mmdet"):
-        convert_checkpoint(tmp_path / "missing.pth", tmp_path / "o.safetensors",
-                           arch="maskrcnn_convnext_atto")  # fmt: skip
+        convert_checkpoint(
+            tmp_path / "missing.pth", tmp_path / "o.safetensors", arch="maskrcnn_convnext_atto"
+        )
 
 
 def test_a_release_name_downloads_from_the_mirror(tmp_path, monkeypatch):
@@ -182,8 +195,10 @@ def test_a_release_name_downloads_from_the_mirror(tmp_path, monkeypatch):
     fetches the official file; here from a `file://` mirror with the same layout."""
     model = build_model("maskrcnn_convnext_tiny", num_classes=80, roi_align="mmdet")
     (tmp_path / "mirror" / "coco").mkdir(parents=True)
-    _save_mm(mmdet_state_dict(model, cascade=False),
-             tmp_path / "mirror" / "coco" / "mask_rcnn_convnext_tiny_1k_3x.pth")  # fmt: skip
+    _save_mm(
+        mmdet_state_dict(model, cascade=False),
+        tmp_path / "mirror" / "coco" / "mask_rcnn_convnext_tiny_1k_3x.pth",
+    )
     monkeypatch.setenv("CONVNEXT_SERVE_WEIGHTS_URL", (tmp_path / "mirror").as_uri())
     monkeypatch.setenv("CONVNEXT_SERVE_CACHE", str(tmp_path / "cache"))
     meta = convert_checkpoint("maskrcnn_convnext_tiny_1k_3x_coco", tmp_path / "t.safetensors")
@@ -196,12 +211,22 @@ def test_a_converted_cascade_serves_through_v1_detect(tmp_path):
     torch.manual_seed(0)
     model = build_model("cascade_maskrcnn_convnext_atto", num_classes=80, roi_align="mmdet")
     _save_mm(mmdet_state_dict(model, cascade=True), tmp_path / "mm.pth")
-    convert_checkpoint(tmp_path / "mm.pth", tmp_path / "cascade.safetensors",
-                       arch="cascade_maskrcnn_convnext_atto", image_size=160)  # fmt: skip
+    convert_checkpoint(
+        tmp_path / "mm.pth",
+        tmp_path / "cascade.safetensors",
+        arch="cascade_maskrcnn_convnext_atto",
+        image_size=160,
+    )
     buf = io.BytesIO()
     Image.fromarray(_image().permute(1, 2, 0).numpy()).save(buf, "PNG")
-    models = [{"name": "cascade", "checkpoint": str(tmp_path / "cascade.safetensors"),
-               "max_batch_size": 1, "warmup_batches": 1}]  # fmt: skip
+    models = [
+        {
+            "name": "cascade",
+            "checkpoint": str(tmp_path / "cascade.safetensors"),
+            "max_batch_size": 1,
+            "warmup_batches": 1,
+        }
+    ]
     for svc in run_service(tmp_path, models, {}):
         r = svc.post("/v1/detect", [buf.getvalue()], params={"score_threshold": 0.0})
         assert r.status_code == 200, r.text
@@ -216,16 +241,21 @@ def test_run_pretrained_takes_the_released_dense_models(tmp_path, monkeypatch):
     evaluates it (a sliding window; the detectors in small batches)."""
     model = build_model("upernet_convnext_tiny", num_classes=150)
     (tmp_path / "mirror" / "ade20k").mkdir(parents=True)
-    _save_mm(mmseg_state_dict(model),
-             tmp_path / "mirror" / "ade20k" / "upernet_convnext_tiny_1k_512x512.pth")  # fmt: skip
+    _save_mm(
+        mmseg_state_dict(model),
+        tmp_path / "mirror" / "ade20k" / "upernet_convnext_tiny_1k_512x512.pth",
+    )
     monkeypatch.setenv("CONVNEXT_SERVE_WEIGHTS_URL", (tmp_path / "mirror").as_uri())
     monkeypatch.setenv("CONVNEXT_SERVE_CACHE", str(tmp_path / "cache"))
     path = pretrained_checkpoint("upernet_convnext_tiny_1k_ade20k_512")
     assert path == tmp_path / "cache" / "served" / "upernet_convnext_tiny_1k_ade20k_512.safetensors"
     meta = read_checkpoint_meta(path)
     assert meta.task == "segment" and meta.image_size == 512 and meta.labels[0] == "wall"
-    names = ["upernet_convnext_tiny_1k_ade20k_512", "cascade_maskrcnn_convnext_tiny_1k_3x_coco",
-             "convnext_tiny_1k"]  # fmt: skip
+    names = [
+        "upernet_convnext_tiny_1k_ade20k_512",
+        "cascade_maskrcnn_convnext_tiny_1k_3x_coco",
+        "convnext_tiny_1k",
+    ]
     models = pretrained_serve_config(names)["applications"][0]["args"]["models"]
     assert [m.get("sliding_window") for m in models] == [True, None, None]
     assert [m.get("max_batch_size") for m in models] == [None, 2, None]

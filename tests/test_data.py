@@ -122,8 +122,9 @@ def _extent(mask):
 def test_the_generator_covers_what_people_draw():
     """Grounds flat and not; the page's colours; shapes upright and turned, from a tenth of
     the frame to filling it; scenes of one to five shapes, some overlapping."""
-    singles = [render_single(image_rng(0, "classify", 0, i), 64, CLASSES[i % 4])
-               for i in range(200)]  # fmt: skip
+    singles = [
+        render_single(image_rng(0, "classify", 0, i), 64, CLASSES[i % 4]) for i in range(200)
+    ]
     scenes = [render_scene(image_rng(0, "detect", 0, i), 128) for i in range(200)]
     flat = [len(np.unique(image[~s.mask], axis=0)) == 1 for image, s in singles]
     assert 0.1 < np.mean(flat) < 0.5  # a quarter of the grounds

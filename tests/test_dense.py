@@ -28,8 +28,13 @@ def test_maskrcnn_head_widths_are_build_arguments():
     """FPN, box head and mask head widths default to the paper's and can narrow for small data."""
     with torch.device("meta"):
         paper = build_model("maskrcnn_convnext_atto", num_classes=3)
-        narrow = build_model("maskrcnn_convnext_atto", num_classes=3, fpn_channels=64,
-                             box_head_dim=256, mask_head_dim=64)  # fmt: skip
+        narrow = build_model(
+            "maskrcnn_convnext_atto",
+            num_classes=3,
+            fpn_channels=64,
+            box_head_dim=256,
+            mask_head_dim=64,
+        )
     assert paper.backbone.out_channels == 256 and paper.roi_heads.box_head.fc7.out_features == 1024
     assert paper.roi_heads.mask_head[0][0].out_channels == 256
     heads = narrow.roi_heads
@@ -104,14 +109,24 @@ def assert_each_loss_falls(history):
 def test_maskrcnn_training_lowers_every_loss():
     torch.manual_seed(0)
     # the paper's heads; 128 sampled RoIs of 300 proposals (not 512 of 2000) halve the time
-    model = build_model("maskrcnn_convnext_atto", num_classes=2, min_size=128, max_size=128,
-                        box_batch_size_per_image=128, rpn_pre_nms_top_n_train=300,
-                        rpn_post_nms_top_n_train=300)  # fmt: skip
+    model = build_model(
+        "maskrcnn_convnext_atto",
+        num_classes=2,
+        min_size=128,
+        max_size=128,
+        box_batch_size_per_image=128,
+        rpn_pre_nms_top_n_train=300,
+        rpn_post_nms_top_n_train=300,
+    )
     images, targets, _ = shapes_batch()
     history = train_steps(model, lambda: model(images, targets), steps=25, lr=3e-4)
     assert set(history[0]) == {
-        "loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask",
-    }  # fmt: skip
+        "loss_objectness",
+        "loss_rpn_box_reg",
+        "loss_classifier",
+        "loss_box_reg",
+        "loss_mask",
+    }
     assert_each_loss_falls(history)
 
 
@@ -167,9 +182,12 @@ def test_detect_batches_sizes_and_maps_to_requested_coordinates():
         assert all(decode_rle(m).shape == (r.height, r.width) for m in r.masks)
     # The model saw the same pixels; only the output coordinates change.
     big = detect(
-        model, [small, other], score_threshold=0.0, max_detections=[7, 3],
+        model,
+        [small, other],
+        score_threshold=0.0,
+        max_detections=[7, 3],
         output_sizes=[(360, 600), (300, 90)],
-    )  # fmt: skip
+    )
     np.testing.assert_allclose(big[0].boxes, base[0].boxes * 3, rtol=1e-4, atol=1e-3)
     for r in (base[0], big[0]):  # each mask lies inside its own box, at either scale
         for box, rle in zip(r.boxes, r.masks, strict=True):
@@ -186,8 +204,10 @@ def test_an_images_answer_does_not_depend_on_what_it_is_batched_with():
     edge that is not in it. Images run together only when they pad to the same size."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
-    wide, tall = (torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8)
-                  for h, w in ((96, 128), (128, 96)))  # fmt: skip
+    wide, tall = (
+        torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8)
+        for h, w in ((96, 128), (128, 96))
+    )
     sizes = [(96, 128), (128, 128), (90, 130), (70, 100)]
     assert padded_size_groups(sizes, 32) == [[0, 3], [1], [2]]
     detector = build_model("maskrcnn_convnext_atto", num_classes=2, min_size=128, max_size=128)
@@ -268,9 +288,16 @@ def test_dense_checkpoints_round_trip(tmp_path):
 
     seg = build_model("upernet_convnext_atto", num_classes=3).eval()
     meta = meta.model_copy(
-        update=dict(task="segment", arch="upernet_convnext_atto", head="upernet", num_classes=3,
-                    labels=["bg", "a", "b"], image_size=64, model_kwargs={})
-    )  # fmt: skip
+        update=dict(
+            task="segment",
+            arch="upernet_convnext_atto",
+            head="upernet",
+            num_classes=3,
+            labels=["bg", "a", "b"],
+            image_size=64,
+            model_kwargs={},
+        )
+    )
     save_checkpoint(seg, tmp_path / "seg.safetensors", meta)
     loaded, _ = load_checkpoint(tmp_path / "seg.safetensors")
     x = torch.rand(1, 3, 64, 64)
@@ -281,9 +308,13 @@ def test_dense_checkpoints_round_trip(tmp_path):
 def test_backbone_initialises_from_a_classifier(tmp_path):
     cls = build_model("convnext_atto", num_classes=4)
     meta = CheckpointMeta(
-        task="classify", arch="convnext_atto", head="linear", num_classes=4,
-        labels=list("abcd"), provenance=Provenance(source="trained"),
-    )  # fmt: skip
+        task="classify",
+        arch="convnext_atto",
+        head="linear",
+        num_classes=4,
+        labels=list("abcd"),
+        provenance=Provenance(source="trained"),
+    )
     path = save_checkpoint(cls, tmp_path / "cls.safetensors", meta)
     for name, body in [
         ("maskrcnn_convnext_atto", lambda m: m.backbone.body),
@@ -309,9 +340,13 @@ def test_backbone_initialises_from_another_dense_model(tmp_path):
     with torch.no_grad():
         det.backbone.body.norm2.weight.uniform_()
     meta = CheckpointMeta(
-        task="detect", arch="maskrcnn_convnext_atto", head="maskrcnn", num_classes=3,
-        labels=list("abc"), provenance=Provenance(source="trained"),
-    )  # fmt: skip
+        task="detect",
+        arch="maskrcnn_convnext_atto",
+        head="maskrcnn",
+        num_classes=3,
+        labels=list("abc"),
+        provenance=Provenance(source="trained"),
+    )
     path = save_checkpoint(det, tmp_path / "det.safetensors", meta)
     seg = build_model("upernet_convnext_atto", num_classes=2)
     loaded = init_backbone(seg, path)

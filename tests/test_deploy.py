@@ -72,8 +72,10 @@ def canonical(name: str) -> str:
 def test_dockerfile_passes_hadolint():
     result = subprocess.run(
         [tool("hadolint"), "--no-color", str(ROOT / "Dockerfile")],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -103,8 +105,9 @@ def test_dockerignore_admits_what_the_dockerfile_copies():
     rules = [r for r in (ROOT / ".dockerignore").read_text().splitlines() if r and r[0] != "#"]
     assert rules[0] == "*", ".dockerignore starts by excluding everything"
     allowed = {r[1:].rstrip("/") for r in rules if r.startswith("!")}
-    copies = re.findall(r"^COPY (?!--from)(\S+(?: \S+)*) \S+$", (ROOT / "Dockerfile").read_text(),
-                        re.M)  # fmt: skip
+    copies = re.findall(
+        r"^COPY (?!--from)(\S+(?: \S+)*) \S+$", (ROOT / "Dockerfile").read_text(), re.M
+    )
     sources = {src.rstrip("/") for line in copies for src in line.split()}
     assert sources, "no COPY found"
     for src in sources:
@@ -127,9 +130,10 @@ def test_image_pins_satisfy_pyproject():
         assert name in pins, f"{dep}: not pinned in deploy/requirements-image.txt"
         assert dep.specifier.contains(pins[name]), f"{name}=={pins[name]} is outside {dep}"
     ray_line = next(
-        line for line in (DEPLOY / "requirements-image.txt").read_text().splitlines()
+        line
+        for line in (DEPLOY / "requirements-image.txt").read_text().splitlines()
         if line.startswith("ray[")
-    )  # fmt: skip
+    )
     assert {"serve", "train"} <= set(Requirement(ray_line).extras)
 
 
@@ -194,8 +198,10 @@ def test_prometheus_config_passes_promtool():
         pytest.skip("promtool missing (Debian package prometheus, installed by .ci/run)")
     result = subprocess.run(
         [promtool, "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml")],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -211,9 +217,20 @@ RAY_SERVE_METRICS = {
     "ray_serve_deployment_queued_queries",
 }
 PROMQL_WORDS = {
-    "by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless",
-    "offset", "inf", "nan",
-}  # fmt: skip
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "bool",
+    "and",
+    "or",
+    "unless",
+    "offset",
+    "inf",
+    "nan",
+}
 
 
 def service_metrics() -> dict[str, str]:
@@ -408,8 +425,14 @@ def test_core_objects_match_kubernetes_schemas(objects):
     core = [o for o in objects if "/" not in o["apiVersion"] or o["apiVersion"].startswith("apps/")]
     core.append({"apiVersion": "v1", "kind": "Service", **service["spec"]["serveService"]})
     for i, template in enumerate(pod_templates(service)):
-        core.append({"apiVersion": "v1", "kind": "PodTemplate",
-                     "metadata": {"name": f"ray-pod-{i}"}, "template": template})  # fmt: skip
+        core.append(
+            {
+                "apiVersion": "v1",
+                "kind": "PodTemplate",
+                "metadata": {"name": f"ray-pod-{i}"},
+                "template": template,
+            }
+        )
     errors = []
     for version in (OLDEST_K8S, kubernetes_validate.latest_version()):
         for obj in core:
@@ -431,9 +454,10 @@ def test_ray_cluster_layout(objects):
     head = spec["headGroupSpec"]
     assert head["rayStartParams"]["num-cpus"] == "0", "the head schedules no model work"
     gpu_groups = [
-        g for g in spec["workerGroupSpecs"]
+        g
+        for g in spec["workerGroupSpecs"]
         if g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu") == 1
-    ]  # fmt: skip
+    ]
     assert gpu_groups, "a worker group with nvidia.com/gpu: 1"
     for group in spec["workerGroupSpecs"]:
         assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
@@ -521,8 +545,10 @@ def test_image_starts_haproxy_with_its_configs_limits():
 
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "RAY_SERVE_HAPROXY_BINARY_PATH=/usr/local/bin/convnext-serve-haproxy" in dockerfile
-    assert 'convnext-serve-haproxy = "service.haproxy_front:main"' in (
-        ROOT / "pyproject.toml").read_text()  # fmt: skip
+    assert (
+        'convnext-serve-haproxy = "service.haproxy_front:main"'
+        in (ROOT / "pyproject.toml").read_text()
+    )
     rules = re.search(rf"{RULES_ENV}='([^']*)'", dockerfile)
     expected = front_rules(read_serve_config(ROOT / "deploy" / "serve_config.yaml"))
     assert rules and json.loads(rules.group(1)) == json.loads(expected.to_env())

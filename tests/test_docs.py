@@ -79,8 +79,13 @@ def test_every_config_field_says_what_it_is():
 def test_the_site_builds_strict(tmp_path):
     """`mkdocs build --strict`: a broken link, a missing page or one left out of the nav fails."""
     mkdocs = Path(sys.executable).parent / "mkdocs"
-    done = subprocess.run([str(mkdocs), "build", "--strict", "--site-dir", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [str(mkdocs), "build", "--strict", "--site-dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     assert (tmp_path / "architecture" / "index.html").is_file()
 

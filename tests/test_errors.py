@@ -96,11 +96,13 @@ def test_anything_else_is_a_500_that_names_only_its_type_and_is_logged(caplog):
     with caplog.at_level(logging.ERROR, logger="ray.serve"):
         r = response_for(KeyError("secret internal detail"), "/v1/detect")
     assert r.status_code == 500
-    assert body(r) == {"error": {"code": "internal_error",
-                                 "message": "KeyError: the server failed"}}  # fmt: skip
+    assert body(r) == {
+        "error": {"code": "internal_error", "message": "KeyError: the server failed"}
+    }
     assert "secret" not in r.body.decode()  # the detail goes to the log, not the client
-    assert any(rec.exc_info and "secret internal detail" in str(rec.exc_info[1])
-               for rec in caplog.records)  # fmt: skip
+    assert any(
+        rec.exc_info and "secret internal detail" in str(rec.exc_info[1]) for rec in caplog.records
+    )
     protocol = response_for(ValueError("x"), "/v2/models/m/infer")
     assert protocol.status_code == 500
     assert body(protocol) == {"error": "ValueError: the server failed"}

@@ -85,18 +85,30 @@ def ground_truth(categories=(1,)) -> COCO:
         "images": [{"id": i, "width": SIZE, "height": SIZE} for i in (1, 2)],
         "categories": [{"id": c, "name": f"c{c}"} for c in categories],
         "annotations": [
-            {"id": k + 1, "image_id": image, "category_id": 1, "bbox": box, "iscrowd": 0,
-             "area": box[2] * box[3], "segmentation": rle(box_mask(*box))}
+            {
+                "id": k + 1,
+                "image_id": image,
+                "category_id": 1,
+                "bbox": box,
+                "iscrowd": 0,
+                "area": box[2] * box[3],
+                "segmentation": rle(box_mask(*box)),
+            }
             for k, (image, box) in enumerate(TRUTH)
         ],
-    }  # fmt: skip
+    }
     coco.createIndex()
     return coco
 
 
 def result(image: int, box: list[int], score: float, category: int = 1) -> dict:
-    return {"image_id": image, "category_id": category, "bbox": [float(v) for v in box],
-            "score": score, "segmentation": rle(box_mask(*box))}  # fmt: skip
+    return {
+        "image_id": image,
+        "category_id": category,
+        "bbox": [float(v) for v in box],
+        "score": score,
+        "segmentation": rle(box_mask(*box)),
+    }
 
 
 def reference_ap(detections: list[tuple[float, float]], n_truth: int, threshold: float) -> float:
@@ -214,8 +226,9 @@ def test_miou_by_hand_and_against_scikit_learn():
         jaccard_score(target, pred, labels=[0, 1, 3], average="macro")
     )
     assert segmentation_metrics(torch.zeros(3, 3, dtype=torch.int64)) == {
-        "mIoU": 0.0, "pixel_acc": 0.0,
-    }  # fmt: skip
+        "mIoU": 0.0,
+        "pixel_acc": 0.0,
+    }
     # one pixel, right: a class present in one pixel counts, and the accuracy is whole
     one = confusion_matrix(torch.tensor([2]), torch.tensor([2]), num_classes=4)
     assert one.shape == (4, 4) and one.sum() == 1  # the classes after the last one seen too
@@ -280,20 +293,29 @@ def constant_checkpoint(path, task, arch, labels, answer, image_size, **kw):
         else:  # the box classifier's class 0 is the background: nothing is found
             model.roi_heads.box_predictor.cls_score.bias[answer] = 10.0
     head = {"classify": "linear", "detect": "maskrcnn", "segment": "upernet"}[task]
-    meta = CheckpointMeta(task=task, arch=arch, head=head, num_classes=len(labels),
-                          labels=labels, image_size=image_size, model_kwargs=kw,
-                          provenance=Provenance(source="trained"))  # fmt: skip
+    meta = CheckpointMeta(
+        task=task,
+        arch=arch,
+        head=head,
+        num_classes=len(labels),
+        labels=labels,
+        image_size=image_size,
+        model_kwargs=kw,
+        provenance=Provenance(source="trained"),
+    )
     return save_checkpoint(model, path, meta)
 
 
 def test_eval_of_a_classifier_that_always_says_one_class(shapes, tmp_path):
     labels = sorted(CLASSES)  # ImageFolder's order
     answer = labels.index("star")
-    ckpt = constant_checkpoint(tmp_path / "c.safetensors", "classify", "convnext_atto", labels,
-                               answer, 32)  # fmt: skip
+    ckpt = constant_checkpoint(
+        tmp_path / "c.safetensors", "classify", "convnext_atto", labels, answer, 32
+    )
     stars = len(list((shapes / "classify" / "val" / "star").glob("*.jpg")))
-    metrics = evaluate_checkpoint("classify", shapes / "classify", ckpt, device="cpu",
-                                  batch_size=3, progress=False)  # fmt: skip
+    metrics = evaluate_checkpoint(
+        "classify", shapes / "classify", ckpt, device="cpu", batch_size=3, progress=False
+    )
     assert metrics == {"top1": pytest.approx(stars / 9), "top5": 1.0}
     # no device named: CUDA where there is one, else the CPU
     assert evaluate_checkpoint("classify", shapes / "classify", ckpt, progress=False) == metrics
@@ -304,21 +326,30 @@ def test_eval_of_a_classifier_that_always_says_one_class(shapes, tmp_path):
 def test_eval_of_a_segmenter_that_always_says_one_class(shapes, tmp_path):
     labels = read_labels(shapes / "segment")
     answer = labels.index("circle")
-    ckpt = constant_checkpoint(tmp_path / "s.safetensors", "segment", "upernet_convnext_atto",
-                               labels, answer, 64)  # fmt: skip
-    maps = [np.asarray(Image.open(p)) for p in
-            sorted((shapes / "segment" / "annotations" / "validation").glob("*.png"))]  # fmt: skip
+    ckpt = constant_checkpoint(
+        tmp_path / "s.safetensors", "segment", "upernet_convnext_atto", labels, answer, 64
+    )
+    maps = [
+        np.asarray(Image.open(p))
+        for p in sorted((shapes / "segment" / "annotations" / "validation").glob("*.png"))
+    ]
     pixels = np.concatenate([m.ravel() for m in maps])
     said = np.mean(pixels == answer)  # its IoU; every other class present scores 0
     present = len(np.unique(pixels))
-    metrics = evaluate_checkpoint("segment", shapes / "segment", ckpt, device="cpu",
-                                  progress=False)  # fmt: skip
+    metrics = evaluate_checkpoint("segment", shapes / "segment", ckpt, device="cpu", progress=False)
     assert metrics == pytest.approx({"mIoU": said / present, "pixel_acc": said})
 
 
 def test_eval_of_a_detector_that_finds_nothing(shapes, tmp_path):
-    ckpt = constant_checkpoint(tmp_path / "d.safetensors", "detect", "maskrcnn_convnext_atto",
-                               list(CLASSES), 0, 64, min_size=64, max_size=64)  # fmt: skip
-    metrics = evaluate_checkpoint("detect", shapes / "detect", ckpt, device="cpu",
-                                  progress=False)  # fmt: skip
+    ckpt = constant_checkpoint(
+        tmp_path / "d.safetensors",
+        "detect",
+        "maskrcnn_convnext_atto",
+        list(CLASSES),
+        0,
+        64,
+        min_size=64,
+        max_size=64,
+    )
+    metrics = evaluate_checkpoint("detect", shapes / "detect", ckpt, device="cpu", progress=False)
     assert metrics == dict.fromkeys(("bbox_AP", "bbox_AP50", "segm_AP", "segm_AP50"), 0.0)

@@ -45,22 +45,32 @@ MAX_IN_FLIGHT = CAPACITY
 def service(tmp_path_factory):
     ckpt = service_checkpoints()
     models = [
-        {"name": "colours", "checkpoint": str(ckpt["classify"]), "max_batch_size": 8,
-         "max_ongoing_requests": 8, "max_queued_requests": 8},
+        {
+            "name": "colours",
+            "checkpoint": str(ckpt["classify"]),
+            "max_batch_size": 8,
+            "max_ongoing_requests": 8,
+            "max_queued_requests": 8,
+        },
         {"name": "boxes", "checkpoint": str(ckpt["detect"]), "max_batch_size": 4},
         {"name": "regions", "checkpoint": str(ckpt["segment"]), "max_batch_size": 4},
-    ]  # fmt: skip
-    gateway = {"max_body_bytes": 2_000_000, "max_images_per_request": MAX_IMAGES,
-               "body_timeout_s": BODY_TIMEOUT_S, "max_in_flight": MAX_IN_FLIGHT,
-               "num_replicas": 2}  # fmt: skip
+    ]
+    gateway = {
+        "max_body_bytes": 2_000_000,
+        "max_images_per_request": MAX_IMAGES,
+        "body_timeout_s": BODY_TIMEOUT_S,
+        "max_in_flight": MAX_IN_FLIGHT,
+        "num_replicas": 2,
+    }
     yield from run_service(tmp_path_factory.mktemp("faults"), models, gateway)
 
 
 # ------------------------------------------------------------------------ raw HTTP
 
 
-def raw_request(url: str, head: bytes, body_parts=(), pause_s: float = 0.0,
-                timeout: float = 60) -> tuple[int, dict, bytes]:  # fmt: skip
+def raw_request(
+    url: str, head: bytes, body_parts=(), pause_s: float = 0.0, timeout: float = 60
+) -> tuple[int, dict, bytes]:
     """Send bytes as they are (a lying Content-Length, a slow body) and read the answer:
     (status, headers, body); status 0 when the connection dropped without an answer."""
     host, port = url.removeprefix("http://").split(":")
@@ -180,17 +190,35 @@ CASES = [
     # images the decoder must refuse, before decoding where the header says enough
     C("not an image", 400, "invalid_image", images=lambda: [b"this is not an image"]),
     C("empty image", 400, "invalid_image", images=lambda: [b""]),
-    C("truncated jpeg", 400, "invalid_image", path="/v1/detect",
-      images=lambda: [red()[: len(red()) // 2]]),
+    C(
+        "truncated jpeg",
+        400,
+        "invalid_image",
+        path="/v1/detect",
+        images=lambda: [red()[: len(red()) // 2]],
+    ),
     C("corrupt png zlib", 400, "invalid_image", images=lambda: [corrupt_png()]),
     C("html as an image", 400, "invalid_image", images=lambda: [b"<html><body>hi</body></html>"]),
     C("svg", 400, "invalid_image", images=lambda: [b'<svg xmlns="http://www.w3.org/2000/svg"/>']),
-    C("ico format", 400, "invalid_image",
-      images=lambda: [encode(Image.new("RGB", (16, 16)), "ICO")]),
-    C("png header 100000 x 100000", 413, "image_too_large",
-      images=lambda: [png_header(100_000, 100_000)]),
-    C("jpeg header 65000 x 65000", 413, "image_too_large", path="/v1/segment",
-      images=lambda: [jpeg_claiming(65_000, 65_000)]),
+    C(
+        "ico format",
+        400,
+        "invalid_image",
+        images=lambda: [encode(Image.new("RGB", (16, 16)), "ICO")],
+    ),
+    C(
+        "png header 100000 x 100000",
+        413,
+        "image_too_large",
+        images=lambda: [png_header(100_000, 100_000)],
+    ),
+    C(
+        "jpeg header 65000 x 65000",
+        413,
+        "image_too_large",
+        path="/v1/segment",
+        images=lambda: [jpeg_claiming(65_000, 65_000)],
+    ),
     C("1 x 40000001 strip", 413, "image_too_large", images=lambda: [png_header(1, 40_000_001)]),
     C("ztxt decompression bomb", 400, "invalid_image", images=lambda: [ztxt_bomb()]),
     # strange but valid: bounded work, an answer
@@ -205,67 +233,159 @@ CASES = [
     C("gif of 300 frames", 200, None, images=lambda: [many_frames_gif()]),
     C("apng of 100 frames", 200, None, path="/v1/segment", images=lambda: [apng()]),
     # bodies
-    C("multipart cut mid-part", 400, "invalid_multipart",
-      body=lambda: multipart([("image", red())])[:-400],
-      headers={"Content-Type": "multipart/form-data; boundary=b0undary"}),
-    C("multipart without a boundary", 400, "invalid_multipart",
-      body=lambda: multipart([("image", red())]), headers={"Content-Type": "multipart/form-data"}),
-    C("multipart of garbage", 400, "invalid_multipart", body=lambda: b"\x00garbage" * 100,
-      headers={"Content-Type": "multipart/form-data; boundary=b0undary"}),
-    C("multipart without an image field", 422, "invalid_parameter",
-      body=lambda: multipart([("picture", red())]),
-      headers={"Content-Type": "multipart/form-data; boundary=b0undary"}),
-    C("too many images", 422, "invalid_parameter",
-      images=lambda: [red()] * (MAX_IMAGES + 1)),
-    C("ten thousand form fields", 400, "invalid_multipart",
-      body=lambda: multipart([(f"f{i}", b"x") for i in range(10_000)]),
-      headers={"Content-Type": "multipart/form-data; boundary=b0undary"}),
-    C("body over the limit", 413, "payload_too_large", body=lambda: b"\xff" * 2_500_000,
-      headers={"Content-Type": "image/jpeg"}),
-    C("text body", 415, "unsupported_media_type", body=lambda: b"hello",
-      headers={"Content-Type": "text/plain"}),
+    C(
+        "multipart cut mid-part",
+        400,
+        "invalid_multipart",
+        body=lambda: multipart([("image", red())])[:-400],
+        headers={"Content-Type": "multipart/form-data; boundary=b0undary"},
+    ),
+    C(
+        "multipart without a boundary",
+        400,
+        "invalid_multipart",
+        body=lambda: multipart([("image", red())]),
+        headers={"Content-Type": "multipart/form-data"},
+    ),
+    C(
+        "multipart of garbage",
+        400,
+        "invalid_multipart",
+        body=lambda: b"\x00garbage" * 100,
+        headers={"Content-Type": "multipart/form-data; boundary=b0undary"},
+    ),
+    C(
+        "multipart without an image field",
+        422,
+        "invalid_parameter",
+        body=lambda: multipart([("picture", red())]),
+        headers={"Content-Type": "multipart/form-data; boundary=b0undary"},
+    ),
+    C("too many images", 422, "invalid_parameter", images=lambda: [red()] * (MAX_IMAGES + 1)),
+    C(
+        "ten thousand form fields",
+        400,
+        "invalid_multipart",
+        body=lambda: multipart([(f"f{i}", b"x") for i in range(10_000)]),
+        headers={"Content-Type": "multipart/form-data; boundary=b0undary"},
+    ),
+    C(
+        "body over the limit",
+        413,
+        "payload_too_large",
+        body=lambda: b"\xff" * 2_500_000,
+        headers={"Content-Type": "image/jpeg"},
+    ),
+    C(
+        "text body",
+        415,
+        "unsupported_media_type",
+        body=lambda: b"hello",
+        headers={"Content-Type": "text/plain"},
+    ),
     C("no content type", 415, "unsupported_media_type", body=lambda: red(), headers={}),
-    C("json as image/png", 400, "invalid_image", body=lambda: b'{"image": 1}',
-      headers={"Content-Type": "image/png"}),
-    C("empty raw body", 400, "invalid_image", body=lambda: b"",
-      headers={"Content-Type": "image/jpeg"}),
+    C(
+        "json as image/png",
+        400,
+        "invalid_image",
+        body=lambda: b'{"image": 1}',
+        headers={"Content-Type": "image/png"},
+    ),
+    C(
+        "empty raw body",
+        400,
+        "invalid_image",
+        body=lambda: b"",
+        headers={"Content-Type": "image/jpeg"},
+    ),
     # query parameters
     C("top_k 0", 422, "invalid_parameter", images=lambda: [red()], params={"top_k": 0}),
     C("top_k 10**9", 422, "invalid_parameter", images=lambda: [red()], params={"top_k": 10**9}),
     C("top_k text", 422, "invalid_parameter", images=lambda: [red()], params={"top_k": "many"}),
     C("top_k repeated", 200, None, images=lambda: [red()], params="top_k=1&top_k=3&top_k=2"),
-    C("threshold nan", 422, "invalid_parameter", path="/v1/detect", images=lambda: [red()],
-      params={"score_threshold": "nan"}),
-    C("threshold inf", 422, "invalid_parameter", path="/v1/detect", images=lambda: [red()],
-      params={"score_threshold": "inf"}),
-    C("max_detections -1", 422, "invalid_parameter", path="/v1/detect", images=lambda: [red()],
-      params={"max_detections": -1}),
-    C("masks perhaps", 422, "invalid_parameter", path="/v1/detect", images=lambda: [red()],
-      params={"masks": "perhaps"}),
-    C("format gif", 422, "invalid_parameter", path="/v1/segment", images=lambda: [red()],
-      params={"format": "gif"}),
+    C(
+        "threshold nan",
+        422,
+        "invalid_parameter",
+        path="/v1/detect",
+        images=lambda: [red()],
+        params={"score_threshold": "nan"},
+    ),
+    C(
+        "threshold inf",
+        422,
+        "invalid_parameter",
+        path="/v1/detect",
+        images=lambda: [red()],
+        params={"score_threshold": "inf"},
+    ),
+    C(
+        "max_detections -1",
+        422,
+        "invalid_parameter",
+        path="/v1/detect",
+        images=lambda: [red()],
+        params={"max_detections": -1},
+    ),
+    C(
+        "masks perhaps",
+        422,
+        "invalid_parameter",
+        path="/v1/detect",
+        images=lambda: [red()],
+        params={"masks": "perhaps"},
+    ),
+    C(
+        "format gif",
+        422,
+        "invalid_parameter",
+        path="/v1/segment",
+        images=lambda: [red()],
+        params={"format": "gif"},
+    ),
     C("unknown parameter", 200, None, images=lambda: [red()], params={"colour": "please"}),
     C("model nope", 404, "model_not_found", images=lambda: [red()], params={"model": "nope"}),
-    C("model path", 404, "model_not_found", images=lambda: [red()],
-      params={"model": "../../etc/passwd"}),
-    C("model 10 KB", 404, "model_not_found", images=lambda: [red()],
-      params={"model": "m" * 10_000}),
+    C(
+        "model path",
+        404,
+        "model_not_found",
+        images=lambda: [red()],
+        params={"model": "../../etc/passwd"},
+    ),
+    C(
+        "model 10 KB",
+        404,
+        "model_not_found",
+        images=lambda: [red()],
+        params={"model": "m" * 10_000},
+    ),
     C("model non-ascii", 404, "model_not_found", images=lambda: [red()], params={"model": "模型"}),
     C("model empty", 404, "model_not_found", images=lambda: [red()], params={"model": ""}),
-    C("model of another task", 404, "model_not_found", path="/v1/detect", images=lambda: [red()],
-      params={"model": "colours"}),
+    C(
+        "model of another task",
+        404,
+        "model_not_found",
+        path="/v1/detect",
+        images=lambda: [red()],
+        params={"model": "colours"},
+    ),
     # methods, paths, keys
     C("GET classify", 405, "method_not_allowed", method="GET"),
     C("DELETE models", 405, "method_not_allowed", method="DELETE", path="/v1/models"),
     C("PUT detect", 405, "method_not_allowed", method="PUT", path="/v1/detect"),
     C("non-ascii path", 404, "not_found", method="GET", path="/v1/%C3%A9t%C3%A9"),
     C("unknown path", 404, "not_found", method="GET", path="/v1/nope"),
-    C("path below an endpoint", 404, "not_found", path="/v1/classify/more",
-      images=lambda: [red()]),
+    C("path below an endpoint", 404, "not_found", path="/v1/classify/more", images=lambda: [red()]),
     C("no api key", 401, "unauthorized", images=lambda: [red()], auth=False),
-    C("basic auth", 401, "unauthorized", images=lambda: [red()], auth=False,
-      headers={"Authorization": "Basic dXNlcjpwYXNz"}),
-]  # fmt: skip
+    C(
+        "basic auth",
+        401,
+        "unauthorized",
+        images=lambda: [red()],
+        auth=False,
+        headers={"Authorization": "Basic dXNlcjpwYXNz"},
+    ),
+]
 
 
 def send(service, case: Case) -> requests.Response:
@@ -276,8 +396,15 @@ def send(service, case: Case) -> requests.Response:
     data = case.body() if case.body else None
     if data is not None and "Content-Type" not in case.headers:
         headers["Content-Type"] = ""  # requests would send none for bytes: say so explicitly
-    return requests.request(case.method, service.url + case.path, files=files, data=data,
-                            params=case.params, headers=headers, timeout=120)  # fmt: skip
+    return requests.request(
+        case.method,
+        service.url + case.path,
+        files=files,
+        data=data,
+        params=case.params,
+        headers=headers,
+        timeout=120,
+    )
 
 
 def test_the_table_has_forty_cases():
@@ -299,8 +426,9 @@ def test_bad_input_gets_its_status_and_code(service, case):
 
 def _pixels_json(h: int, w: int) -> bytes:
     pixels = np.random.default_rng(0).integers(0, 256, (1, h, w, 3)).tolist()
-    return json.dumps({"inputs": [{"name": "pixels", "datatype": "UINT8",
-                                   "shape": [1, h, w, 3], "data": pixels}]}).encode()  # fmt: skip
+    return json.dumps(
+        {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, h, w, 3], "data": pixels}]}
+    ).encode()
 
 
 V2_CASES = [  # (name, body, headers, status): the protocol's error body, {"error": "..."}
@@ -316,8 +444,12 @@ V2_CASES = [  # (name, body, headers, status): the protocol's error body, {"erro
 @pytest.mark.parametrize("case", V2_CASES, ids=[c[0] for c in V2_CASES])
 def test_protocol_bodies_get_their_status(service, case):
     _, body, headers, status = case
-    r = requests.post(service.url + "/v2/models/colours/infer", data=body, timeout=120,
-                      headers={**AUTH, "Content-Type": "application/json", **headers})  # fmt: skip
+    r = requests.post(
+        service.url + "/v2/models/colours/infer",
+        data=body,
+        timeout=120,
+        headers={**AUTH, "Content-Type": "application/json", **headers},
+    )
     assert r.status_code == status, r.text[:300]
     if status != 200:
         assert isinstance(r.json()["error"], str) and r.json()["error"]
@@ -333,8 +465,7 @@ def test_a_lying_content_length_gets_408_not_a_hang(service):
 
 def test_a_slow_body_is_cut_off_and_others_are_served_meanwhile(service):
     data = red()
-    head = head_of("/v1/classify", {"Content-Type": "image/jpeg",
-                                    "Content-Length": str(len(data))})  # fmt: skip
+    head = head_of("/v1/classify", {"Content-Type": "image/jpeg", "Content-Length": str(len(data))})
     parts = [data[i : i + 100] for i in range(0, len(data), 100)]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         slow = [pool.submit(raw_request, service.url, head, parts, 0.5) for _ in range(8)]
@@ -351,8 +482,12 @@ def test_chunked_body_over_the_limit_is_refused_while_streaming(service):
         for _ in range(30):
             yield b"\x00" * 100_000
 
-    r = requests.post(service.url + "/v1/classify", data=chunks(), timeout=60,
-                      headers={**AUTH, "Content-Type": "image/png"})  # fmt: skip
+    r = requests.post(
+        service.url + "/v1/classify",
+        data=chunks(),
+        timeout=60,
+        headers={**AUTH, "Content-Type": "image/png"},
+    )
     assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
 
 
@@ -377,8 +512,11 @@ def test_failures_give_back_their_slots(service):
     in-flight slot: three times max_in_flight of them, then the service still serves."""
 
     def bad(i: int) -> int:
-        case = CASES[i % 4] if i % 3 else Case("path", 404, "not_found", method="GET",
-                                                  path="/v1/%C3%A9t%C3%A9")  # fmt: skip
+        case = (
+            CASES[i % 4]
+            if i % 3
+            else Case("path", 404, "not_found", method="GET", path="/v1/%C3%A9t%C3%A9")
+        )
         return send(service, case).status_code
 
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
@@ -411,8 +549,21 @@ def test_metric_labels_take_only_names_the_service_chose(service):
     models = {re.search(r'model="([^"]*)"', line).group(1) for line in lines}
     endpoints = {re.search(r'endpoint="([^"]*)"', line).group(1) for line in lines}
     assert "unknown" in models and models <= served, models
-    known = {"classify", "detect", "segment", "models", "healthz", "readyz", "docs", "root",
-             "other", "v2_infer", "v2_ready", "v2_health", "v2_metadata"}  # fmt: skip
+    known = {
+        "classify",
+        "detect",
+        "segment",
+        "models",
+        "healthz",
+        "readyz",
+        "docs",
+        "root",
+        "other",
+        "v2_infer",
+        "v2_ready",
+        "v2_health",
+        "v2_metadata",
+    }
     assert "other" in endpoints and endpoints <= known, endpoints
     assert not [line for line in lines if 'status="5' in line]
 
@@ -443,8 +594,9 @@ def test_schemathesis_finds_no_5xx_and_no_answer_off_its_schema(service):
         operation = result.ok()
 
         @given(case=operation.as_strategy())
-        @settings(max_examples=15, deadline=None, database=None,
-                  suppress_health_check=list(HealthCheck))  # fmt: skip
+        @settings(
+            max_examples=15, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+        )
         def check(case) -> None:
             checks = [not_a_server_error, response_schema_conformance]
             response = case.call_and_validate(headers=AUTH, timeout=60, checks=checks)
@@ -464,8 +616,9 @@ def _replicas(service) -> list[psutil.Process]:
     return server_replicas(service.proc.pid)
 
 
-def _load(service, clients: int, seconds: float, on_the_way: Callable[[], None] | None = None
-          ) -> list[tuple[float, int | str, float, dict]]:  # fmt: skip
+def _load(
+    service, clients: int, seconds: float, on_the_way: Callable[[], None] | None = None
+) -> list[tuple[float, int | str, float, dict]]:
     return closed_loop(service.url + "/v1/classify", red(), clients, seconds, AUTH, on_the_way)
 
 
@@ -555,8 +708,10 @@ def test_requests_a_killed_replica_was_working_on_are_answered_by_the_other(serv
         statuses = [f.result().status_code for f in futures]
     assert statuses == [200] * 4
     deadline = time.monotonic() + 120  # Serve replaces it; the service is whole again
-    while not (len(_replicas(service)) == 2 and
-               requests.get(service.url + "/readyz", timeout=10).status_code == 200):  # fmt: skip
+    while not (
+        len(_replicas(service)) == 2
+        and requests.get(service.url + "/readyz", timeout=10).status_code == 200
+    ):
         assert time.monotonic() < deadline
         time.sleep(1)
 

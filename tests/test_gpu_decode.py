@@ -31,10 +31,14 @@ def jpeg(size, orientation=1, progressive=False, mode="RGB") -> bytes:
 def runners(tmp_path, task):
     arch = "convnext_atto" if task == "classify" else "maskrcnn_convnext_atto"
     meta = CheckpointMeta(
-        task=task, arch=arch, head="linear" if task == "classify" else "maskrcnn",
-        num_classes=3, labels=["a", "b", "c"], image_size=64,
+        task=task,
+        arch=arch,
+        head="linear" if task == "classify" else "maskrcnn",
+        num_classes=3,
+        labels=["a", "b", "c"],
+        image_size=64,
         provenance=Provenance(source="trained"),
-    )  # fmt: skip
+    )
     path = save_checkpoint(build_model(arch, num_classes=3), tmp_path / f"{task}.st", meta)
     return [
         ModelRunner(ModelConfig(name=d, checkpoint=str(path), device=d)) for d in ("cpu", "cuda")
@@ -42,9 +46,13 @@ def runners(tmp_path, task):
 
 
 IMAGES = [
-    jpeg((640, 480)), jpeg((480, 640), orientation=6), jpeg((300, 200), orientation=3),
-    jpeg((500, 400), progressive=True), jpeg((320, 240), mode="L"), jpeg((90, 70)),
-]  # fmt: skip
+    jpeg((640, 480)),
+    jpeg((480, 640), orientation=6),
+    jpeg((300, 200), orientation=3),
+    jpeg((500, 400), progressive=True),
+    jpeg((320, 240), mode="L"),
+    jpeg((90, 70)),
+]
 
 
 @pytest.mark.parametrize("task", ["classify", "detect"])

@@ -41,23 +41,27 @@ def ray_config(folder: Path) -> Path:
         enable_hap_optimization=False,
     )
     servers = [haproxy.ServerConfig(f"replica{i}", "127.0.0.1", 40000 + i) for i in range(2)]
-    backend = haproxy.BackendConfig(name="http-convnext", path_prefix="/", servers=servers,
-                                    app_name="convnext-serve")  # fmt: skip
+    backend = haproxy.BackendConfig(
+        name="http-convnext", path_prefix="/", servers=servers, app_name="convnext-serve"
+    )
     api = haproxy.HAProxyApi(cfg, {"convnext-serve": backend}, config_file_path=str(path))
     api._generate_config_file_internal()
     return path
 
 
 def haproxy_check(path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([real_haproxy(), "-c", "-f", str(path)], capture_output=True,
-                          text=True, timeout=30)  # fmt: skip
+    return subprocess.run(
+        [real_haproxy(), "-c", "-f", str(path)], capture_output=True, text=True, timeout=30
+    )
 
 
 def section(text: str, header: str) -> list[str]:
     lines = text.splitlines()
     start = lines.index(header)
-    end = next((i for i in range(start + 1, len(lines)) if lines[i] and not lines[i][0].isspace()),
-               len(lines))  # fmt: skip
+    end = next(
+        (i for i in range(start + 1, len(lines)) if lines[i] and not lines[i][0].isspace()),
+        len(lines),
+    )
     return lines[start:end]
 
 
@@ -77,8 +81,10 @@ def test_the_rules_land_in_rays_config_and_haproxy_accepts_it(tmp_path):
     # the default backend (404s) and the stats listener are untouched
     assert MARK not in "\n".join(section(text, "backend default_backend"))
     # the error files HAProxy sends are whole HTTP responses with the service's JSON
-    for name, status, code in (("convnext-408.http", 408, "request_timeout"),
-                               ("convnext-503.http", 503, "unavailable")):  # fmt: skip
+    for name, status, code in (
+        ("convnext-408.http", 408, "request_timeout"),
+        ("convnext-503.http", 503, "unavailable"),
+    ):
         head, body = (tmp_path / name).read_bytes().decode().split("\r\n\r\n", 1)
         assert head.startswith(f"HTTP/1.1 {status} ")
         assert f"Content-Length: {len(body)}" in head
@@ -88,9 +94,11 @@ def test_the_rules_land_in_rays_config_and_haproxy_accepts_it(tmp_path):
 
 def test_the_refusal_bodies_are_the_services_json(tmp_path):
     text = add_rules(ray_config(tmp_path).read_text(), RULES, tmp_path)
-    bodies = [line.split("string '", 1)[1].split("' if", 1)[0]
-              for line in text.splitlines() if "http-request return status 503" in line
-              and "Retry-After" in line]  # fmt: skip
+    bodies = [
+        line.split("string '", 1)[1].split("' if", 1)[0]
+        for line in text.splitlines()
+        if "http-request return status 503" in line and "Retry-After" in line
+    ]
     v2, v1 = (json.loads(b) for b in bodies)
     assert v1["error"]["code"] == "overloaded" and isinstance(v2["error"], str)
 

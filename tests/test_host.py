@@ -30,9 +30,14 @@ MAX_PIXELS = 10_000_000
 def classifier(tmp_path_factory):
     model = build_model("convnext_atto", num_classes=3)
     meta = CheckpointMeta(
-        task="classify", arch="convnext_atto", head="linear", num_classes=3,
-        labels=["a", "b", "c"], image_size=32, provenance=Provenance(source="trained"),
-    )  # fmt: skip
+        task="classify",
+        arch="convnext_atto",
+        head="linear",
+        num_classes=3,
+        labels=["a", "b", "c"],
+        image_size=32,
+        provenance=Provenance(source="trained"),
+    )
     return save_checkpoint(model, tmp_path_factory.mktemp("host") / "cls.safetensors", meta)
 
 
@@ -97,8 +102,9 @@ def _failing_warm_up(checkpoint, tmp_path) -> dict:
                           "answer": answer}}))
     """)
     env = {**os.environ, "CXX": "/nonexistent/g++", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -125,6 +131,8 @@ def test_compile_true_answers_as_the_eager_model(classifier):
         [want], [got] = ask(eager, image), ask(compiled, image)
         assert [label for label, _ in got] == [label for label, _ in want]
         torch.testing.assert_close(
-            torch.tensor([p for _, p in got]), torch.tensor([p for _, p in want]),
-            atol=1e-4, rtol=1e-4,
-        )  # fmt: skip
+            torch.tensor([p for _, p in got]),
+            torch.tensor([p for _, p in want]),
+            atol=1e-4,
+            rtol=1e-4,
+        )

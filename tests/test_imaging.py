@@ -30,9 +30,16 @@ def red_square(mode="RGB", size=(60, 40)) -> Image.Image:
 
 
 @pytest.mark.parametrize(
-    "fmt, kw", [("JPEG", {"quality": 95}), ("PNG", {}), ("WEBP", {"lossless": True}),
-                ("BMP", {}), ("GIF", {}), ("TIFF", {})],
-)  # fmt: skip
+    "fmt, kw",
+    [
+        ("JPEG", {"quality": 95}),
+        ("PNG", {}),
+        ("WEBP", {"lossless": True}),
+        ("BMP", {}),
+        ("GIF", {}),
+        ("TIFF", {}),
+    ],
+)
 def test_formats_decode_to_rgb(fmt, kw):
     out = decode(encode(red_square(), fmt, **kw), BIG)
     assert out.pixels.shape == (40, 60, 3) and out.pixels.dtype == np.uint8
@@ -112,9 +119,10 @@ def test_pixel_limit_is_checked_from_the_header():
 
 
 @pytest.mark.parametrize(
-    "data", [b"", b"not an image at all", encode(red_square(), "JPEG")[:200]],
+    "data",
+    [b"", b"not an image at all", encode(red_square(), "JPEG")[:200]],
     ids=["empty", "garbage", "truncated"],
-)  # fmt: skip
+)
 def test_undecodable_is_invalid_image(data):
     with pytest.raises(ImageError) as e:
         decode(data, BIG)
@@ -197,6 +205,8 @@ def test_the_classify_preset_does_not_resize_a_whole_strip():
     short = TF.resize(wide, [73], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
     out = resize_crop(wide, 64).int()
     left = (short.shape[-1] - 64) // 2  # the same view, give or take the crop's rounding
-    diffs = [(out - short[..., 4:68, left + d : left + d + 64].int()).abs().float().mean()
-             for d in (-1, 0, 1, 2)]  # fmt: skip
+    diffs = [
+        (out - short[..., 4:68, left + d : left + d + 64].int()).abs().float().mean()
+        for d in (-1, 0, 1, 2)
+    ]
     assert min(diffs) < 2, diffs

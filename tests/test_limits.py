@@ -33,9 +33,15 @@ def service(tmp_path_factory):
     ckpt = service_checkpoints()
     models = [
         {"name": "colours", "checkpoint": str(ckpt["classify"]), "max_batch_size": 4},
-        {"name": "regions", "checkpoint": str(ckpt["segment"]), "max_batch_size": 1,
-         "max_ongoing_requests": 1, "max_queued_requests": 0, "warmup_batches": 1},
-    ]  # fmt: skip
+        {
+            "name": "regions",
+            "checkpoint": str(ckpt["segment"]),
+            "max_batch_size": 1,
+            "max_ongoing_requests": 1,
+            "max_queued_requests": 0,
+            "warmup_batches": 1,
+        },
+    ]
     gateway = {"max_in_flight": MAX_IN_FLIGHT, "max_body_bytes": 2_000_000}
     grpc = {"grpc_options": {"port": free_port(), "grpc_servicer_functions": [SERVICER]}}
     folder = tmp_path_factory.mktemp("limits")
@@ -58,9 +64,9 @@ def test_the_replicas_in_flight_limit_refuses_a_burst(service):
     holds `max_in_flight` of them and answers each; the rest get 503 `overloaded` at once."""
     image = png_rows(4000, 3000)
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
-        responses = list(pool.map(
-            lambda _: service.post("/v1/classify", [image]), range(3 * MAX_IN_FLIGHT)
-        ))  # fmt: skip
+        responses = list(
+            pool.map(lambda _: service.post("/v1/classify", [image]), range(3 * MAX_IN_FLIGHT))
+        )
     statuses = sorted(r.status_code for r in responses)
     assert statuses.count(200) >= 1 and statuses.count(503) >= 3, statuses
     assert set(statuses) == {200, 503}, statuses

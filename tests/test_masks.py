@@ -43,10 +43,16 @@ def test_pasted_masks_equal_torchvisions_paste(threshold):
     wholly outside it is empty (torchvision's paste fails on that one)."""
     height, width = 60, 80
     g = torch.Generator().manual_seed(0)
-    boxes = torch.tensor([
-        [10.0, 5.0, 50.0, 40.0], [-12.0, -7.0, 20.5, 15.2], [70.0, 50.0, 95.0, 72.0],
-        [33.3, 21.7, 35.1, 23.9], [0.0, 0.0, 80.0, 60.0], [100.0, 80.0, 120.0, 90.0],
-    ])  # fmt: skip
+    boxes = torch.tensor(
+        [
+            [10.0, 5.0, 50.0, 40.0],
+            [-12.0, -7.0, 20.5, 15.2],
+            [70.0, 50.0, 95.0, 72.0],
+            [33.3, 21.7, 35.1, 23.9],
+            [0.0, 0.0, 80.0, 60.0],
+            [100.0, 80.0, 120.0, 90.0],
+        ]
+    )
     masks = torch.rand((len(boxes), 28, 28), generator=g)
     got = [decode_rle(r) for r in paste_masks_rle(masks, boxes, height, width, threshold)]
     want = _reference(masks[:5], boxes[:5], height, width, threshold)

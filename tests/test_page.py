@@ -58,8 +58,12 @@ def service(tmp_path_factory):
 def browser():
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium")
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
-                 "--window-size=1100,800"):  # fmt: skip
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--window-size=1100,800",
+    ):
         options.add_argument(flag)
     service = webdriver.ChromeService(executable_path=shutil.which("chromedriver"))
     driver = webdriver.Chrome(options=options, service=service)
@@ -165,8 +169,10 @@ def test_the_samples_are_drawn_as_the_held_out_set_draws_them(page):
         assert not differ[~edges].any() and differ.mean() < 0.03, (name, differ.mean())
 
 
-@pytest.mark.parametrize("sample, kind", [("square", "square"), ("disc", "circle"),
-                                          ("triangle", "triangle"), ("star", "star")])  # fmt: skip
+@pytest.mark.parametrize(
+    "sample, kind",
+    [("square", "square"), ("disc", "circle"), ("triangle", "triangle"), ("star", "star")],
+)
 def test_each_sample_is_classified_as_its_shape(page, sample, kind):
     run_sample(page, "classify", sample)
     bars = page.find_elements(By.CSS_SELECTOR, ".result .bar")
@@ -224,7 +230,9 @@ def test_a_model_still_training_is_listed_with_its_progress(page):
     Select(page.find_element(By.ID, "task")).select_by_value("detect")
     options = Select(page.find_element(By.ID, "model")).options
     assert [(o.text, o.is_enabled()) for o in options] == [
-        ("boxes", True), ("later-boxes (training, 40%)", False)]  # fmt: skip
+        ("boxes", True),
+        ("later-boxes (training, 40%)", False),
+    ]
 
 
 def test_a_bad_file_shows_the_services_error(page, tmp_path):

@@ -13,20 +13,25 @@ from models.presets import DETECT_MAX_SIZE, ClassifyPreset, FitPreset, preset_fo
 
 
 def image(h: int, w: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, 256, (3, h, w), dtype=torch.uint8,
-                         generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    return torch.randint(
+        0, 256, (3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)
+    )
 
 
 @pytest.mark.parametrize("interpolation", ["bicubic", "bilinear", "nearest"])
-@pytest.mark.parametrize("size, crop_pct, hw", [(224, 0.875, (300, 400)), (32, 1.0, (50, 40)),
-                                                 (64, 0.9, (64, 64))])  # fmt: skip
+@pytest.mark.parametrize(
+    "size, crop_pct, hw", [(224, 0.875, (300, 400)), (32, 1.0, (50, 40)), (64, 0.9, (64, 64))]
+)
 def test_the_classify_view_is_torchvisions(size, crop_pct, hw, interpolation):
     preset = ClassifyPreset(size, crop_pct, interpolation)
-    reference = v2.Compose([
-        v2.Resize(int(size / crop_pct), interpolation=INTERPOLATION[interpolation],
-                  antialias=True),
-        v2.CenterCrop(size),
-    ])  # fmt: skip
+    reference = v2.Compose(
+        [
+            v2.Resize(
+                int(size / crop_pct), interpolation=INTERPOLATION[interpolation], antialias=True
+            ),
+            v2.CenterCrop(size),
+        ]
+    )
     x = image(*hw)
     got = preset(x)
     assert got.dtype == torch.uint8 and got.shape == (3, size, size)
@@ -63,15 +68,26 @@ def test_fit_only_shrinks_to_what_the_model_keeps(short, long, hw, expected):
 
 def meta(task: str, **kw) -> CheckpointMeta:
     head = {"classify": "linear", "detect": "maskrcnn", "segment": "upernet"}[task]
-    arch = {"classify": "convnext_atto", "detect": "maskrcnn_convnext_atto",
-            "segment": "upernet_convnext_atto"}[task]  # fmt: skip
-    return CheckpointMeta(task=task, arch=arch, head=head, num_classes=2, labels=["a", "b"],
-                          provenance=Provenance(source="trained"), **kw)  # fmt: skip
+    arch = {
+        "classify": "convnext_atto",
+        "detect": "maskrcnn_convnext_atto",
+        "segment": "upernet_convnext_atto",
+    }[task]
+    return CheckpointMeta(
+        task=task,
+        arch=arch,
+        head=head,
+        num_classes=2,
+        labels=["a", "b"],
+        provenance=Provenance(source="trained"),
+        **kw,
+    )
 
 
 def test_each_task_gets_its_preset_from_the_checkpoint():
-    assert preset_for(meta("classify", image_size=96, crop_pct=0.9, interpolation="bilinear")) \
-        == ClassifyPreset(96, 0.9, "bilinear")  # fmt: skip
+    assert preset_for(
+        meta("classify", image_size=96, crop_pct=0.9, interpolation="bilinear")
+    ) == ClassifyPreset(96, 0.9, "bilinear")
     assert preset_for(meta("detect", image_size=800)) == FitPreset(800, DETECT_MAX_SIZE)
     detector = meta("detect", image_size=128, model_kwargs={"max_size": 160})
     assert preset_for(detector) == FitPreset(128, 160)

@@ -94,9 +94,10 @@ def make_checkpoints(folder: Path) -> dict[str, Path]:
         paths[task] = save_checkpoint(
             model,
             folder / f"{task}.safetensors",
-            CheckpointMeta(task=task, arch=arch, head=head, image_size=size,
-                           model_kwargs=kwargs, **meta),
-        )  # fmt: skip
+            CheckpointMeta(
+                task=task, arch=arch, head=head, image_size=size, model_kwargs=kwargs, **meta
+            ),
+        )
     return paths
 
 
@@ -158,12 +159,14 @@ def send_round(base: str, seed: int) -> list[int]:
     png = image_bytes("PNG", (120, 90), seed)
     jpeg = image_bytes("JPEG", (100, 80), seed + 1)
     return [
-        post(f"{base}/v1/classify?top_k=2",
-             files=[("a.png", png, "image/png"), ("b.jpg", jpeg, "image/jpeg")]),
+        post(
+            f"{base}/v1/classify?top_k=2",
+            files=[("a.png", png, "image/png"), ("b.jpg", jpeg, "image/jpeg")],
+        ),
         post(f"{base}/v1/detect", raw=(png, "image/png")),
         post(f"{base}/v1/segment", files=[("c.jpg", jpeg, "image/jpeg")]),
         post(f"{base}/v1/classify", raw=(b"not an image", "image/png")),
-    ]  # fmt: skip
+    ]
 
 
 def get_json(url: str, timeout: float = 10) -> dict:
@@ -224,25 +227,50 @@ def stack(tmp_path_factory):
     logs = [serve_log, prom_log]
     cli = Path(sys.executable).parent / "convnext-serve"
     command = [str(cli)] if cli.exists() else [sys.executable, "-m", "service.cli"]
-    env = {**os.environ, **proxy_ports_env(), "RAY_USAGE_STATS_ENABLED": "0",
-           "CONVNEXT_SERVE_DEVICE": "cpu"}  # fmt: skip
+    env = {
+        **os.environ,
+        **proxy_ports_env(),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "CONVNEXT_SERVE_DEVICE": "cpu",
+    }
     serve = prom = None
     stop_traffic = threading.Event()
     traffic = None
     try:
         with serve_log.open("wb") as out:
             serve = subprocess.Popen(
-                [*command, "run", "--config", str(config), "--host", "127.0.0.1",
-                 "--port", str(port), "--metrics-port", str(metrics_port), "--num-cpus", "4"],
-                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-            )  # fmt: skip
+                [
+                    *command,
+                    "run",
+                    "--config",
+                    str(config),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--metrics-port",
+                    str(metrics_port),
+                    "--num-cpus",
+                    "4",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
         with prom_log.open("wb") as out:
             prom = subprocess.Popen(
-                [PROMETHEUS, f"--config.file={tmp / 'prometheus.yml'}",
-                 f"--storage.tsdb.path={tmp / 'tsdb'}",
-                 f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"],
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
+                [
+                    PROMETHEUS,
+                    f"--config.file={tmp / 'prometheus.yml'}",
+                    f"--storage.tsdb.path={tmp / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{prom_port}",
+                    "--log.level=warn",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         serve_url, prom_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{prom_port}"
 
         def ready(url):
@@ -293,8 +321,9 @@ def test_target_is_up(stack):
 def test_every_design_metric_has_samples(stack):
     for name, labels in DOCUMENTED_METRICS.items():
         selector = name + "{" + ",".join(f'{label}!=""' for label in labels) + "}"
-        wait_for(f"samples of {selector}", lambda s=selector: stack.query(s), DATA_TIMEOUT_S,
-                 stack.logs)  # fmt: skip
+        wait_for(
+            f"samples of {selector}", lambda s=selector: stack.query(s), DATA_TIMEOUT_S, stack.logs
+        )
     # The served models, as the info metric tells them.
     info = stack.query("ray_convnext_serve_model_info")
     assert {r["metric"]["task"] for r in info} == {"classify", "detect", "segment"}
@@ -310,6 +339,10 @@ def test_every_dashboard_query_returns_data(stack):
             unchecked.append(title)  # GPU panels have data only where a GPU is
             stack.query(promql)  # still valid PromQL
             continue
-        wait_for(f"data for panel {title!r}: {promql}", lambda q=promql: stack.has_data(q),
-                 DATA_TIMEOUT_S, stack.logs)  # fmt: skip
+        wait_for(
+            f"data for panel {title!r}: {promql}",
+            lambda q=promql: stack.has_data(q),
+            DATA_TIMEOUT_S,
+            stack.logs,
+        )
     assert len(unchecked) <= 2, f"only the GPU panels may go unchecked: {unchecked}"

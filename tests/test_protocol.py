@@ -47,10 +47,20 @@ def service(tmp_path_factory):
     # and "broken" too, but its checkpoint cannot be read: listed as failed, the rest served
     (folder / "broken.safetensors").write_bytes(b"not a checkpoint")
     broken = {"name": "broken", "checkpoint": str(folder / "broken.safetensors")}
-    training = [{"name": "regions", "task": "segment", "serve_as": regions,
-                 "progress_file": str(folder / "regions.progress.json")},
-                {"name": "broken", "task": "classify", "serve_as": broken,
-                 "progress_file": str(folder / "regions.progress.json")}]  # fmt: skip
+    training = [
+        {
+            "name": "regions",
+            "task": "segment",
+            "serve_as": regions,
+            "progress_file": str(folder / "regions.progress.json"),
+        },
+        {
+            "name": "broken",
+            "task": "classify",
+            "serve_as": broken,
+            "progress_file": str(folder / "regions.progress.json"),
+        },
+    ]
     # room for three 320x240 images as JSON numbers
     gateway = {"max_body_bytes": 8_000_000, "max_pixels": 4_000_000}
     grpc = {"grpc_options": {"port": free_port(), "grpc_servicer_functions": [SERVICER]}}
@@ -111,8 +121,12 @@ def test_health_and_metadata(service, client):
         ("pixels", "UINT8"),
     }
     assert {t["name"] for t in meta["outputs"]} == {
-        "boxes", "scores", "class_ids", "num_detections", "masks"
-    }  # fmt: skip
+        "boxes",
+        "scores",
+        "class_ids",
+        "num_detections",
+        "masks",
+    }
     assert client.get_model_metadata("colours", "1", headers=auth())["name"] == "colours"
     for path in ("/v2/models/colours/versions/2", "/v2/models/nobody"):
         r = requests.get(service.url + path, headers=auth(), timeout=10)
@@ -126,18 +140,29 @@ def test_classify_bytes_and_pixels_answer_as_v1(service, client, binary):
     v1_ids = [[p["class_id"] for p in r["predictions"]] for r in v1]
     v1_scores = [[p["score"] for p in r["predictions"]] for r in v1]
     names = ["scores", "class_ids", "labels"]
-    result = client.infer("colours", [image_input(images, binary)], outputs=outputs(names, binary),
-                          parameters={"top_k": 2}, headers=auth())  # fmt: skip
+    result = client.infer(
+        "colours",
+        [image_input(images, binary)],
+        outputs=outputs(names, binary),
+        parameters={"top_k": 2},
+        headers=auth(),
+    )
     assert result.as_numpy("class_ids").tolist() == v1_ids
     np.testing.assert_allclose(result.as_numpy("scores"), v1_scores, atol=1e-5)
-    labels = [[x.decode() if isinstance(x, bytes) else x for x in row]
-              for row in result.as_numpy("labels").tolist()]  # fmt: skip
+    labels = [
+        [x.decode() if isinstance(x, bytes) else x for x in row]
+        for row in result.as_numpy("labels").tolist()
+    ]
     assert labels == [[p["label"] for p in r["predictions"]] for r in v1]
     # pixels decoded by the client: the same classes (the service's own decode may differ by
     # the JPEG decoder's rounding and draft mode)
-    result = client.infer("colours", [pixels_input(images, binary)],
-                          outputs=outputs(names, binary), parameters={"top_k": 2},
-                          headers=auth())  # fmt: skip
+    result = client.infer(
+        "colours",
+        [pixels_input(images, binary)],
+        outputs=outputs(names, binary),
+        parameters={"top_k": 2},
+        headers=auth(),
+    )
     assert result.as_numpy("class_ids")[:, 0].tolist() == [ids[0] for ids in v1_ids]
 
 
@@ -181,9 +206,11 @@ def _infer_raw(service, model: str, header: dict, tail: bytes = b"", headers=Non
     body = json.dumps(header).encode()
     extra = {"Inference-Header-Content-Length": str(len(body))} if tail else {}
     return requests.post(
-        f"{service.url}/v2/models/{model}/infer", data=body + tail,
-        headers={**AUTH, **extra, **(headers or {})}, timeout=60,
-    )  # fmt: skip
+        f"{service.url}/v2/models/{model}/infer",
+        data=body + tail,
+        headers={**AUTH, **extra, **(headers or {})},
+        timeout=60,
+    )
 
 
 def _bytes_tensor(*elements: bytes) -> bytes:
@@ -197,8 +224,11 @@ def test_bad_tensors_get_clear_4xx_and_the_service_stays_up(service, client):
     def image(shape, datatype="BYTES", size=None, name="image") -> dict:
         size = len(good) if size is None else size
         parameters = {"binary_data_size": size}
-        return {"inputs": [{"name": name, "shape": shape, "datatype": datatype,
-                            "parameters": parameters}]}  # fmt: skip
+        return {
+            "inputs": [
+                {"name": name, "shape": shape, "datatype": datatype, "parameters": parameters}
+            ]
+        }
 
     def pixels(shape, data) -> dict:
         return {"inputs": [{"name": "pixels", "shape": shape, "datatype": "UINT8", "data": data}]}
@@ -222,8 +252,9 @@ def test_bad_tensors_get_clear_4xx_and_the_service_stays_up(service, client):
         assert 400 <= r.status_code < 500, (what, r.status_code, r.text)
         body = r.json()
         assert set(body) == {"error"} and isinstance(body["error"], str) and body["error"], what
-    not_json = requests.post(service.url + "/v2/models/colours/infer", data=b"{", headers=auth(),
-                             timeout=10)  # fmt: skip
+    not_json = requests.post(
+        service.url + "/v2/models/colours/infer", data=b"{", headers=auth(), timeout=10
+    )
     assert not_json.status_code == 422 and "error" in not_json.json()
     no_key = requests.post(service.url + "/v2/models/colours/infer", data=b"{}", timeout=10)
     assert no_key.status_code == 401 and set(no_key.json()) == {"error"}
@@ -294,8 +325,7 @@ def test_grpc_answers_every_task_as_http_does(service, client):
     assert by_grpc.as_numpy("class_ids").tolist() == http.as_numpy("class_ids").tolist()
 
     params = {"score_threshold": 0.3, "max_detections": 5}
-    http = client.infer("boxes", [image_input(images[:1], True)], parameters=params,
-                        headers=auth())  # fmt: skip
+    http = client.infer("boxes", [image_input(images[:1], True)], parameters=params, headers=auth())
     by_grpc = over_grpc("boxes", "image", "BYTES", encoded[:1], parameters=params)
     assert int(by_grpc.as_numpy("num_detections")[0]) == int(http.as_numpy("num_detections")[0])
     assert by_grpc.as_numpy("class_ids").tolist() == http.as_numpy("class_ids").tolist()
@@ -306,6 +336,11 @@ def test_grpc_answers_every_task_as_http_does(service, client):
     assert np.array_equal(by_grpc.as_numpy("class_map"), http.as_numpy("class_map"))
 
     with pytest.raises(InferenceServerException, match="nonsense"):
-        over_grpc("colours", "image", "BYTES", encoded,
-                  outputs=[triton_grpc.InferRequestedOutput("nonsense")])  # fmt: skip
+        over_grpc(
+            "colours",
+            "image",
+            "BYTES",
+            encoded,
+            outputs=[triton_grpc.InferRequestedOutput("nonsense")],
+        )
     assert grpc.is_server_live()

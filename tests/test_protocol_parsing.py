@@ -77,8 +77,12 @@ def _input(**kw) -> RequestInput:
 
 def _sized(size) -> bytes:
     """A request header whose one input says it has `size` bytes of binary data."""
-    tensor = {"name": "image", "datatype": "BYTES", "shape": [1],
-              "parameters": {"binary_data_size": size}}  # fmt: skip
+    tensor = {
+        "name": "image",
+        "datatype": "BYTES",
+        "shape": [1],
+        "parameters": {"binary_data_size": size},
+    }
     return json.dumps({"inputs": [tensor]}).encode()
 
 
@@ -100,7 +104,7 @@ def _header_of(size) -> str:
         (_sized("3") + b"abc", _header_of("3"), "binary_data_size 3"),
         (b'{"inputs": []}abc', "14", "3 bytes of binary data belong to no input"),
     ],
-)  # fmt: skip
+)
 def test_inconsistent_bodies_are_the_clients_error(body, header_length, problem):
     with pytest.raises(InvalidParameter, match=problem):
         parse_request(body, header_length)
@@ -136,26 +140,62 @@ def _bytes(*elements: bytes) -> bytes:
         (dict(shape=[1], data=[3]), None, InvalidParameter, "base64 strings"),
         (dict(shape=[1]), None, InvalidParameter, "neither data nor binary_data_size"),
         (dict(datatype="FP32", shape=[1]), b"1234", InvalidParameter, "not BYTES .* or UINT8"),
-        (dict(name="pixels", datatype="UINT8", shape=[1, 2, 2, 4]), bytes(16), InvalidParameter,
-         "\\[N, H, W, 3\\]"),
-        (dict(name="pixels", datatype="UINT8", shape=[1, 0, 2, 3]), b"", InvalidParameter,
-         "at least 1"),
-        (dict(name="pixels", datatype="UINT8", shape=[1, 2, 2]), bytes(12), InvalidParameter,
-         "\\[N, H, W, 3\\]"),
-        (dict(name="pixels", datatype="UINT8", shape=[1, 101, 100, 3]), bytes(30300),
-         ImageTooLarge, "100x101 pixels is over the limit of 10000"),
-        (dict(name="pixels", datatype="UINT8", shape=[1, 2, 2, 3]), bytes(11), InvalidParameter,
-         "needs 12 elements, the binary data holds 11"),
-        (dict(name="pixels", datatype="UINT8", shape=[1, 1, 1, 3], data=[1, 2]), None,
-         InvalidParameter, "needs 3 elements, the data holds 2"),
-        (dict(name="pixels", datatype="UINT8", shape=[1, 1, 1, 3], data=[1, 2, 256]), None,
-         InvalidParameter, "0..255"),
-        (dict(name="pixels", datatype="UINT8", shape=[1, 1, 1, 3], data=[-1, 2, 3]), None,
-         InvalidParameter, "0..255"),
-        (dict(name="pixels", datatype="UINT8", shape=[1, 1, 1, 3], data=["a", 2, 3]), None,
-         InvalidParameter, "are integers"),
+        (
+            dict(name="pixels", datatype="UINT8", shape=[1, 2, 2, 4]),
+            bytes(16),
+            InvalidParameter,
+            "\\[N, H, W, 3\\]",
+        ),
+        (
+            dict(name="pixels", datatype="UINT8", shape=[1, 0, 2, 3]),
+            b"",
+            InvalidParameter,
+            "at least 1",
+        ),
+        (
+            dict(name="pixels", datatype="UINT8", shape=[1, 2, 2]),
+            bytes(12),
+            InvalidParameter,
+            "\\[N, H, W, 3\\]",
+        ),
+        (
+            dict(name="pixels", datatype="UINT8", shape=[1, 101, 100, 3]),
+            bytes(30300),
+            ImageTooLarge,
+            "100x101 pixels is over the limit of 10000",
+        ),
+        (
+            dict(name="pixels", datatype="UINT8", shape=[1, 2, 2, 3]),
+            bytes(11),
+            InvalidParameter,
+            "needs 12 elements, the binary data holds 11",
+        ),
+        (
+            dict(name="pixels", datatype="UINT8", shape=[1, 1, 1, 3], data=[1, 2]),
+            None,
+            InvalidParameter,
+            "needs 3 elements, the data holds 2",
+        ),
+        (
+            dict(name="pixels", datatype="UINT8", shape=[1, 1, 1, 3], data=[1, 2, 256]),
+            None,
+            InvalidParameter,
+            "0..255",
+        ),
+        (
+            dict(name="pixels", datatype="UINT8", shape=[1, 1, 1, 3], data=[-1, 2, 3]),
+            None,
+            InvalidParameter,
+            "0..255",
+        ),
+        (
+            dict(name="pixels", datatype="UINT8", shape=[1, 1, 1, 3], data=["a", 2, 3]),
+            None,
+            InvalidParameter,
+            "are integers",
+        ),
     ],
-)  # fmt: skip
+)
 def test_images_of_refuses_what_does_not_add_up(tensor, data, error, problem):
     with pytest.raises(error, match=problem):
         images_of(_input(**tensor), data, LIMITS)
@@ -198,15 +238,16 @@ def _parsed(body: bytes, header_length: int | None):
 
 @pytest.mark.parametrize("binary", [False, True])
 def test_tritonclient_reads_every_output_back(binary):
-    body, header_length = answer("m", "1", _request(binary_data_output=binary), TENSORS,
-                                 DATATYPES)  # fmt: skip
+    body, header_length = answer("m", "1", _request(binary_data_output=binary), TENSORS, DATATYPES)
     assert (header_length is not None) == binary
     result = _parsed(body, header_length)
     assert result.get_response()["id"] == "r1" and result.get_response()["model_name"] == "m"
     assert np.array_equal(result.as_numpy("class_ids"), TENSORS["class_ids"])
     assert np.array_equal(result.as_numpy("scores"), TENSORS["scores"])
-    labels = [[v if isinstance(v, bytes) else v.encode() for v in row]
-              for row in result.as_numpy("labels").tolist()]  # JSON: strings  # fmt: skip
+    labels = [
+        [v if isinstance(v, bytes) else v.encode() for v in row]
+        for row in result.as_numpy("labels").tolist()
+    ]  # JSON: strings
     assert labels == TENSORS["labels"]
     if not binary:
         assert json.loads(body)["outputs"][2]["data"] == ["star", "circle", "square", "star"]

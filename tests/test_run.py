@@ -23,21 +23,41 @@ def test_a_model_that_cannot_load_stops_run_with_the_reason(tmp_path):
     gives up on the replica's constructor, and `run` exits 1 saying why. The checkpoint's
     metadata reads well (three labels), its head holds four classes: only loading it fails."""
     meta = CheckpointMeta(
-        task="classify", arch="convnext_atto", head="linear", num_classes=3,
-        labels=["a", "b", "c"], image_size=32, provenance=Provenance(source="trained"),
-    )  # fmt: skip
-    ckpt = save_checkpoint(build_model("convnext_atto", num_classes=4), tmp_path / "c.safetensors",
-                           meta)  # fmt: skip
+        task="classify",
+        arch="convnext_atto",
+        head="linear",
+        num_classes=3,
+        labels=["a", "b", "c"],
+        image_size=32,
+        provenance=Provenance(source="trained"),
+    )
+    ckpt = save_checkpoint(
+        build_model("convnext_atto", num_classes=4), tmp_path / "c.safetensors", meta
+    )
     config = {
         "http_options": {"host": "127.0.0.1", "port": free_port()},
-        "applications": [{
-            "name": "convnext-serve", "route_prefix": "/", "import_path": "service.app:build_app",
-            "args": {"models": [{"name": "colours", "checkpoint": str(ckpt)}]},
-        }],
-    }  # fmt: skip
+        "applications": [
+            {
+                "name": "convnext-serve",
+                "route_prefix": "/",
+                "import_path": "service.app:build_app",
+                "args": {"models": [{"name": "colours", "checkpoint": str(ckpt)}]},
+            }
+        ],
+    }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    cmd = [sys.executable, "-m", "service.cli", "run", "--config", str(tmp_path / "config.yaml"),
-           "--metrics-port", str(free_port()), "--num-cpus", "4"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "service.cli",
+        "run",
+        "--config",
+        str(tmp_path / "config.yaml"),
+        "--metrics-port",
+        str(free_port()),
+        "--num-cpus",
+        "4",
+    ]
     start = time.monotonic()
     env = {**os.environ, **proxy_ports_env()}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
@@ -59,25 +79,49 @@ def test_a_model_that_fails_to_warm_up_is_refused_and_its_replica_restarted(tmp_
     import requests
 
     meta = CheckpointMeta(
-        task="classify", arch="convnext_atto", head="linear", num_classes=3,
-        labels=["a", "b", "c"], image_size=32, provenance=Provenance(source="trained"),
-    )  # fmt: skip
-    ckpt = save_checkpoint(build_model("convnext_atto", num_classes=3), tmp_path / "c.safetensors",
-                           meta)  # fmt: skip
+        task="classify",
+        arch="convnext_atto",
+        head="linear",
+        num_classes=3,
+        labels=["a", "b", "c"],
+        image_size=32,
+        provenance=Provenance(source="trained"),
+    )
+    ckpt = save_checkpoint(
+        build_model("convnext_atto", num_classes=3), tmp_path / "c.safetensors", meta
+    )
     port = free_port()
     model = {"name": "compiled", "checkpoint": str(ckpt), "compile": True, "warmup_batches": 1}
     config = {
         "http_options": {"host": "127.0.0.1", "port": port},
-        "applications": [{
-            "name": "convnext-serve", "route_prefix": "/", "import_path": "service.app:build_app",
-            "args": {"models": [model]},
-        }],
-    }  # fmt: skip
+        "applications": [
+            {
+                "name": "convnext-serve",
+                "route_prefix": "/",
+                "import_path": "service.app:build_app",
+                "args": {"models": [model]},
+            }
+        ],
+    }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    cmd = [sys.executable, "-m", "service.cli", "run", "--config", str(tmp_path / "config.yaml"),
-           "--metrics-port", str(free_port()), "--num-cpus", "4"]  # fmt: skip
-    env = {**os.environ, **proxy_ports_env(), "CXX": "/nonexistent/g++",
-           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "service.cli",
+        "run",
+        "--config",
+        str(tmp_path / "config.yaml"),
+        "--metrics-port",
+        str(free_port()),
+        "--num-cpus",
+        "4",
+    ]
+    env = {
+        **os.environ,
+        **proxy_ports_env(),
+        "CXX": "/nonexistent/g++",
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path),
+    }
     env.pop("CONVNEXT_SERVE_API_KEYS", None)
     log = tmp_path / "run.log"
     with open(log, "wb") as out:
@@ -89,8 +133,12 @@ def test_a_model_that_fails_to_warm_up_is_refused_and_its_replica_restarted(tmp_
         try:
             if requests.get(url + "/healthz", timeout=2).status_code != 200:
                 return None
-            return requests.post(url + "/v1/classify", data=b"\xff\xd8", timeout=60,
-                                 headers={"Content-Type": "image/jpeg"})  # fmt: skip
+            return requests.post(
+                url + "/v1/classify",
+                data=b"\xff\xd8",
+                timeout=60,
+                headers={"Content-Type": "image/jpeg"},
+            )
         except requests.RequestException:
             return None
 
@@ -129,8 +177,10 @@ def test_pretrained_release_is_downloaded_converted_and_served(tmp_path):
 
     mirror, cache = tmp_path / "mirror", tmp_path / "cache"
     mirror.mkdir()
-    torch.save({"model": official.ConvNeXt().state_dict()},
-               mirror / OFFICIAL_RELEASES["convnext_tiny_1k"].filename)  # fmt: skip
+    torch.save(
+        {"model": official.ConvNeXt().state_dict()},
+        mirror / OFFICIAL_RELEASES["convnext_tiny_1k"].filename,
+    )
     with http_mirror(mirror) as mirror_url:
         _serve_pretrained(mirror_url, cache)
 
@@ -144,12 +194,28 @@ def _serve_pretrained(mirror_url: str, cache: Path) -> None:
 
     from models.labels import imagenet1k_labels
 
-    env = {**os.environ, **proxy_ports_env(), "CONVNEXT_SERVE_WEIGHTS_URL": mirror_url,
-           "CONVNEXT_SERVE_CACHE": str(cache)}  # fmt: skip
+    env = {
+        **os.environ,
+        **proxy_ports_env(),
+        "CONVNEXT_SERVE_WEIGHTS_URL": mirror_url,
+        "CONVNEXT_SERVE_CACHE": str(cache),
+    }
     env.pop("CONVNEXT_SERVE_API_KEYS", None)
     port = free_port()
-    cmd = [sys.executable, "-m", "service.cli", "run", "--pretrained", "convnext_tiny_1k",
-           "--port", str(port), "--metrics-port", str(free_port()), "--num-cpus", "4"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "service.cli",
+        "run",
+        "--pretrained",
+        "convnext_tiny_1k",
+        "--port",
+        str(port),
+        "--metrics-port",
+        str(free_port()),
+        "--num-cpus",
+        "4",
+    ]
     log = cache.parent / "run.log"  # a file: a pipe nobody reads would stall the progress bars
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -170,8 +236,12 @@ def _serve_pretrained(mirror_url: str, cache: Path) -> None:
         assert served["metadata"]["provenance"]["dataset"] == "imagenet-1k"
         buf = io.BytesIO()
         Image.new("RGB", (320, 240), (200, 40, 40)).save(buf, "JPEG")
-        r = requests.post(url + "/v1/classify", data=buf.getvalue(), timeout=60,
-                          headers={"Content-Type": "image/jpeg"})  # fmt: skip
+        r = requests.post(
+            url + "/v1/classify",
+            data=buf.getvalue(),
+            timeout=60,
+            headers={"Content-Type": "image/jpeg"},
+        )
         assert r.status_code == 200, r.text
         assert r.json()["results"][0]["predictions"][0]["label"] in imagenet1k_labels()
         assert requests.get(url + "/", timeout=10).status_code == 200
@@ -191,12 +261,26 @@ def test_demo_models_join_the_running_service_as_they_finish(tmp_path):
 
     from service.schemas import ModelsResponse, Readiness
 
-    env = {**os.environ, **proxy_ports_env(), "CONVNEXT_SERVE_DEMO_DIR": str(tmp_path / "demo"),
-           "CONVNEXT_SERVE_DEMO_SMOKE": "1"}  # fmt: skip
+    env = {
+        **os.environ,
+        **proxy_ports_env(),
+        "CONVNEXT_SERVE_DEMO_DIR": str(tmp_path / "demo"),
+        "CONVNEXT_SERVE_DEMO_SMOKE": "1",
+    }
     env.pop("CONVNEXT_SERVE_API_KEYS", None)
     port = free_port()
-    cmd = [sys.executable, "-m", "service.cli", "run", "--port", str(port),
-           "--metrics-port", str(free_port()), "--num-cpus", "4"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "service.cli",
+        "run",
+        "--port",
+        str(port),
+        "--metrics-port",
+        str(free_port()),
+        "--num-cpus",
+        "4",
+    ]
     log = tmp_path / "run.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -220,7 +304,9 @@ def test_demo_models_join_the_running_service_as_they_finish(tmp_path):
         assert ready.json()["models"] == ["shapes-classifier"]
         replicas = {p.pid for p in server_replicas(proc.pid)}
         assert {t["name"] for t in ready.json()["training"]} == {
-            "shapes-detector", "shapes-segmenter"}  # fmt: skip
+            "shapes-detector",
+            "shapes-segmenter",
+        }
         listed = served()
         ModelsResponse.model_validate(listed)
         Readiness.model_validate(ready.json())
@@ -267,8 +353,13 @@ def test_demo_models_join_the_running_service_as_they_finish(tmp_path):
         children = psutil.Process(proc.pid).children(recursive=True)
         stop(proc)
     assert proc.returncode == 0, log.read_text()[-3000:]
-    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE
-                and "models.demo" in " ".join(c.cmdline())]  # fmt: skip
+    assert not [
+        c
+        for c in children
+        if c.is_running()
+        and c.status() != psutil.STATUS_ZOMBIE
+        and "models.demo" in " ".join(c.cmdline())
+    ]
 
 
 def _trainer_niceness(pid: int, timeout_s: float = 30) -> int | None:

@@ -20,16 +20,20 @@ from service.tasks import ClassifyOptions, SegmentOptions
 def test_the_shipped_serve_config_parses():
     config = read_serve_config("deploy/serve_config.yaml")
     app = AppConfig.from_args(config["applications"][0]["args"])
-    assert [m.name for m in app.models] == ["shapes-classifier", "shapes-detector",
-                                            "shapes-segmenter"]  # fmt: skip
+    assert [m.name for m in app.models] == [
+        "shapes-classifier",
+        "shapes-detector",
+        "shapes-segmenter",
+    ]
     assert app.gateway.max_body_bytes == 20 * 1024 * 1024
 
 
 def test_environment_overrides_the_config(monkeypatch):
     monkeypatch.setenv("CONVNEXT_SERVE_PRECISION", "bf16")
     monkeypatch.setenv("CONVNEXT_SERVE_MAX_PIXELS", "1234")
-    app = AppConfig.from_args({"models": [{"name": "a", "checkpoint": "x.safetensors"}],
-                               "gateway": {"max_pixels": 99}})  # fmt: skip
+    app = AppConfig.from_args(
+        {"models": [{"name": "a", "checkpoint": "x.safetensors"}], "gateway": {"max_pixels": 99}}
+    )
     assert app.models[0].precision == "bf16"
     assert app.gateway.max_pixels == 1234  # the environment wins over the file
 
@@ -42,8 +46,7 @@ def test_a_model_to_serve_once_trained_is_sized_for_and_overridden(monkeypatch):
         "progress_file": "b.progress.json",
         "serve_as": {"name": "b", "checkpoint": "y", "timeout_s": 99, "num_replicas": 3},
     }
-    app = AppConfig.from_args({"models": [{"name": "a", "checkpoint": "x"}],
-                               "training": [later]})  # fmt: skip
+    app = AppConfig.from_args({"models": [{"name": "a", "checkpoint": "x"}], "training": [later]})
     assert [m.name for m in app.every_model()] == ["a", "b"]
     assert app.longest_request_s() == 99 and app.training[0].serve_as.precision == "bf16"
     with pytest.raises(ValueError, match="serve_as names 'c'"):
@@ -66,9 +69,14 @@ def test_bad_configs_are_refused():
 def classifier(tmp_path_factory):
     model = build_model("convnext_atto", num_classes=3)
     meta = CheckpointMeta(
-        task="classify", arch="convnext_atto", head="linear", num_classes=3,
-        labels=["a", "b", "c"], image_size=32, provenance=Provenance(source="trained"),
-    )  # fmt: skip
+        task="classify",
+        arch="convnext_atto",
+        head="linear",
+        num_classes=3,
+        labels=["a", "b", "c"],
+        image_size=32,
+        provenance=Provenance(source="trained"),
+    )
     return save_checkpoint(model, tmp_path_factory.mktemp("rt") / "cls.safetensors", meta)
 
 
@@ -119,9 +127,15 @@ def test_bf16_is_refused_at_load_where_the_cpu_has_none(classifier, precision):
 def test_runner_segments_at_the_original_size(tmp_path):
     model = build_model("upernet_convnext_atto", num_classes=2)
     meta = CheckpointMeta(
-        task="segment", arch="upernet_convnext_atto", head="upernet", num_classes=2,
-        labels=["bg", "x"], image_size=64, crop_pct=1.0, provenance=Provenance(source="trained"),
-    )  # fmt: skip
+        task="segment",
+        arch="upernet_convnext_atto",
+        head="upernet",
+        num_classes=2,
+        labels=["bg", "x"],
+        image_size=64,
+        crop_pct=1.0,
+        provenance=Provenance(source="trained"),
+    )
     path = save_checkpoint(model, tmp_path / "seg.safetensors", meta)
     from service.config import ModelConfig
 
@@ -136,8 +150,13 @@ def test_render_draws_boxes_and_masks():
     pixels = np.full((60, 80, 3), 255, np.uint8)
     mask = np.zeros((60, 80), bool)
     mask[10:30, 20:50] = True
-    det = {"label": "x", "class_id": 0, "score": 0.9, "box": [20, 10, 50, 30],
-           "mask": encode_rle(mask)}  # fmt: skip
+    det = {
+        "label": "x",
+        "class_id": 0,
+        "score": 0.9,
+        "box": [20, 10, 50, 30],
+        "mask": encode_rle(mask),
+    }
     png = render.render_detections(pixels, [det], ["x"], (1.0, 1.0))
     out = np.asarray(Image.open(io.BytesIO(png)))
     assert out.shape == (60, 80, 3)

@@ -45,26 +45,51 @@ METRICS = [
 def service(tmp_path_factory):
     ckpt = service_checkpoints()
     models = [
-        {"name": "colours", "checkpoint": str(ckpt["classify"]),
-         "max_batch_size": 8, "batch_wait_timeout_s": 0.05, "warmup_batches": 30},
+        {
+            "name": "colours",
+            "checkpoint": str(ckpt["classify"]),
+            "max_batch_size": 8,
+            "batch_wait_timeout_s": 0.05,
+            "warmup_batches": 30,
+        },
         # a long warm-up: /readyz must say 503 while the rest already serves
-        {"name": "boxes", "checkpoint": str(ckpt["detect"]), "max_batch_size": 4,
-         "warmup_batches": 30},
+        {
+            "name": "boxes",
+            "checkpoint": str(ckpt["detect"]),
+            "max_batch_size": 4,
+            "warmup_batches": 30,
+        },
         {"name": "regions", "checkpoint": str(ckpt["segment"]), "max_batch_size": 4},
-        {"name": "one-at-a-time", "checkpoint": str(ckpt["classify"]),
-         "max_batch_size": 1, "max_ongoing_requests": 1,
-         "max_queued_requests": 1, "warmup_batches": 0},
-        {"name": "impatient", "checkpoint": str(ckpt["segment"]),
-         "timeout_s": 0.001, "warmup_batches": 0, "num_cpus": 0.5},
-    ]  # fmt: skip
+        {
+            "name": "one-at-a-time",
+            "checkpoint": str(ckpt["classify"]),
+            "max_batch_size": 1,
+            "max_ongoing_requests": 1,
+            "max_queued_requests": 1,
+            "warmup_batches": 0,
+        },
+        {
+            "name": "impatient",
+            "checkpoint": str(ckpt["segment"]),
+            "timeout_s": 0.001,
+            "warmup_batches": 0,
+            "num_cpus": 0.5,
+        },
+    ]
     gateway = {"max_body_bytes": 2_000_000, "max_pixels": 4_000_000}
     folder = tmp_path_factory.mktemp("service")
     # a model still training: listed with the progress its run writes, refused until served
     progress = folder / "later.progress.json"
     write_progress(progress, state="training", epoch=2, epochs=10, fraction=0.15, eta_s=42)
     later = {"name": "later-regions", "checkpoint": str(ckpt["segment"]), "warmup_batches": 3}
-    training = [{"name": "later-regions", "task": "segment", "progress_file": str(progress),
-                 "serve_as": later}]  # fmt: skip
+    training = [
+        {
+            "name": "later-regions",
+            "task": "segment",
+            "progress_file": str(progress),
+            "serve_as": later,
+        }
+    ]
     started = run_service(folder, models, gateway, training=training)
     service = next(started)
     yield service
@@ -120,13 +145,18 @@ def test_readyz_was_503_until_the_models_were_warm(service):
 
 def test_classify_answers_the_colour_in_every_format(service):
     cases = [
-        ("red", "JPEG", "RGB"), ("green", "PNG", "RGBA"), ("blue", "WEBP", "RGB"),
-        ("red", "BMP", "RGB"), ("green", "GIF", "P"), ("blue", "TIFF", "RGB"),
-    ]  # fmt: skip
+        ("red", "JPEG", "RGB"),
+        ("green", "PNG", "RGBA"),
+        ("blue", "WEBP", "RGB"),
+        ("red", "BMP", "RGB"),
+        ("green", "GIF", "P"),
+        ("blue", "TIFF", "RGB"),
+    ]
     big = (60, 20, 280, 220)  # the object fills most of the picture, as in the training data
     cases = cases + cases[::-1]  # 12 images: more than a batch of this model (8)
-    images = [photo(c, box=big, fmt=f, mode=m, disc=i % 2 == 1)[0]
-              for i, (c, f, m) in enumerate(cases)]  # fmt: skip
+    images = [
+        photo(c, box=big, fmt=f, mode=m, disc=i % 2 == 1)[0] for i, (c, f, m) in enumerate(cases)
+    ]
     r = service.post("/v1/classify", images, params={"top_k": 2})
     assert r.status_code == 200, r.text
     body = r.json()
@@ -154,8 +184,10 @@ def test_the_hot_path_answers_as_the_full_route_does(service):
     fast = service.post("/v1/classify", [data], params={"top_k": 3})
     full = service.post("/v1/classify", [data], params={"top_k": 3, "via": "route"})
     assert fast.status_code == full.status_code == 200
-    assert fast.content == full.content and fast.headers["content-type"] == full.headers[
-        "content-type"]  # fmt: skip
+    assert (
+        fast.content == full.content
+        and fast.headers["content-type"] == full.headers["content-type"]
+    )
     bad = [service.post("/v1/classify", [b"not an image"], params=p) for p in ({}, {"via": 1})]
     assert bad[0].status_code == bad[1].status_code == 400 and bad[0].json() == bad[1].json()
 
@@ -163,14 +195,17 @@ def test_the_hot_path_answers_as_the_full_route_does(service):
 def test_classify_takes_a_raw_image_body(service):
     data, _ = photo("blue", size=(640, 480), box=(100, 100, 500, 400))
     r = requests.post(
-        service.url + "/v1/classify", data=data,
-        headers={**AUTH, "Content-Type": "image/jpeg"}, timeout=60,
-    )  # fmt: skip
+        service.url + "/v1/classify",
+        data=data,
+        headers={**AUTH, "Content-Type": "image/jpeg"},
+        timeout=60,
+    )
     assert r.status_code == 200 and r.json()["results"][0]["predictions"][0]["label"] == "blue"
 
 
-@pytest.mark.parametrize("size, box", [((320, 240), (60, 50, 180, 170)),
-                                       ((200, 400), (50, 200, 150, 300))])  # fmt: skip
+@pytest.mark.parametrize(
+    "size, box", [((320, 240), (60, 50, 180, 170)), ((200, 400), (50, 200, 150, 300))]
+)
 def test_detect_finds_the_object_in_original_coordinates(service, size, box):
     data, truth = photo("green", size=size, box=box)
     r = service.post("/v1/detect", [data], params={"score_threshold": 0.3})
@@ -186,8 +221,9 @@ def test_detect_finds_the_object_in_original_coordinates(service, size, box):
 
 def test_detect_options_and_render(service):
     data, _ = photo("red", box=(40, 40, 140, 140))
-    r = service.post("/v1/detect", [data], params={"masks": "false", "max_detections": 1,
-                                                  "score_threshold": 0.0})  # fmt: skip
+    r = service.post(
+        "/v1/detect", [data], params={"masks": "false", "max_detections": 1, "score_threshold": 0.0}
+    )
     dets = r.json()["results"][0]["detections"]
     assert len(dets) == 1 and "mask" not in dets[0]
     r = service.post("/v1/detect", [data], params={"render": "true"})
@@ -227,8 +263,7 @@ def test_a_model_in_training_is_refused_with_503_then_joins_the_replica_once_don
     loads and warms the model beside the served ones, without a restart, and /readyz says
     ready throughout."""
     ready = get_json(service.url + "/readyz")
-    (listed,) = get_json(service.url + "/v1/models", headers=AUTH)[
-        "training"]  # fmt: skip
+    (listed,) = get_json(service.url + "/v1/models", headers=AUTH)["training"]
     assert ready["training"] == [listed] and "later-regions" not in ready["models"]
     assert listed["name"] == "later-regions" and listed["task"] == "segment"
     assert (listed["state"], listed["epoch"], listed["fraction"]) == ("training", 2, 0.15)
@@ -291,8 +326,9 @@ BAD_INPUTS = [
 def test_bad_input_gets_a_clear_4xx(service, case):
     _, path, images, params, status, code = case
     good, _ = photo("red")
-    images = [good if x == "ok" else good[: len(good) // 2] if x == "truncated" else x
-              for x in images]  # fmt: skip
+    images = [
+        good if x == "ok" else good[: len(good) // 2] if x == "truncated" else x for x in images
+    ]
     r = service.post(path, images, params=params)
     assert r.status_code == status, r.text
     assert error_of(r) == code
@@ -307,14 +343,23 @@ def test_body_and_content_type_limits(service):
         for _ in range(25):
             yield b"\x00" * 100_000
 
-    r = requests.post(service.url + "/v1/classify", data=chunks(), timeout=60,
-                      headers={**AUTH, "Content-Type": "image/png"})  # fmt: skip
+    r = requests.post(
+        service.url + "/v1/classify",
+        data=chunks(),
+        timeout=60,
+        headers={**AUTH, "Content-Type": "image/png"},
+    )
     assert r.status_code == 413 and error_of(r) == "payload_too_large"
-    r = requests.post(service.url + "/v1/classify", data=b"hello", timeout=10,
-                      headers={**AUTH, "Content-Type": "text/plain"})  # fmt: skip
+    r = requests.post(
+        service.url + "/v1/classify",
+        data=b"hello",
+        timeout=10,
+        headers={**AUTH, "Content-Type": "text/plain"},
+    )
     assert r.status_code == 415 and error_of(r) == "unsupported_media_type"
-    r = requests.post(service.url + "/v1/classify", files={"picture": b"x"}, headers=AUTH,
-                      timeout=10)  # fmt: skip
+    r = requests.post(
+        service.url + "/v1/classify", files={"picture": b"x"}, headers=AUTH, timeout=10
+    )
     assert r.status_code == 422 and error_of(r) == "invalid_parameter"
 
 
@@ -333,10 +378,12 @@ def test_api_keys_guard_v1_but_not_health(service):
 def test_full_queue_answers_503_with_retry_after(service):
     data, _ = photo("green")
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        responses = list(pool.map(
-            lambda _: service.post("/v1/classify", [data], params={"model": "one-at-a-time"}),
-            range(16),
-        ))  # fmt: skip
+        responses = list(
+            pool.map(
+                lambda _: service.post("/v1/classify", [data], params={"model": "one-at-a-time"}),
+                range(16),
+            )
+        )
     statuses = [r.status_code for r in responses]
     assert 503 in statuses and 200 in statuses, statuses
     refused = next(r for r in responses if r.status_code == 503)
@@ -382,9 +429,9 @@ def test_concurrent_requests_form_batches(service):
     data, _ = photo("red")
     batches_before, singles_before = batch_counts(service)
     with concurrent.futures.ThreadPoolExecutor(24) as pool:
-        statuses = list(pool.map(
-            lambda _: service.post("/v1/classify", [data]).status_code, range(48)
-        ))  # fmt: skip
+        statuses = list(
+            pool.map(lambda _: service.post("/v1/classify", [data]).status_code, range(48))
+        )
     assert statuses == [200] * 48
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # the metrics are exported every few seconds
@@ -438,15 +485,19 @@ def test_every_documented_metric_is_exported(service):
     for path in ("/v1/classify", "/v1/detect", "/v1/segment"):  # this test's own traffic
         assert service.post(path, [data]).status_code == 200
     info = {
-        name: re.compile(rf'^ray_convnext_serve_model_info{{(?=.*model="{name}")'
-                         rf'(?=.*task="{task}")(?=.*device="cpu").*}} 1(?:\.0)?$', re.M)
+        name: re.compile(
+            rf'^ray_convnext_serve_model_info{{(?=.*model="{name}")'
+            rf'(?=.*task="{task}")(?=.*device="cpu").*}} 1(?:\.0)?$',
+            re.M,
+        )
         for name, task in (("colours", "classify"), ("boxes", "detect"), ("regions", "segment"))
-    }  # fmt: skip
+    }
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         text = service.metrics()
-        missing = [m for m in METRICS if not re.search(rf"^ray_{m}(_bucket|_count|_sum)?{{", text,
-                                                       re.M)]  # fmt: skip
+        missing = [
+            m for m in METRICS if not re.search(rf"^ray_{m}(_bucket|_count|_sum)?{{", text, re.M)
+        ]
         missing += [f"model_info of {name}" for name, line in info.items() if not line.search(text)]
         if not missing:
             break
@@ -459,7 +510,10 @@ def test_http_enters_through_haproxy(service):
     """The HTTP port belongs to Ray Serve's HAProxy front, not to the Python proxy actor."""
     port = int(service.url.rsplit(":", 1)[1])
     listeners = [
-        p.name() for p in service.children if p.is_running()
-        for c in p.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port
-    ]  # fmt: skip
+        p.name()
+        for p in service.children
+        if p.is_running()
+        for c in p.net_connections("tcp")
+        if c.status == "LISTEN" and c.laddr.port == port
+    ]
     assert listeners and set(listeners) == {"haproxy"}, listeners

@@ -46,9 +46,17 @@ FAST = dict(progress=False, loader_workers=0, warmup_epochs=0.5)
 def test_classification_trains_and_writes_a_served_checkpoint(datasets, tmp_path, capsys):
     out = tmp_path / "cls.safetensors"
     cfg = TrainConfig.for_task(
-        "classify", data=str(datasets / "cls"), arch="convnext_atto", out=str(out),
-        epochs=4, batch_size=16, image_size=32, lr=2e-3, ema_decay=0.9, **FAST,
-    )  # fmt: skip
+        "classify",
+        data=str(datasets / "cls"),
+        arch="convnext_atto",
+        out=str(out),
+        epochs=4,
+        batch_size=16,
+        image_size=32,
+        lr=2e-3,
+        ema_decay=0.9,
+        **FAST,
+    )
     metrics = train(cfg)
     rows = history(out)
     assert len(rows) == 4 and rows[-1]["loss"] < rows[0]["loss"]
@@ -70,9 +78,15 @@ def test_a_fixed_training_view_is_decoded_once_with_the_same_pixels(datasets):
     from models.train.tasks import ClassifyTask
 
     fixed = dict(
-        data=str(datasets / "cls"), arch="convnext_atto", out="x.safetensors", image_size=40,
-        crop_scale=(1.0, 1.0), randaug_ops=0, reprob=0.0, **FAST,
-    )  # fmt: skip
+        data=str(datasets / "cls"),
+        arch="convnext_atto",
+        out="x.safetensors",
+        image_size=40,
+        crop_scale=(1.0, 1.0),
+        randaug_ops=0,
+        reprob=0.0,
+        **FAST,
+    )
     for hflip in (0.0, 1.0):
         task = ClassifyTask(TrainConfig.for_task("classify", hflip=hflip, **fixed))
         assert isinstance(task.train_set, torch.utils.data.TensorDataset)
@@ -93,11 +107,25 @@ def test_a_fixed_training_view_is_decoded_once_with_the_same_pixels(datasets):
 def test_detection_training_lowers_the_loss(datasets, tmp_path, capsys):
     out = tmp_path / "det.safetensors"
     cfg = TrainConfig.for_task(
-        "detect", data=str(datasets / "det"), arch="maskrcnn_convnext_atto", out=str(out),
-        epochs=3, batch_size=2, min_size=96, max_size=96, lr=3e-4, roi_batch_size=64,
-        roi_positive_fraction=0.5, rpn_train_proposals=300, rpn_test_proposals=150,
-        fpn_channels=64, box_head_dim=256, mask_head_dim=64, roi_align="mmdet", **FAST,
-    )  # fmt: skip
+        "detect",
+        data=str(datasets / "det"),
+        arch="maskrcnn_convnext_atto",
+        out=str(out),
+        epochs=3,
+        batch_size=2,
+        min_size=96,
+        max_size=96,
+        lr=3e-4,
+        roi_batch_size=64,
+        roi_positive_fraction=0.5,
+        rpn_train_proposals=300,
+        rpn_test_proposals=150,
+        fpn_channels=64,
+        box_head_dim=256,
+        mask_head_dim=64,
+        roi_align="mmdet",
+        **FAST,
+    )
     metrics = train(cfg)
     rows = history(out)
     assert rows[-1]["loss_classifier"] < rows[0]["loss_classifier"]
@@ -107,10 +135,15 @@ def test_detection_training_lowers_the_loss(datasets, tmp_path, capsys):
     assert set(metrics) == {"bbox_AP", "bbox_AP50", "segm_AP", "segm_AP50"}
     model, meta = load_checkpoint(out)
     assert meta.task == "detect" and meta.model_kwargs == {
-        "min_size": 96, "max_size": 96, "rpn_pre_nms_top_n_test": 150,
-        "rpn_post_nms_top_n_test": 150, "fpn_channels": 64, "box_head_dim": 256,
-        "mask_head_dim": 64, "roi_align": "mmdet",
-    }  # fmt: skip
+        "min_size": 96,
+        "max_size": 96,
+        "rpn_pre_nms_top_n_test": 150,
+        "rpn_post_nms_top_n_test": 150,
+        "fpn_channels": 64,
+        "box_head_dim": 256,
+        "mask_head_dim": 64,
+        "roi_align": "mmdet",
+    }
     assert model.backbone.out_channels == 64  # the served model has the trained widths
     assert isinstance(model.roi_heads.mask_roi_pool, AlignedRoIAlign)  # and the trained RoIAlign
     assert model.rpn.post_nms_top_n() == 150  # the served model proposes what it was given
@@ -121,9 +154,16 @@ def test_detection_training_lowers_the_loss(datasets, tmp_path, capsys):
 def test_segmentation_training_lowers_the_loss(datasets, tmp_path, capsys):
     out = tmp_path / "seg.safetensors"
     cfg = TrainConfig.for_task(
-        "segment", data=str(datasets / "seg"), arch="upernet_convnext_atto", out=str(out),
-        epochs=3, batch_size=4, image_size=64, lr=1e-3, **FAST,
-    )  # fmt: skip
+        "segment",
+        data=str(datasets / "seg"),
+        arch="upernet_convnext_atto",
+        out=str(out),
+        epochs=3,
+        batch_size=4,
+        image_size=64,
+        lr=1e-3,
+        **FAST,
+    )
     metrics = train(cfg)
     rows = history(out)
     assert rows[-1]["loss_seg"] < rows[0]["loss_seg"]
@@ -177,12 +217,34 @@ def test_param_groups_decay_lr_by_layer_and_skip_weight_decay_on_norms():
 
 def _train_cmd(datasets, out, epochs, *extra):
     return [
-        sys.executable, "-m", "service.cli", "train", "classify",
-        "--data", str(datasets / "cls"), "--arch", "convnext_atto", "--out", str(out),
-        "--epochs", str(epochs), "--batch-size", "8", "--image-size", "32", "--lr", "1e-3",
-        "--ema-decay", "0.9", "--loader-workers", "0", "--no-progress", "--warmup-epochs", "1",
+        sys.executable,
+        "-m",
+        "service.cli",
+        "train",
+        "classify",
+        "--data",
+        str(datasets / "cls"),
+        "--arch",
+        "convnext_atto",
+        "--out",
+        str(out),
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        "8",
+        "--image-size",
+        "32",
+        "--lr",
+        "1e-3",
+        "--ema-decay",
+        "0.9",
+        "--loader-workers",
+        "0",
+        "--no-progress",
+        "--warmup-epochs",
+        "1",
         *extra,
-    ]  # fmt: skip
+    ]
 
 
 def test_ctrl_c_then_resume_reproduces_the_uninterrupted_run(datasets, tmp_path):
@@ -193,11 +255,14 @@ def test_ctrl_c_then_resume_reproduces_the_uninterrupted_run(datasets, tmp_path)
     resumed = tmp_path / "resumed.safetensors"
     state = tmp_path / "resumed.safetensors.state" / "last.pt"
     proc = subprocess.Popen(
-        _train_cmd(datasets, resumed, 3), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        _train_cmd(datasets, resumed, 3),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         # a test run started in the background (`make test &`) ignores SIGINT, and a child
         # would inherit that: give it the default disposition, as in a terminal
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )  # fmt: skip
+    )
     deadline = time.monotonic() + 120
     while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -220,9 +285,17 @@ def test_two_ray_train_workers_on_cpu(datasets, tmp_path):
 
     out = tmp_path / "ray.safetensors"
     cfg = TrainConfig.for_task(
-        "classify", data=str(datasets / "cls"), arch="convnext_atto", out=str(out),
-        epochs=1, batch_size=8, image_size=32, num_workers=2, ema_decay=0, **FAST,
-    )  # fmt: skip
+        "classify",
+        data=str(datasets / "cls"),
+        arch="convnext_atto",
+        out=str(out),
+        epochs=1,
+        batch_size=8,
+        image_size=32,
+        num_workers=2,
+        ema_decay=0,
+        **FAST,
+    )
     try:
         metrics = train(cfg)
     finally:
@@ -246,8 +319,21 @@ def test_the_cli_picks_the_small_data_recipe_which_learns_real_digits(tmp_path, 
 
     data = write_digits(tmp_path / "digits")
     out = tmp_path / "digits.safetensors"
-    cmd = ["train", "classify", "--data", str(data), "--arch", "convnext_atto", "--out",
-           str(out), "--epochs", "12", "--hflip", "0", "--no-progress"]  # fmt: skip
+    cmd = [
+        "train",
+        "classify",
+        "--data",
+        str(data),
+        "--arch",
+        "convnext_atto",
+        "--out",
+        str(out),
+        "--epochs",
+        "12",
+        "--hflip",
+        "0",
+        "--no-progress",
+    ]
     assert cli(cmd) == 0
     said = capsys.readouterr().err
     assert "the small recipe (1,437 training images, 8 px short side (median))" in said

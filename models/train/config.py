@@ -109,11 +109,24 @@ class TrainConfig(BaseModel):
         """Task defaults, then the caller's values (None means: keep the default)."""
         defaults: dict = {}
         if task == "detect":
-            defaults = dict(epochs=36, batch_size=2, warmup_epochs=1, drop_path=0.2,
-                            min_size=800, max_size=1333, ema_decay=0.0)  # fmt: skip
+            defaults = dict(
+                epochs=36,
+                batch_size=2,
+                warmup_epochs=1,
+                drop_path=0.2,
+                min_size=800,
+                max_size=1333,
+                ema_decay=0.0,
+            )
         elif task == "segment":
-            defaults = dict(epochs=160, batch_size=2, warmup_epochs=1, drop_path=0.2,
-                            image_size=512, ema_decay=0.0)  # fmt: skip
+            defaults = dict(
+                epochs=160,
+                batch_size=2,
+                warmup_epochs=1,
+                drop_path=0.2,
+                image_size=512,
+                ema_decay=0.0,
+            )
         given = {k: v for k, v in kw.items() if v is not None}
         return cls(task=task, **{**defaults, **given})
 

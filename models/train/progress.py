@@ -40,8 +40,14 @@ def read_progress(path: str | Path) -> dict[str, Any]:
 class ProgressFile:
     """Writes a run's progress at most every `every_s` seconds (and always on the last step)."""
 
-    def __init__(self, path: Path, epochs: int, steps_per_epoch: int, start_epoch: int = 0,
-                 every_s: float = 2.0):  # fmt: skip
+    def __init__(
+        self,
+        path: Path,
+        epochs: int,
+        steps_per_epoch: int,
+        start_epoch: int = 0,
+        every_s: float = 2.0,
+    ):
         self.path, self.epochs, self.steps = path, epochs, max(1, steps_per_epoch)
         self.done_at_start = start_epoch * self.steps
         self.total = epochs * self.steps
@@ -59,5 +65,11 @@ class ProgressFile:
         elapsed = now - self.started
         eta = elapsed * (1 - this_run) / this_run if this_run > 0 else None
         eta_s = None if eta is None else round(eta)
-        write_progress(self.path, state="training", epoch=epoch + 1, epochs=self.epochs,
-                       fraction=round(fraction, 4), eta_s=eta_s)  # fmt: skip
+        write_progress(
+            self.path,
+            state="training",
+            epoch=epoch + 1,
+            epochs=self.epochs,
+            fraction=round(fraction, 4),
+            eta_s=eta_s,
+        )

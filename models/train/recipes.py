@@ -24,8 +24,9 @@ def dataset_shape(data: str | Path, sample: int = 64) -> tuple[int, int]:
     from PIL import Image
     from torchvision.datasets.folder import IMG_EXTENSIONS  # what ImageFolder trains on
 
-    files = sorted(p for p in (Path(data) / "train").rglob("*")
-                   if p.suffix.lower() in IMG_EXTENSIONS)  # fmt: skip
+    files = sorted(
+        p for p in (Path(data) / "train").rglob("*") if p.suffix.lower() in IMG_EXTENSIONS
+    )
     if not files:
         return 0, 0
     step = max(1, len(files) // sample)
@@ -64,7 +65,10 @@ def choose_recipe(recipe: str, data: str | Path, epochs: int) -> tuple[str, dict
         return "paper", {}, "asked for"
     n, side = dataset_shape(data)
     if recipe == "small" or n < SMALL_DATASET:
-        why = (f"{n:,} training images, {side} px short side (median)" if recipe == "auto"
-               else "asked for")  # fmt: skip
+        why = (
+            f"{n:,} training images, {side} px short side (median)"
+            if recipe == "auto"
+            else "asked for"
+        )
         return "small", small_data_recipe(epochs, side), why
     return "paper", {}, f"{n:,} training images"

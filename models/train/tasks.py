@@ -61,8 +61,12 @@ class ClassifyTask:
             # of its time on two cores; here they are decoded once, and flipped per batch.
             self.train_set = self._decoded_once()
             self.loader_workers = 0
-        view = partial(resize_crop, image_size=self.image_size, crop_pct=cfg.crop_pct,
-                       interpolation=cfg.interpolation)  # fmt: skip
+        view = partial(
+            resize_crop,
+            image_size=self.image_size,
+            crop_pct=cfg.crop_pct,
+            interpolation=cfg.interpolation,
+        )
         self.val_set = datasets.classification_dataset(cfg.data, "val", view)
         self.mixup = self._mixup()
 
@@ -213,8 +217,10 @@ class DetectTask:
             self.model_kwargs["roi_align"] = cfg.roi_align
         # torchvision's default (1000) needs no entry; small images want fewer proposals
         if cfg.rpn_test_proposals != TrainConfig.model_fields["rpn_test_proposals"].default:
-            self.model_kwargs |= {"rpn_pre_nms_top_n_test": cfg.rpn_test_proposals,
-                                  "rpn_post_nms_top_n_test": cfg.rpn_test_proposals}  # fmt: skip
+            self.model_kwargs |= {
+                "rpn_pre_nms_top_n_test": cfg.rpn_test_proposals,
+                "rpn_post_nms_top_n_test": cfg.rpn_test_proposals,
+            }
 
     def build_model(self) -> nn.Module:
         cfg = self.cfg
@@ -303,7 +309,7 @@ class SegmentTask:
                 T.RandomHorizontalFlip(),
                 T.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
             ]
-        )  # fmt: skip
+        )
         self.train_set = datasets.segmentation_dataset(cfg.data, "training", train_view)
         val_view = T.Compose(steps) if steps else None
         self.val_set = datasets.segmentation_dataset(cfg.data, "validation", val_view)
@@ -314,9 +320,11 @@ class SegmentTask:
     def build_model(self) -> nn.Module:
         cfg = self.cfg
         model = build_model(
-            cfg.arch, num_classes=len(self.labels), drop_path_rate=cfg.drop_path,
+            cfg.arch,
+            num_classes=len(self.labels),
+            drop_path_rate=cfg.drop_path,
             **self.model_kwargs,
-        )  # fmt: skip
+        )
         _load_init(model, cfg)
         return model
 

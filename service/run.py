@@ -25,11 +25,11 @@ from .haproxy_front import RULES_ENV, FrontRules, wrapper_path
 # Ray settings for a serving node (each is left alone if the environment already sets it):
 # the user code and the handle router run on the replica's own event loop instead of extra
 # threads (fewer thread hops per request), request logs are buffered rather than flushed per
-# line, and objects up to 1 MiB travel inside the call instead of through the object store:
-# a 224x224 uint8 image (147 KiB) is over Ray's 100 KiB default, and the store's round trip
-# cost a raylet a tenth of a core at 25 images/s on 2 cores. Last, HTTP enters through Ray
-# Serve's HAProxy front (C, ~1 ms of CPU a request) straight into the gateway replicas, instead
-# of the Python proxy actor (~4 ms a request, a fifth of a core at 30 images/s on 2 cores).
+# line, and objects up to 1 MiB travel inside the call instead of through the object store
+# (a 224x224 uint8 image is over Ray's default, and the store's round trip costs the raylet
+# CPU). Last, HTTP enters through Ray Serve's HAProxy front (C) straight into the server
+# replicas, instead of through the Python proxy actor, which costs several times the CPU a
+# request (docs/benchmarks/serving-cpu.md).
 RAY_SERVING_ENV = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
@@ -38,12 +38,12 @@ RAY_SERVING_ENV = {
     "RAY_max_direct_call_object_size": str(1 << 20),
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     # A replica that stops keeps taking requests this long so HAProxy's reload lands before
-    # its listener closes (on every node of a cluster): 2 s does that; Ray's 30 s default made
-    # every stop take 33 s.
+    # its listener closes (on every node of a cluster); Ray's default made every stop wait
+    # far longer than the reload takes.
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
     # Requests are idempotent (inference): one whose replica died before answering is retried
-    # on another. HAProxy retries only what fits its buffer: 256 KiB takes a typical photo
-    # (a 640x480 JPEG) and bounds its memory at 2 GiB with all 4096 connections uploading.
+    # on another. HAProxy retries only what fits its buffer: this size takes a typical photo
+    # and bounds HAProxy's memory with every connection uploading.
     "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
     "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": str(256 << 10),
 }

@@ -95,7 +95,7 @@ class Prepared:
 # One inference thread per process, shared by every model the process serves. On the CPU each
 # thread that runs torch ops gets an OpenMP team of its own; with more than one team in a
 # process, libgomp counts more threads than cores and stops its workers from spinning between
-# parallel regions, and a ConvNeXt-T forward then takes 1.5x as long.
+# parallel regions, and every forward pass slows down.
 INFERENCE_THREAD = ThreadPoolExecutor(1, thread_name_prefix="inference")
 
 

@@ -308,7 +308,7 @@ def test_dashboard_is_valid_and_uses_only_existing_metrics():
     # The dashboard shows every documented metric.
     for name, kind in service_metrics().items():
         assert exported_names(name, kind) & used, f"no panel shows {name}"
-    # The panels: GPU and CPU use, replicas.
+    # The panels of GPU and CPU use and of the replicas.
     assert {"ray_node_gpus_utilization", "ray_node_cpu_utilization"} <= used
     assert "ray_serve_deployment_replica_healthy" in used
 

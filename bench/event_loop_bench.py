@@ -38,7 +38,8 @@ def thread_cpu_s(native_id: int) -> float:
 
 
 async def build_server(checkpoint: Path, max_batch_size: int):
-    """The server replica as Serve builds it (its ingress wrapper's `__init__` is async)."""
+    """The HTTP app of a server replica as Serve builds it (its ingress wrapper's `__init__` is
+    async)."""
     from service.app import Server
 
     cls = Server.func_or_class
@@ -50,10 +51,10 @@ async def build_server(checkpoint: Path, max_batch_size: int):
         "torch_threads": 1,
         "max_queued_requests": -1,
     }
-    await cls.__init__(server, gateway={}, models=[model])
-    for host in server.hosts.values():
+    await cls.__init__(server, server={}, models=[model])
+    for host in server.plane.models.hosts.values():
         await asyncio.wrap_future(host.warm)
-    return server
+    return server.__serve_build_asgi_app__()  # the replica's HTTP app, as Serve builds it
 
 
 async def one_request(api, path: str, body: bytes, headers: dict[str, str]) -> None:
@@ -104,12 +105,11 @@ async def run_requests(api, request: tuple[str, bytes, dict], count: int, concur
 async def measure(args) -> list[tuple[int, float, float, float]]:
     """(images a request, event-loop CPU ms a request, inference CPU ms an image, requests/s)
     for each level, the median of `--repeats` runs."""
-    from service.routes import api
     from service.runtime import INFERENCE_THREAD
 
     folder = Path(tempfile.mkdtemp(prefix="event-loop-bench-"))
     checkpoint = make_checkpoint(folder, "convnext_atto", 64)
-    await build_server(checkpoint, args.max_batch_size)
+    api = await build_server(checkpoint, args.max_batch_size)
     inference_id = INFERENCE_THREAD.submit(threading.get_native_id).result()
     photos = make_photos()
     kind = "raw" if args.raw_body else "multipart"

@@ -76,7 +76,7 @@ def start(
                 "name": "faults",
                 "route_prefix": "/",
                 "import_path": "service.app:build_app",
-                "args": {"models": [model], "gateway": {"num_replicas": replicas}},
+                "args": {"models": [model], "server": {"num_replicas": replicas}},
             }
         ],
     }

@@ -9,7 +9,7 @@ import os
 from fastapi import FastAPI, File, UploadFile
 
 from service.config import ModelConfig
-from service.runtime import Entry, ModelRunner
+from service.runtime import BatchItem, ModelRunner
 from service.tasks import ClassifyOptions
 
 runner = ModelRunner(
@@ -30,7 +30,7 @@ def healthz() -> dict:
 
 @app.post("/v1/classify")
 def classify(image: list[UploadFile] = File(...)) -> dict:
-    entries = [Entry(upload.file.read(), ClassifyOptions(5)) for upload in image]
+    entries = [BatchItem(upload.file.read(), ClassifyOptions(5)) for upload in image]
     results = runner.run(entries)  # the request's images in one forward pass
     return {
         "results": [

@@ -131,7 +131,7 @@ def zero_overhead_bound(
     import torch
 
     from models.images import decode_image
-    from service.config import GatewayConfig, ModelConfig
+    from service.config import ModelConfig, ServerConfig
     from service.runtime import ModelRunner
 
     config = ModelConfig(
@@ -139,7 +139,7 @@ def zero_overhead_bound(
     )
     runner = ModelRunner(config)
     preset = runner.preset  # the service's preprocessing of this model
-    max_pixels = GatewayConfig().max_pixels
+    max_pixels = ServerConfig().max_pixels
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the resize on this thread too: one thread's time
     try:
@@ -529,10 +529,10 @@ def serve_levels(
 ) -> list[tuple[str, int, dict]]:
     """(b) for one replica layout: start `convnext-serve run`, load it at each concurrency.
 
-    `layout` holds model settings, and the gateway's under "gateway" (optional)."""
+    `layout` holds model settings, and the server's under "server" (optional)."""
     port, metrics_port = free_port(), free_port()
     layout = dict(layout)
-    gateway = layout.pop("gateway", {})
+    limits = layout.pop("server", {})
     model = {
         "name": "tiny",
         "checkpoint": str(checkpoint),
@@ -550,7 +550,7 @@ def serve_levels(
                 "route_prefix": "/",
                 "import_path": "service.app:build_app",
                 "logging_config": LOGGING_CONFIG,  # as shipped
-                "args": {"models": [model], "gateway": gateway},
+                "args": {"models": [model], "server": limits},
             }
         ],
     }

@@ -441,7 +441,7 @@ def synth(
 # ---------------------------------------------------------------- datasets for training and eval
 
 
-def read_image(
+def read_tv_image(
     path: str | Path, match_size: tuple[int, int] | None = None, min_short_side: int | None = None
 ) -> tv_tensors.Image:
     """An image file as a (3, H, W) uint8 RGB `tv_tensors.Image`, decoded by the service's own
@@ -473,7 +473,9 @@ def classification_dataset(
     The class names are `.classes`: the sub-directory names sorted, ImageFolder's convention, so
     the class index follows that order.
     """
-    loader = partial(read_image, min_short_side=min_short_side) if min_short_side else read_image
+    loader = read_tv_image
+    if min_short_side:
+        loader = partial(read_tv_image, min_short_side=min_short_side)
     return datasets.ImageFolder(str(Path(root) / split), transform=transform, loader=loader)
 
 
@@ -483,7 +485,7 @@ class _CocoImages(datasets.CocoDetection):
     def _load_image(self, id: int) -> tv_tensors.Image:
         info = self.coco.loadImgs(id)[0]
         size = (info["height"], info["width"]) if "height" in info and "width" in info else None
-        return read_image(Path(self.root) / info["file_name"], size)
+        return read_tv_image(Path(self.root) / info["file_name"], size)
 
 
 class CocoInstances(torch.utils.data.Dataset):
@@ -569,7 +571,7 @@ class SegmentationFolder(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
         classes = read_label_map(self.annotations[index])
-        image = read_image(self.images[index], tuple(classes.shape))
+        image = read_tv_image(self.images[index], tuple(classes.shape))
         mask = tv_tensors.Mask(classes)
         if self.transforms is not None:
             image, mask = self.transforms(image, mask)

@@ -1,1 +1,1 @@
-"""convnext-serve serving side: Ray Serve application, gateway, runtime, metrics and the CLI."""
+"""convnext-serve serving side: the Ray Serve application, its data plane, runtime and CLI."""

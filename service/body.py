@@ -12,7 +12,7 @@ from fastapi import Request
 from python_multipart.multipart import parse_options_header
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from .config import GatewayConfig
+from .config import ServerConfig
 from .errors import (
     InvalidMultipart,
     InvalidParameter,
@@ -22,11 +22,11 @@ from .errors import (
 )
 
 
-def body_limit_text(config: GatewayConfig) -> str:
+def body_limit_text(config: ServerConfig) -> str:
     return f"the request body is over the limit of {config.max_body_bytes} bytes"
 
 
-async def read_images(request: Request, config: GatewayConfig, single: bool = False) -> list[bytes]:
+async def read_images(request: Request, config: ServerConfig, single: bool = False) -> list[bytes]:
     """The request's image bytes; `single`: exactly one image is allowed (render, png)."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "multipart/form-data" and not ctype.startswith("image/"):
@@ -47,7 +47,7 @@ async def read_images(request: Request, config: GatewayConfig, single: bool = Fa
     return images
 
 
-async def read_body(request: Request, config: GatewayConfig) -> bytes:
+async def read_body(request: Request, config: ServerConfig) -> bytes:
     """The body, refused (413) as soon as it is over the limit, and (408) when it has not
     arrived within `body_timeout_s`: a client sending slowly holds one coroutine, for a while."""
     chunks, size = [], 0
@@ -73,7 +73,7 @@ async def read_body(request: Request, config: GatewayConfig) -> bytes:
     return b"".join(chunks)
 
 
-async def _form_images(request: Request, body: bytes, config: GatewayConfig) -> list[bytes]:
+async def _form_images(request: Request, body: bytes, config: ServerConfig) -> list[bytes]:
     _, params = parse_options_header(request.headers.get("content-type", ""))
     boundary = params.get(b"boundary", b"")
     if not boundary:

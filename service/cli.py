@@ -120,11 +120,11 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .run import run
+    from .run import serve_until_stopped
 
     if args.pretrained and args.config:
         raise SystemExit("convnext-serve run: --pretrained or --config, not both")
-    return run(
+    return serve_until_stopped(
         args.config,
         args.host,
         args.port,

@@ -1,15 +1,17 @@
 """Service configuration: the application args of a standard Ray Serve config file.
 
-`deploy/serve_config.yaml` lists the models and the gateway limits under
+`deploy/serve_config.yaml` lists the models and the server's limits under
 `applications[0].args`; the same file works with `convnext-serve run --config`, `serve run`,
-`serve deploy` and as a KubeRay `serveConfigV2`. Environment variables override the gateway's
+`serve deploy` and as a KubeRay `serveConfigV2`. Environment variables override the server's
 settings (`CONVNEXT_SERVE_MAX_BODY_BYTES`, ...) and every model's precision and device
 (`CONVNEXT_SERVE_PRECISION`, `CONVNEXT_SERVE_DEVICE`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,7 +19,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-Task = Literal["classify", "detect", "segment"]
+TaskName = Literal["classify", "detect", "segment"]
+DEPRECATED_GATEWAY = (
+    "the serve config's `args.gateway` is now `args.server`; `gateway` is read for now and "
+    "will be refused in a later version"
+)
+logger = logging.getLogger("ray.serve")
 
 
 class ModelConfig(BaseModel):
@@ -60,7 +67,9 @@ class ModelConfig(BaseModel):
     num_cpus: float = Field(1.0, ge=0, description="CPUs a server replica reserves")
     num_gpus: float | None = Field(None, ge=0, description="default: 1 when GPUs exist")
     warmup_batches: int = Field(2, ge=0, description="full batches run before it is ready")
-    timeout_s: float | None = Field(None, gt=0, description="default: the gateway's")
+    timeout_s: float | None = Field(
+        None, gt=0, description="default: the server's `request_timeout_s`"
+    )
     sliding_window: bool = Field(False, description="segment: sliding-window inference")
     gpu_decode: bool = Field(
         True,
@@ -81,7 +90,7 @@ class ModelConfig(BaseModel):
         return self.max_ongoing_requests or max(32, 4 * self.max_batch_size)
 
 
-class GatewayConfig(BaseSettings):
+class ServerConfig(BaseSettings):
     """HTTP-side limits; each may come from a `CONVNEXT_SERVE_<FIELD>` environment variable."""
 
     model_config = SettingsConfigDict(env_prefix="CONVNEXT_SERVE_", extra="forbid")
@@ -111,7 +120,7 @@ class TrainingModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="as a model's")
-    task: Task = Field(description="classify, detect or segment")
+    task: TaskName = Field(description="classify, detect or segment")
     progress_file: str = Field(description="the JSON file the training writes its progress to")
     serve_as: ModelConfig | None = Field(
         None,
@@ -127,13 +136,14 @@ class TrainingModel(BaseModel):
 
 
 class AppConfig(BaseModel):
-    """The application args: the models and the gateway."""
+    """The application args: the models and the server replica's limits (`server`; the
+    deprecated name `gateway` is still read)."""
 
     model_config = ConfigDict(extra="forbid")
 
     models: list[ModelConfig] = Field(min_length=1)
     training: list[TrainingModel] = Field(default_factory=list)
-    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
 
     @model_validator(mode="after")
     def _unique_names(self) -> AppConfig:
@@ -150,7 +160,7 @@ class AppConfig(BaseModel):
     def longest_request_s(self) -> float:
         """The longest a request may take: what a stopping replica waits for."""
         timeouts = (m.timeout_s or 0 for m in self.every_model())
-        return max([self.gateway.request_timeout_s, *timeouts])
+        return max([self.server.request_timeout_s, *timeouts])
 
     def server_capacity(self) -> int:
         """The API requests a server replica holds before it surely refuses more (503): its
@@ -158,17 +168,23 @@ class AppConfig(BaseModel):
         fewer. HAProxy refuses beyond it (`service.haproxy_front`)."""
         models = self.every_model()
         if any(m.max_queued_requests < 0 for m in models):
-            return self.gateway.max_in_flight
+            return self.server.max_in_flight
         lines = sum(m.ongoing + m.max_queued_requests for m in models)
-        return min(self.gateway.max_in_flight, lines)
+        return min(self.server.max_in_flight, lines)
 
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> AppConfig:
         """From a serve config's `args`, with the environment's overrides applied."""
         args = dict(args)
-        from_env = GatewayConfig().model_dump(exclude_unset=True)  # only what the env sets
-        gateway = GatewayConfig(**{**(args.pop("gateway", None) or {}), **from_env})
-        config = cls(gateway=gateway, **args)
+        if "gateway" in args:  # the first name of `server`, from when it was a deployment
+            if "server" in args:
+                raise ValueError("args has `server` and `gateway` (its old name): keep `server`")
+            warnings.warn(DEPRECATED_GATEWAY, DeprecationWarning, stacklevel=2)
+            logger.warning(DEPRECATED_GATEWAY)
+            args["server"] = args.pop("gateway")
+        from_env = ServerConfig().model_dump(exclude_unset=True)  # only what the env sets
+        server = ServerConfig(**{**(args.pop("server", None) or {}), **from_env})
+        config = cls(server=server, **args)
         override = {
             key: os.environ[f"CONVNEXT_SERVE_{key.upper()}"]
             for key in ("precision", "device")

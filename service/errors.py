@@ -14,6 +14,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.images import ImageError
 
+from .route_table import route_of
+
 log = logging.getLogger("ray.serve")
 
 
@@ -119,7 +121,7 @@ def error_response(
     status: int, code: str, message: str, headers: dict[str, str] | None = None, path: str = ""
 ) -> JSONResponse:
     """The error as the route's API words it (`path`: the request's)."""
-    error = message if _is_protocol(path) else {"code": code, "message": message}
+    error = message if route_of(path).protocol == "v2" else {"code": code, "message": message}
     return JSONResponse({"error": error}, status_code=status, headers=headers)
 
 
@@ -131,10 +133,6 @@ def response_for(e: Exception, path: str) -> JSONResponse:
     return error_response(
         500, "internal_error", f"{type(e).__name__}: the server failed", path=path
     )
-
-
-def _is_protocol(path: str) -> bool:
-    return path == "/v2" or path.startswith("/v2/")
 
 
 def install_error_handlers(app: FastAPI) -> None:

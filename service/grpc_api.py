@@ -10,6 +10,8 @@ docs/serving-api.md). Tensors travel as `raw_input_contents` /
 from __future__ import annotations
 
 import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -17,18 +19,20 @@ from google.protobuf import json_format
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
-from .errors import InvalidParameter, ServiceError, Unauthorized
-from .guard import authorised
+from .data_plane import DataPlane
+from .errors import InvalidParameter, ServiceError
 from .protocol import (
     EXTENSIONS,
     VERSION,
     RequestInput,
-    images_of,
+    model_input,
     model_metadata,
+    output_names,
     raw_tensor,
+    tensor_images,
     tensor_shape,
-    the_input,
 )
+from .route_table import GRPC
 
 # tritonclient generated the protocol's messages as module `grpc_service_pb2`, a name nothing
 # can import; pickle finds a class by its module's name. Ray's Python gRPC proxy (the one that
@@ -58,70 +62,108 @@ STATUS = {
 
 
 class GrpcInference:
-    """The RPCs of `inference.GRPCInferenceService` on a server replica."""
+    """The RPCs of `inference.GRPCInferenceService` on a server replica: each admitted and
+    counted by the data plane (`self.plane`) as its HTTP route is, under the route table's
+    gRPC entries (`route_table.GRPC`)."""
 
-    async def ServerLive(self, request: pb.ServerLiveRequest) -> pb.ServerLiveResponse:
-        return pb.ServerLiveResponse(live=True)
+    plane: DataPlane
 
-    async def ServerReady(self, request: pb.ServerReadyRequest) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=not self.pending_models())
+    async def ServerLive(self, request: pb.ServerLiveRequest, grpc_context) -> Any:
+        return await self._rpc("ServerLive", grpc_context, pb.ServerLiveResponse(), _live)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, grpc_context) -> Any:
+        async def ready(call: _Call) -> Any:
+            return pb.ServerReadyResponse(ready=not self.plane.pending())
+
+        return await self._rpc("ServerReady", grpc_context, pb.ServerReadyResponse(), ready)
 
     async def ModelReady(self, request: pb.ModelReadyRequest, grpc_context) -> Any:
-        host = self.hosts.get(request.name)
-        return pb.ModelReadyResponse(ready=host is not None and host.ready)
+        async def ready(call: _Call) -> Any:
+            host = self.plane.models.hosts.get(request.name)
+            return pb.ModelReadyResponse(ready=host is not None and host.ready)
 
-    async def ServerMetadata(self, request: pb.ServerMetadataRequest) -> Any:
-        return pb.ServerMetadataResponse(
-            name="convnext-serve", version=VERSION, extensions=EXTENSIONS
-        )
+        return await self._rpc("ModelReady", grpc_context, pb.ModelReadyResponse(), ready)
+
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, grpc_context) -> Any:
+        async def metadata(call: _Call) -> Any:
+            return pb.ServerMetadataResponse(
+                name="convnext-serve", version=VERSION, extensions=EXTENSIONS
+            )
+
+        empty = pb.ServerMetadataResponse()
+        return await self._rpc("ServerMetadata", grpc_context, empty, metadata)
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, grpc_context) -> Any:
-        try:
-            self._check_grpc_key(grpc_context)
-            host = self.model_named(request.name, request.version)
-        except ServiceError as e:
-            return _refuse(grpc_context, e, pb.ModelMetadataResponse())
-        metadata = model_metadata(host.name, host.task, host.meta)
-        del metadata["parameters"]  # not a field of the gRPC message
-        return json_format.ParseDict(metadata, pb.ModelMetadataResponse())
+        async def metadata(call: _Call) -> Any:
+            host = self.plane.models.named(request.name, request.version)
+            found = model_metadata(host.name, host.task, host.meta)
+            del found["parameters"]  # not a field of the gRPC message
+            return json_format.ParseDict(found, pb.ModelMetadataResponse())
+
+        empty = pb.ModelMetadataResponse()
+        return await self._rpc("ModelMetadata", grpc_context, empty, metadata)
 
     async def ModelInfer(self, request: pb.ModelInferRequest, grpc_context) -> Any:
-        try:
-            self._check_grpc_key(grpc_context)
-            host = self.model_named(request.model_name, request.model_version)
-            if host.full():
-                raise host.overloaded()
+        async def infer(call: _Call) -> Any:
+            plane = self.plane
+            host = plane.model(None, request.model_name, request.model_version)
+            call.model = host.name
             inputs = [
                 RequestInput(name=t.name, shape=list(t.shape), datatype=t.datatype)
                 for t in request.inputs
             ]
-            tensor = the_input(inputs, host.name)
+            tensor = model_input(inputs, host.name)
             if len(request.raw_input_contents) != 1:
                 raise InvalidParameter("send the input's data as raw_input_contents")
-            images = images_of(tensor, request.raw_input_contents[0], self.config)
+            images = tensor_images(tensor, request.raw_input_contents[0], plane.config)
             options = host.task.options_from(_parameters(request.parameters))
-            outputs = await self.run(host, images, options)
+            outputs = await plane.infer(host, images, options)
             tensors = host.task.tensors(host.meta, outputs, options)
-            names = [o.name for o in request.outputs] or list(tensors)
-            unknown = [n for n in names if n not in tensors]
-            if unknown:
-                raise InvalidParameter(f"model {host.name!r} has no output {unknown[0]!r} here")
-        except ServiceError as e:
-            return _refuse(grpc_context, e, pb.ModelInferResponse())
-        datatypes = {n: d for n, d, _ in host.task.tensor_outputs(host.meta)}
-        response = pb.ModelInferResponse(model_name=host.name, model_version=VERSION, id=request.id)
-        for name in names:
-            response.outputs.add(
-                name=name, datatype=datatypes[name], shape=tensor_shape(tensors[name])
+            names = output_names(host.name, [o.name for o in request.outputs], tensors)
+            datatypes = {n: d for n, d, _ in host.task.tensor_outputs(host.meta)}
+            response = pb.ModelInferResponse(
+                model_name=host.name, model_version=VERSION, id=request.id
             )
-            response.raw_output_contents.append(raw_tensor(tensors[name], datatypes[name]))
+            for name in names:
+                response.outputs.add(
+                    name=name, datatype=datatypes[name], shape=tensor_shape(tensors[name])
+                )
+                response.raw_output_contents.append(raw_tensor(tensors[name], datatypes[name]))
+            return response
+
+        return await self._rpc("ModelInfer", grpc_context, pb.ModelInferResponse(), infer)
+
+    async def _rpc(
+        self, method: str, grpc_context, empty: Any, handle: Callable[[_Call], Awaitable[Any]]
+    ) -> Any:
+        """One RPC through the data plane's admission and metrics, as an HTTP request goes
+        through the guard: a refusal is the gRPC status of its HTTP status, with its message."""
+        plane, route, call = self.plane, GRPC[method], _Call()
+        started = plane.enter(route)
+        try:
+            plane.admit(route, dict(grpc_context.invocation_metadata() or ()))
+            response = await handle(call)
+        except ServiceError as e:
+            call.status = e.status
+            return _refuse(grpc_context, e, empty)
+        except BaseException:
+            call.status = 500
+            raise
+        finally:
+            plane.leave(route, call.model, call.status, started)
         return response
 
-    def _check_grpc_key(self, grpc_context) -> None:
-        if not self.api_keys:
-            return
-        if not authorised(dict(grpc_context.invocation_metadata() or ()), self.api_keys):
-            raise Unauthorized()
+
+@dataclass
+class _Call:
+    """What the request metrics record of an RPC: the model it resolved, its status."""
+
+    model: str = ""
+    status: int = 200
+
+
+async def _live(call: _Call) -> Any:
+    return pb.ServerLiveResponse(live=True)
 
 
 def _refuse(grpc_context, error: ServiceError, empty: Any) -> Any:

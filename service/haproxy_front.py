@@ -33,10 +33,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from service.route_table import API_PREFIXES
+
 MARK = "# convnext-serve:"
 RULES_ENV = "CONVNEXT_SERVE_HAPROXY_RULES"
-# The API routes, as the replica's guard counts them against max_in_flight (service/guard.py).
-API_PATHS = "/v1/ /v2/models"
+# The API routes, as the replica counts them against max_in_flight (service/route_table.py).
+API_PATHS = " ".join(API_PREFIXES)
 V2_PATHS = "/v2/"
 
 
@@ -52,7 +54,7 @@ class FrontRules:
     @classmethod
     def from_env(cls) -> FrontRules:
         """From `CONVNEXT_SERVE_HAPROXY_RULES` (JSON of these fields, which `convnext-serve run`
-        sets from its config); unset: no refusal, the gateway's default timeouts."""
+        sets from its config); unset: no refusal, the server's default timeouts."""
         return cls(**json.loads(os.environ.get(RULES_ENV) or '{"shed_at": null}'))
 
     def to_env(self) -> str:

@@ -17,8 +17,8 @@ from .admission import ModelBusy, ModelQueue
 from .batching import Batcher, Call
 from .config import ModelConfig
 from .errors import ModelUnavailable, Overloaded, Timeout
-from .metrics import ModelMetrics, gateway_metrics
-from .runtime import Entry, ModelRunner
+from .metrics import ModelMetrics, request_metrics
+from .runtime import BatchItem, ModelRunner
 
 
 class ModelHost:
@@ -40,7 +40,7 @@ class ModelHost:
             depth=2 if self.runner.pipelined else 1,
         )
         self.metrics = ModelMetrics(config.name)
-        self._decode = gateway_metrics().decode
+        self._decode = request_metrics().decode
         self._decode_tags = {"endpoint": self.task.name}
         self.info_tags = {
             "model": self.name,
@@ -81,7 +81,7 @@ class ModelHost:
     def overloaded(self) -> Overloaded:
         return Overloaded(f"model {self.name!r} has a full queue", self.retry_after_s)
 
-    async def run(self, entries: list[Entry], timeout_s: float) -> list[Any]:
+    async def infer(self, entries: list[BatchItem], timeout_s: float) -> list[Any]:
         """Results (or `ImageError`s) for a request's images, in order.
 
         The images go in calls of at most a batch each, each holding one of the model's slots
@@ -89,7 +89,7 @@ class ModelHost:
         """
         size = self.config.max_batch_size
 
-        async def call(chunk: list[Entry]) -> list[Any]:
+        async def call(chunk: list[BatchItem]) -> list[Any]:
             async with self.queue.slot():
                 return await self.batcher(chunk)
 
@@ -115,7 +115,7 @@ class ModelHost:
             raise Timeout(f"no answer within {timeout_s:g} s") from None
         return [result for answer in answers for result in answer]
 
-    async def _batch(self, calls: list[Call[Entry]]) -> list[Any]:
+    async def _batch(self, calls: list[Call[BatchItem]]) -> list[Any]:
         started = time.perf_counter()
         entries = [entry for call in calls for entry in call.items]
         runner = self.runner

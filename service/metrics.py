@@ -1,7 +1,8 @@
 """The service's metrics (docs/operations.md), through Ray's metrics agent.
 
-Recorded where the work happens: requests, latency, decode time and in-flight requests in the
-gateway; images, batch size, queue wait and inference time in the model replicas. Ray exports
+Recorded where the work happens, all in the server replicas: requests, latency and in-flight
+requests by the data plane (for every protocol), decode time by each model's host, and images,
+batch size, queue wait and inference time by each model. Ray exports
 them with a `ray_` prefix at every node's metrics port (`--metrics-port`, default 8080),
 next to Ray Serve's own `ray_serve_*` series.
 """
@@ -17,16 +18,16 @@ FAST_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 
 
-class GatewayMetrics:
+class RequestMetrics:
     def __init__(self):
         self.requests = Counter(
             "convnext_serve_requests_total",
-            description="HTTP requests by endpoint, model and status code.",
+            description="Requests by endpoint, model and status code.",
             tag_keys=("endpoint", "model", "status"),
         )
         self.duration = Histogram(
             "convnext_serve_request_duration_seconds",
-            description="End-to-end request latency in the gateway.",
+            description="End-to-end request latency in the server replica.",
             boundaries=LATENCY_BUCKETS,
             tag_keys=("endpoint", "model"),
         )
@@ -38,7 +39,7 @@ class GatewayMetrics:
         )
         self.in_flight = Gauge(
             "convnext_serve_in_flight_requests",
-            description="Requests being handled by this gateway replica.",
+            description="Requests being handled by this server replica.",
             tag_keys=("endpoint",),
         )
 
@@ -79,5 +80,6 @@ class ModelMetrics:
 
 
 @cache
-def gateway_metrics() -> GatewayMetrics:
-    return GatewayMetrics()
+def request_metrics() -> RequestMetrics:
+    """The request metrics of this process (Ray's metrics are registered once a process)."""
+    return RequestMetrics()

@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError
 
-from .config import GatewayConfig
+from .config import ServerConfig
 from .errors import ImageTooLarge, InvalidParameter
 
 # The protocol's datatypes this service reads or writes, as numpy types (BYTES: Python bytes).
-DTYPES = {
+TENSOR_DTYPES = {
     "BOOL": np.bool_,
     "UINT8": np.uint8,
     "UINT16": np.uint16,
@@ -146,7 +146,7 @@ def model_metadata(name: str, task: Any, meta: Any) -> dict[str, Any]:
     }
 
 
-def the_input(inputs: list[RequestInput], model: str) -> RequestInput:
+def model_input(inputs: list[RequestInput], model: str) -> RequestInput:
     """The request's one input, named and typed as the model's inputs say."""
     if len(inputs) != 1:
         raise InvalidParameter(
@@ -204,7 +204,7 @@ def parse_request(body: bytes, header_length: str | None) -> tuple[InferenceRequ
     return request, binary
 
 
-def images_of(tensor: RequestInput, data: bytes | None, limits: GatewayConfig) -> list[Any]:
+def tensor_images(tensor: RequestInput, data: bytes | None, limits: ServerConfig) -> list[Any]:
     """The images of an input: encoded bytes from a `BYTES [N]` tensor (JSON: base64
     strings), or HWC uint8 arrays from a `UINT8 [N, H, W, 3]` tensor, within the limits."""
     shape = tensor.shape
@@ -315,7 +315,7 @@ def _first_line(error: Exception) -> str:
 # -------------------------------------------------------------------------- responses
 
 
-def answer(
+def response_body(
     model: str,
     version: str,
     request: InferenceRequest,
@@ -325,12 +325,7 @@ def answer(
     """The response body to `request` from the model's output `tensors` (the outputs it asked
     for, else all; binary where asked), and the JSON header's length when any is binary."""
     wanted = request.outputs or []
-    for output in wanted:
-        if output.name not in tensors:
-            raise InvalidParameter(
-                f"model {model!r} has no output {output.name!r} here; it has {list(tensors)}"
-            )
-    names = [o.name for o in wanted] or list(tensors)
+    names = output_names(model, [o.name for o in wanted], tensors)
     all_binary = bool((request.parameters or {}).get("binary_data_output", False))
     asked = {o.name: o.parameters or {} for o in wanted}
     binary = {n for n in names if asked.get(n, {}).get("binary_data", all_binary)}
@@ -344,6 +339,16 @@ def answer(
         ],
     )
     return _encode(response, tensors, binary)
+
+
+def output_names(model: str, asked: list[str], tensors: dict[str, Any]) -> list[str]:
+    """The outputs to answer: those asked for, each one the model has here, else all."""
+    for name in asked:
+        if name not in tensors:
+            raise InvalidParameter(
+                f"model {model!r} has no output {name!r} here; it has {list(tensors)}"
+            )
+    return list(asked) or list(tensors)
 
 
 def tensor_shape(value: np.ndarray | list) -> list[int]:
@@ -373,7 +378,7 @@ def _encode(
 def raw_tensor(value: np.ndarray | list, datatype: str) -> bytes:
     if datatype == "BYTES":
         return b"".join(struct.pack("<I", len(v)) + v for v in _flat_bytes(value))
-    return np.ascontiguousarray(value, dtype=DTYPES[datatype]).tobytes()
+    return np.ascontiguousarray(value, dtype=TENSOR_DTYPES[datatype]).tobytes()
 
 
 def _flat_bytes(value: np.ndarray | list) -> list[bytes]:

@@ -1,8 +1,9 @@
-"""The HTTP API (docs/serving-api.md): thin route handlers over the server replica.
+"""The HTTP API (docs/serving-api.md): thin route handlers over the replica's data plane.
 
-Each handler parses its query parameters (FastAPI), asks the server (`request.app.state.server`,
-see `service.app.Server`) to run the request's images through the model, and shapes the answer
-with the task's adapter. Errors are raised as `service.errors` types and answered in one place.
+Each handler parses its query parameters (FastAPI), asks the data plane
+(`service.data_plane`, the app's `state.plane`) for the model and to run the request's images
+through it, and shapes the answer with the task's adapter. Errors are raised as
+`service.errors` types and answered in one place. `make_api` builds the app of one replica.
 """
 
 from __future__ import annotations
@@ -13,14 +14,17 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
-from fastapi import FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from models.images import decode_image
 
 from . import render as draw
+from .body import read_images
+from .data_plane import DataPlane
 from .errors import install_error_handlers, response_for
 from .guard import GuardMiddleware
+from .host import ModelHost
 from .schemas import (
     ClassifyResponse,
     DetectResponse,
@@ -55,7 +59,7 @@ IMAGE_BODY = {
     }
 }
 
-ERRORS: dict[int | str, dict[str, Any]] = {
+V1_ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": text}
     for status, text in [
         (400, "invalid_image, invalid_multipart"),
@@ -73,87 +77,81 @@ PNG: dict[int | str, dict[str, Any]] = {
     200: {"content": {"image/png": {}}, "description": "JSON, or a PNG with render / format=png"}
 }
 
-api = FastAPI(
-    title="convnext-serve",
-    description="ConvNeXt classification, detection (Mask R-CNN) and segmentation (UperNet). "
-    "Send images as multipart `image` fields (one or more) or as a raw `image/*` body.",
-    version="1",
+DESCRIPTION = (
+    "ConvNeXt classification, detection (Mask R-CNN) and segmentation (UperNet). "
+    "Send images as multipart `image` fields (one or more) or as a raw `image/*` body."
 )
 MODEL = Query(None, description="model name (default: the first of the task)")
 
-# The server replica of this process. Not `api.state`: Serve runs a copy of the app object
-# (made when the deployment is defined), while this module and its functions are the same.
-_server_of_this_process: Any = None
+router = APIRouter()
 
 
-def attach(server: Any) -> None:
-    global _server_of_this_process
-    _server_of_this_process = server
+def make_api(plane: DataPlane) -> FastAPI:
+    """The HTTP app of one server replica: `/v1`, the page, health, the Open Inference
+    Protocol's REST routes, the guard in front and the errors answered in one place."""
+    api = FastAPI(title="convnext-serve", description=DESCRIPTION, version="1")
+    api.state.plane = plane
+    install_error_handlers(api)
+    api.include_router(router)
+    api.include_router(v2_router)  # the Open Inference Protocol (`service/v2.py`)
+    api.add_middleware(GuardMiddleware, plane=plane, lane=fast_lane)
+    return api
 
 
-def current_server() -> Any:
-    return _server_of_this_process
+def plane_of(request: Request) -> DataPlane:
+    return request.app.state.plane
 
 
-def _server(_: Request) -> Any:
-    return _server_of_this_process
+PLANE = Depends(plane_of)
 
 
-install_error_handlers(api)
-api.include_router(v2_router)  # the Open Inference Protocol (`service/v2.py`)
+def model_for(request: Request, plane: DataPlane, task: str, name: str | None) -> ModelHost:
+    """The task's model the request names, noted for the request metrics."""
+    host = plane.model(task, name)
+    request.state.model = host.name
+    return host
 
 
 PAGE = (Path(__file__).resolve().parent / "page" / "index.html").read_text()
 
 
-@api.get("/", include_in_schema=False, response_class=HTMLResponse)
+@router.get("/", include_in_schema=False, response_class=HTMLResponse)
 async def page() -> HTMLResponse:
     """The page for people: pick or drop images, see the answers drawn (`service/page`)."""
     return HTMLResponse(PAGE)
 
 
-@api.get("/healthz", summary="Liveness: 200 while the process serves", response_model=Health)
+@router.get("/healthz", summary="Liveness: 200 while the process serves", response_model=Health)
 async def healthz() -> dict:
     return {"status": "ok"}
 
 
-@api.get(
+@router.get(
     "/readyz",
     summary="Readiness: 200 when every model is loaded and warmed up",
     response_model=Readiness,
     responses={503: {"model": Readiness, "description": "models still warming up"}},
 )
-async def readyz(request: Request) -> JSONResponse:
-    server = _server(request)
-    training = server.training_status()
-    extra = {"training": training} if training else {}  # not served yet: not waited for
-    pending = server.pending_models()
-    if pending:
-        return JSONResponse(
-            {"status": "starting", "waiting_for": pending, **extra}, status_code=503
-        )
-    return JSONResponse({"status": "ready", "models": sorted(server.hosts), **extra})
+async def readyz(plane: DataPlane = PLANE) -> JSONResponse:
+    ready, body = plane.readiness()
+    return JSONResponse(body, status_code=200 if ready else 503)
 
 
-@api.get(
+@router.get(
     "/v1/models",
     summary="Every served model with its metadata and serving settings",
     response_model=ModelsResponse,
 )
-async def models(request: Request) -> dict:
-    server = _server(request)
-    return {
-        "models": [host.describe() for host in server.hosts.values()],
-        "training": server.training_status(),
-    }
+async def models(plane: DataPlane = PLANE) -> dict:
+    return plane.listing()
 
 
-@api.post(
+@router.post(
     "/v1/classify",
     summary="Top-k classes of each image",
     openapi_extra=IMAGE_BODY,
     response_model=ClassifyResponse,
-    responses=ERRORS,
+    responses=V1_ERRORS,
 )
 async def classify(
     request: Request,
@@ -164,19 +162,19 @@ async def classify(
 
 
 async def classify_answer(request: Request, model: str | None, top_k: int) -> dict:
-    server = _server(request)
-    host = server.model_for(request, "classify", model)
-    images = await server.images(request)
-    outputs = await server.run(host, images, ClassifyOptions(top_k))
+    plane = plane_of(request)
+    host = model_for(request, plane, "classify", model)
+    images = await read_images(request, plane.config)
+    outputs = await plane.infer(host, images, ClassifyOptions(top_k))
     return {"model": host.name, "results": [host.task.result(host.meta, out) for out in outputs]}
 
 
 def fast_lane(scope: dict) -> Callable[[dict, Any, Any], Awaitable[None]] | None:
-    """The handler of the hot path, `POST /v1/classify` with a query the route takes as it is
-    (`model`, `top_k` from 1 to TOP_K_MAX): the route's own code, called from the guard past
-    FastAPI's routing, parameter injection and exception middleware (two fifths of the event
-    loop's time a request). Any other request (None) takes the full route, which also words
-    the errors of its parameters."""
+    """The handler of the route the table marks `fast`, `POST /v1/classify`, when its query is
+    one the route takes as it is (`model`, `top_k` from 1 to TOP_K_MAX): the route's own code,
+    called from the guard past FastAPI's routing, parameter injection and exception middleware
+    (most of the event loop's own time a request). Any other request (None) takes the full
+    route, which also words the errors of its parameters."""
     if scope["path"] != "/v1/classify" or scope["method"] != "POST":
         return None
     model, top_k = None, 5
@@ -192,7 +190,8 @@ def fast_lane(scope: dict) -> Callable[[dict, Any, Any], Awaitable[None]] | None
 
     async def handle(scope: dict, receive: Any, send: Any) -> None:
         try:
-            response = JSONResponse(await classify_answer(Request(scope, receive), model, top_k))
+            request = Request(scope, receive)
+            response = JSONResponse(await classify_answer(request, model, top_k))
         except Exception as e:  # as the full route's handlers answer them
             response = response_for(e, scope["path"])
         await response(scope, receive, send)
@@ -200,15 +199,12 @@ def fast_lane(scope: dict) -> Callable[[dict, Any, Any], Awaitable[None]] | None
     return handle
 
 
-api.add_middleware(GuardMiddleware, server=current_server, lane=fast_lane)
-
-
-@api.post(
+@router.post(
     "/v1/detect",
     summary="Boxes, classes, scores and instance masks (COCO RLE)",
     openapi_extra=IMAGE_BODY,
     response_model=DetectResponse,
-    responses={**ERRORS, **PNG},
+    responses={**V1_ERRORS, **PNG},
 )
 async def detect(
     request: Request,
@@ -217,12 +213,12 @@ async def detect(
     max_detections: int = Query(100, ge=1, le=1000),
     masks: bool = Query(True, description="include instance masks"),
     render: bool = Query(False, description="answer an image/png with the result drawn"),
+    plane: DataPlane = PLANE,
 ) -> Response:
-    server = _server(request)
-    host = server.model_for(request, "detect", model)
-    images = await server.images(request, single=render)
+    host = model_for(request, plane, "detect", model)
+    images = await read_images(request, plane.config, single=render)
     options = DetectOptions(score_threshold, max_detections, masks or render)
-    outputs = await server.run(host, images, options)
+    outputs = await plane.infer(host, images, options)
     results = [host.task.result(host.meta, out) for out in outputs]
     if render:
         png = await asyncio.to_thread(_render_detections, images[0], results[0], host.meta)
@@ -230,23 +226,23 @@ async def detect(
     return JSONResponse({"model": host.name, "results": results})
 
 
-@api.post(
+@router.post(
     "/v1/segment",
     summary="A class id for every pixel",
     openapi_extra=IMAGE_BODY,
     response_model=SegmentResponse,
-    responses={**ERRORS, **PNG},
+    responses={**V1_ERRORS, **PNG},
 )
 async def segment(
     request: Request,
     model: str | None = MODEL,
     format: str = Query("json", pattern="^(json|png)$", description="json or png"),
     render: bool = Query(False, description="answer an image/png with the map drawn"),
+    plane: DataPlane = PLANE,
 ) -> Response:
-    server = _server(request)
-    host = server.model_for(request, "segment", model)
-    images = await server.images(request, single=render or format == "png")
-    maps = await server.run(host, images, SegmentOptions())
+    host = model_for(request, plane, "segment", model)
+    images = await read_images(request, plane.config, single=render or format == "png")
+    maps = await plane.infer(host, images, SegmentOptions())
     if render:
         png = await asyncio.to_thread(_render_segmentation, images[0], maps[0], host.meta)
         return Response(png, media_type="image/png")

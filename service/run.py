@@ -1,13 +1,14 @@
 """`convnext-serve run`: a local Ray, the Serve application from a config file, until Ctrl-C.
 
 The config is a standard Ray Serve config (the same file `serve deploy` and KubeRay take); it is
-deployed through Serve's own config path, so `deployments:` overrides in it apply too. Without a
-config the three demo models are served (trained once on first use).
+deployed through Serve's own config path (`deploy`), so `deployments:` overrides in it apply
+too. Without a config the three demo models are served (trained once on first use).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import signal
@@ -80,8 +81,50 @@ def front_rules(config: dict[str, Any]) -> FrontRules:
     apps = app_configs(config)
     if not apps:
         return FrontRules(shed_at=None)
-    gateway = apps[0].gateway
-    return FrontRules(apps[0].server_capacity(), gateway.retry_after_s, gateway.body_timeout_s)
+    limits = apps[0].server
+    return FrontRules(apps[0].server_capacity(), limits.retry_after_s, limits.body_timeout_s)
+
+
+PUBLIC_DEPLOY_ENV = "CONVNEXT_SERVE_PUBLIC_DEPLOY"
+
+
+def deploy(schema: Any, grpc: bool) -> None:
+    """Start Serve with the config's HTTP options (and gRPC's, where it asks for gRPC) and
+    deploy its applications, without waiting for them to run.
+
+    Through Serve's own config path (`ray.serve._private.api`, what `serve deploy` reaches
+    through the dashboard): a config's `deployments:` overrides and `runtime_env` apply, and
+    the call returns at once, so Ctrl-C and a failing deployment are seen while it starts. Ray
+    has no public call for that on a machine without the dashboard, which `convnext-serve run`
+    does not start. Where Ray moves that module (or `CONVNEXT_SERVE_PUBLIC_DEPLOY=1`), the
+    public `serve.start` and `serve.run` of each application's builder take over: they wait
+    for each application to run, and `deployments:` overrides do not apply (it says so).
+    """
+    from ray import serve
+
+    options = {"http_options": schema.http_options.model_dump()}
+    options["proxy_location"] = schema.proxy_location
+    if grpc:
+        options["grpc_options"] = schema.grpc_options.model_dump()
+    why = f"{PUBLIC_DEPLOY_ENV}=1"
+    if os.environ.get(PUBLIC_DEPLOY_ENV) != "1":
+        try:
+            from ray.serve._private import api as serve_api
+
+            serve_api.serve_start(**options).deploy_apps(schema, _blocking=False)
+            return
+        except (ImportError, AttributeError) as e:  # moved in this version of Ray
+            why = repr(e)
+    print(f"convnext-serve: deploying with serve.run ({why})", file=sys.stderr, flush=True)
+    serve.start(**options)
+    for app in schema.applications:
+        if app.deployments:
+            note = f"{app.name}: `deployments:` overrides do not apply with serve.run"
+            print(f"convnext-serve: {note}", file=sys.stderr)
+        module, _, attr = app.import_path.replace(":", ".").rpartition(".")
+        builder = getattr(importlib.import_module(module), attr)
+        target = builder if isinstance(builder, serve.Application) else builder(app.args)
+        serve.run(target, name=app.name, route_prefix=app.route_prefix)
 
 
 def _deploy_failure() -> str | None:
@@ -127,7 +170,7 @@ def _wait_ready(url: str, timeout_s: float, proc_alive) -> tuple[bool, str | Non
     return False, None
 
 
-def run(
+def serve_until_stopped(
     config_path: str | None,
     host: str | None,
     port: int | None,
@@ -167,11 +210,10 @@ def run(
             config = background.config()
 
     import ray
-    from ray.serve._private import api as serve_api
     from ray.serve.schema import ServeDeploySchema
 
     schema = ServeDeploySchema.model_validate(config)
-    # Logical CPUs: the gateway and every model replica must fit on a small machine too.
+    # Logical CPUs: every server replica must fit on a small machine too.
     cpus = num_cpus or max(4, os.cpu_count() or 1)
     ray.init(
         num_cpus=cpus,
@@ -192,17 +234,13 @@ def run(
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
-        # gRPC (the Open Inference Protocol's service, `service/grpc_api.py`) where the
-        # config asks for it with `grpc_options`
-        grpc = (
-            {"grpc_options": schema.grpc_options.model_dump()} if "grpc_options" in config else {}
-        )
-        client = serve_api.serve_start(
-            http_options=schema.http_options.model_dump(),
-            proxy_location=schema.proxy_location,
-            **grpc,
-        )
-        client.deploy_apps(schema, _blocking=False)
+        try:
+            deploy(schema, grpc="grpc_options" in config)
+        except RuntimeError as e:  # the public fallback waits for the deployment, and raises
+            failed = True
+            reason = _deploy_failure() or f"the application failed to deploy: {e}"
+            print(f"convnext-serve: {reason}", file=sys.stderr, flush=True)
+            return 1
         shown_host = "127.0.0.1" if http["host"] in ("0.0.0.0", "::") else http["host"]
         url = f"http://{shown_host}:{http['port']}"
         print(f"convnext-serve: starting at {url} (metrics at :{metrics_port}) ...", flush=True)

@@ -36,11 +36,11 @@ from models.images import ImageError, decode_image, orient_chw, read_header
 from models.presets import preset_for
 
 from .config import ModelConfig
-from .tasks import TASKS
+from .tasks import ADAPTERS
 
 log = logging.getLogger("ray.serve")
 
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class UnsupportedPrecision(ValueError):
@@ -72,7 +72,7 @@ def pick_device(config: ModelConfig) -> torch.device:
 
 
 @dataclass
-class Entry:
+class BatchItem:
     """One image to run: encoded bytes, or RGB pixels (H, W, 3) uint8; and its options."""
 
     data: bytes | np.ndarray
@@ -123,7 +123,7 @@ class ModelRunner:
             model, self.meta = load_checkpoint(resolve_checkpoint(config.checkpoint), self.device)
         except CheckpointError as e:  # the replica fails with this: name the model it was
             raise ModelLoadError(f"model {config.name!r}: {e}") from None
-        self.task = TASKS[self.meta.task]
+        self.task = ADAPTERS[self.meta.task]
         self.preset = preset_for(self.meta)
         # On a GPU, classification batches are padded up to a few bucket sizes, all warmed up,
         # so cuDNN's autotuner sees every shape before the first request and never again;
@@ -134,7 +134,7 @@ class ModelRunner:
         if bucketed:
             torch.backends.cudnn.benchmark = True
         self.model = model.to(memory_format=torch.channels_last)
-        dtype = DTYPES[config.precision]
+        dtype = AUTOCAST_DTYPES[config.precision]
         if dtype is not None and self.device.type == "cpu":
             dtype = torch.bfloat16  # fp16 kernels are slow or missing on CPUs
             reason = bf16_unsupported_reason()
@@ -161,13 +161,13 @@ class ModelRunner:
 
     # ------------------------------------------------------------------------- running
 
-    def run(self, entries: list[Entry]) -> list[Any]:
+    def run_batch(self, entries: list[BatchItem]) -> list[Any]:
         """Results (or `ImageError`s) for a batch, in order (blocking)."""
         return self.submit(entries).result()[1]
 
-    def submit(self, entries: list[Entry]) -> Future:
+    def submit(self, entries: list[BatchItem]) -> Future:
         """Prepare and run a batch in one step on the inference thread (no pipelining); the
-        future holds (the prepared batch, `run`'s results)."""
+        future holds (the prepared batch, its results)."""
 
         def both() -> tuple[Prepared, list[Any]]:
             prepared = self.prepare(entries)
@@ -175,7 +175,7 @@ class ModelRunner:
 
         return INFERENCE_THREAD.submit(both)
 
-    def submit_prepare(self, entries: list[Entry]) -> Future:
+    def submit_prepare(self, entries: list[BatchItem]) -> Future:
         """`prepare` on the preparing thread (CUDA) or the inference thread (CPU)."""
         return (self._prepare_thread or INFERENCE_THREAD).submit(self.prepare, entries)
 
@@ -201,7 +201,7 @@ class ModelRunner:
         outputs = []
         if prepared.images:
             with self._autocast():
-                outputs = self.task.run(self, prepared.images, prepared.sizes, prepared.options)
+                outputs = self.task.predict(self, prepared.images, prepared.sizes, prepared.options)
         prepared.forward_seconds = time.perf_counter() - started
         results, it = [], iter(outputs)
         for i in range(len(prepared.options) + len(prepared.errors)):
@@ -211,7 +211,7 @@ class ModelRunner:
     # ----------------------------------------------------------------------- preparing
 
     @torch.inference_mode()
-    def prepare(self, entries: list[Entry]) -> Prepared:
+    def prepare(self, entries: list[BatchItem]) -> Prepared:
         """Decode and preprocess a batch; each entry's failure is kept in `errors`."""
         if self.device.type == "cuda":
             with torch.cuda.stream(self._stream):
@@ -223,7 +223,7 @@ class ModelRunner:
         self._use_threads()
         return self._prepare(entries, {})
 
-    def _prepare(self, entries: list[Entry], on_gpu: dict[int, Any]) -> Prepared:
+    def _prepare(self, entries: list[BatchItem], on_gpu: dict[int, Any]) -> Prepared:
         out = Prepared()
         for i, entry in enumerate(entries):
             started = time.perf_counter()
@@ -257,7 +257,7 @@ class ModelRunner:
             image = image.pin_memory().to(self.device, non_blocking=True)
         return image, (int(size[0]), int(size[1]))
 
-    def _gpu_decoded(self, entries: list[Entry]) -> dict[int, Any]:
+    def _gpu_decoded(self, entries: list[BatchItem]) -> dict[int, Any]:
         """{entry index: (upright image on the GPU, (H, W))} for the plain JPEGs of a batch,
         decoded in one nvJPEG call; the rest (and a batch nvJPEG refuses) go to Pillow."""
         headers = {}
@@ -307,7 +307,7 @@ class ModelRunner:
             pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
             buf = io.BytesIO()
             Image.fromarray(pixels).save(buf, "JPEG", quality=90)
-            entry = Entry(buf.getvalue(), options)
+            entry = BatchItem(buf.getvalue(), options)
             for bucket in self.buckets or [n]:
                 self.forward(self.prepare([entry] * bucket))
 

@@ -1,6 +1,6 @@
 """One adapter per task: its per-image options, its batch call, and its JSON answer.
 
-The runtime and the routes know tasks only through these: `run` takes a batch of preprocessed
+The runtime and the routes know tasks only through these: `predict` takes a batch of preprocessed
 uint8 images (on the model's device) with each image's options and original size, and
 `result` turns one image's output into its entry of the response's `results`.
 """
@@ -46,7 +46,7 @@ class Task:
     name: ClassVar[str]
     options: ClassVar[type]
 
-    def run(
+    def predict(
         self,
         runner: Any,
         images: list[torch.Tensor],
@@ -78,7 +78,7 @@ class Task:
 class Classify(Task):
     name, options = "classify", ClassifyOptions
 
-    def run(self, runner, images, sizes, options) -> list[list[tuple[int, float]]]:
+    def predict(self, runner, images, sizes, options) -> list[list[tuple[int, float]]]:
         batch = torch.stack(images)
         bucket = next((b for b in runner.buckets if b >= len(images)), len(images))
         if bucket > len(images):  # zero images up to a warmed-up batch size
@@ -122,7 +122,7 @@ class Classify(Task):
 class Detect(Task):
     name, options = "detect", DetectOptions
 
-    def run(self, runner, images, sizes, options) -> list[Detections]:
+    def predict(self, runner, images, sizes, options) -> list[Detections]:
         return detect(
             runner.model,
             images,
@@ -188,7 +188,7 @@ class Detect(Task):
 class Segment(Task):
     name, options = "segment", SegmentOptions
 
-    def run(self, runner, images, sizes, options) -> list[np.ndarray]:
+    def predict(self, runner, images, sizes, options) -> list[np.ndarray]:
         maps = segment(
             runner.model,
             images,
@@ -251,4 +251,4 @@ def _parameter(
     return value
 
 
-TASKS: dict[str, Task] = {t.name: t for t in (Classify(), Detect(), Segment())}
+ADAPTERS: dict[str, Task] = {t.name: t for t in (Classify(), Detect(), Segment())}

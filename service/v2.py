@@ -18,7 +18,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from .body import read_body
-from .config import GatewayConfig
+from .config import ServerConfig
+from .data_plane import DataPlane
 from .protocol import (
     EXTENSIONS,
     INFER_EXAMPLE,
@@ -31,14 +32,14 @@ from .protocol import (
     ProtocolError,
     Ready,
     ServerMetadata,
-    answer,
-    images_of,
+    model_input,
     model_metadata,
     parse_request,
-    the_input,
+    response_body,
+    tensor_images,
 )
 
-ERRORS: dict[int | str, dict[str, Any]] = {
+V2_ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ProtocolError, "description": text}
     for status, text in [
         (400, "not ready (readiness routes)"),
@@ -64,13 +65,11 @@ INFER_BODY = {
     }
 }
 
-router = APIRouter(prefix="/v2", tags=["Open Inference Protocol"], responses=ERRORS)
+router = APIRouter(prefix="/v2", tags=["Open Inference Protocol"], responses=V2_ERRORS)
 
 
-def _server(request: Request) -> Any:
-    from .routes import current_server
-
-    return current_server()
+def _plane(request: Request) -> DataPlane:
+    return request.app.state.plane
 
 
 def _not_ready(body: dict) -> JSONResponse:
@@ -85,7 +84,7 @@ async def live() -> dict:
 
 @router.get("/health/ready", summary="Readiness: every model warmed up", response_model=Ready)
 async def ready(request: Request) -> JSONResponse:
-    is_ready = not _server(request).pending_models()
+    is_ready = not _plane(request).pending()
     return JSONResponse({"ready": True}) if is_ready else _not_ready({"ready": False})
 
 
@@ -97,14 +96,14 @@ async def server_metadata() -> dict:
 @router.get("/models/{name}", summary="Model metadata", response_model=ModelMetadata)
 @router.get("/models/{name}/versions/{version}", include_in_schema=False)
 async def get_model_metadata(request: Request, name: str, version: str | None = None) -> dict:
-    host = _server(request).model_named(name, version)
+    host = _plane(request).models.named(name, version)
     return model_metadata(host.name, host.task, host.meta)
 
 
 @router.get("/models/{name}/ready", summary="Model readiness", response_model=ModelReady)
 @router.get("/models/{name}/versions/{version}/ready", include_in_schema=False)
 async def model_ready(request: Request, name: str, version: str | None = None) -> JSONResponse:
-    host = _server(request).model_named(name, version)
+    host = _plane(request).models.named(name, version)
     body = {"name": host.name, "ready": host.ready}
     return JSONResponse(body) if host.ready else _not_ready(body)
 
@@ -117,18 +116,19 @@ async def model_ready(request: Request, name: str, version: str | None = None) -
 )
 @router.post("/models/{name}/versions/{version}/infer", include_in_schema=False)
 async def infer(request: Request, name: str, version: str | None = None) -> Response:
-    server = _server(request)
-    host = server.model_for(request, None, name, version)
-    body = await read_body(request, server.config)
+    plane = _plane(request)
+    host = plane.model(None, name, version)
+    request.state.model = host.name
+    body = await read_body(request, plane.config)
     header_length = request.headers.get("inference-header-content-length")
     # a large JSON body takes a while to parse: off the event loop, where other requests wait
-    parse = functools.partial(_request_images, body, header_length, host.name, server.config)
+    parse = functools.partial(_request_images, body, header_length, host.name, plane.config)
     infer_request, images = parse() if len(body) < LARGE_BODY else await asyncio.to_thread(parse)
     options = host.task.options_from(infer_request.parameters or {})
-    outputs = await server.run(host, images, options)
+    outputs = await plane.infer(host, images, options)
     tensors = host.task.tensors(host.meta, outputs, options)
     datatypes = {n: d for n, d, _ in host.task.tensor_outputs(host.meta)}
-    content, header_length = answer(host.name, VERSION, infer_request, tensors, datatypes)
+    content, header_length = response_body(host.name, VERSION, infer_request, tensors, datatypes)
     if header_length is None:
         return Response(content, media_type="application/json")
     return Response(
@@ -142,9 +142,9 @@ LARGE_BODY = 1 << 20
 
 
 def _request_images(
-    body: bytes, header_length: str | None, model: str, config: GatewayConfig
+    body: bytes, header_length: str | None, model: str, config: ServerConfig
 ) -> tuple[InferenceRequest, list]:
     """The request and its images, every inconsistency the client's error."""
     infer_request, binary = parse_request(body, header_length)
-    tensor = the_input(infer_request.inputs, model)
-    return infer_request, images_of(tensor, binary.get(tensor.name), config)
+    tensor = model_input(infer_request.inputs, model)
+    return infer_request, tensor_images(tensor, binary.get(tensor.name), config)

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.config import ModelConfig
-from service.runtime import Entry, ModelRunner
-from service.tasks import TASKS
+from service.runtime import BatchItem, ModelRunner
+from service.tasks import ADAPTERS
 
 from .drawn_shapes import KINDS, Drawn, box_iou, box_of
 
@@ -25,8 +25,8 @@ def runner_for(checkpoint, name: str = "heldout") -> ModelRunner:
 
 
 def outputs(runner: ModelRunner, drawn: list[Drawn], **options) -> list:
-    task = TASKS[runner.meta.task]
-    entries = [Entry(d.png(), task.options(**options)) for d in drawn]
+    task = ADAPTERS[runner.meta.task]
+    entries = [BatchItem(d.png(), task.options(**options)) for d in drawn]
     results = []
     for start in range(0, len(entries), 8):
         results += runner.run(entries[start : start + 8])

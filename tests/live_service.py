@@ -79,13 +79,13 @@ def proxy_ports_env() -> dict[str, str]:
 def run_service(
     folder: Path,
     models: list[dict],
-    gateway: dict,
+    limits: dict,
     extra: dict | None = None,
     training: list[dict] | None = None,
     env: dict[str, str] | None = None,
 ) -> Iterator[Service]:
-    """The service with these models and gateway settings (API keys on; `extra`: more of the
-    serve config; `training`: models listed as still training; `env`: more of the
+    """The service with these models and server settings (`limits`; API keys on; `extra`: more
+    of the serve config; `training`: models listed as still training; `env`: more of the
     environment), until the caller is done; fails the test with the service's log when it
     does not become ready."""
     port, metrics_port = free_port(), free_port()
@@ -96,7 +96,7 @@ def run_service(
                 "name": "convnext-serve",
                 "route_prefix": "/",
                 "import_path": "service.app:build_app",
-                "args": {"gateway": gateway, "models": models, "training": training or []},
+                "args": {"server": limits, "models": models, "training": training or []},
             }
         ],
         **(extra or {}),

@@ -9,9 +9,9 @@ from service.app import _gpus_per_replica, server_autoscaling
 from service.config import AppConfig
 
 
-def config(*models: dict, **gateway) -> AppConfig:
+def config(*models: dict, **server) -> AppConfig:
     named = [{"name": f"m{i}", "checkpoint": "demo:classify", **m} for i, m in enumerate(models)]
-    return AppConfig.from_args({"models": named, "gateway": gateway})
+    return AppConfig.from_args({"models": named, "server": server})
 
 
 def test_autoscaling_spans_the_models_and_sums_their_targets():

@@ -9,7 +9,7 @@ import pytest
 from starlette.requests import Request
 
 from service.body import read_images
-from service.config import GatewayConfig
+from service.config import ServerConfig
 from service.errors import (
     InvalidMultipart,
     InvalidParameter,
@@ -18,7 +18,7 @@ from service.errors import (
     UnsupportedMediaType,
 )
 
-CONFIG = GatewayConfig(max_body_bytes=1024, max_images_per_request=3, body_timeout_s=0.3)
+CONFIG = ServerConfig(max_body_bytes=1024, max_images_per_request=3, body_timeout_s=0.3)
 
 
 def request(body: bytes, content_type: str | None, chunk: int = 64, pause_s: float = 0.0):

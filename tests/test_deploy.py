@@ -418,7 +418,7 @@ def pod_templates(service: dict) -> list[dict]:
 
 def test_core_objects_match_kubernetes_schemas(objects):
     """Kubernetes' own schemas for the core objects, also those inside the RayService: the
-    gateway Service and every Ray pod template (as KubeRay passes them on to Kubernetes)."""
+    serving Service and every Ray pod template (as KubeRay passes them on to Kubernetes)."""
     import kubernetes_validate
 
     service = one(objects, "RayService")

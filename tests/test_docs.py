@@ -15,11 +15,11 @@ from pathlib import Path
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from service.config import GatewayConfig, ModelConfig, TrainingModel
+from service.config import ModelConfig, ServerConfig, TrainingModel
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "configuration.md"
-TABLES = {"models": ModelConfig, "gateway": GatewayConfig, "training": TrainingModel}
+TABLES = {"models": ModelConfig, "server": ServerConfig, "training": TrainingModel}
 
 
 def _type(annotation) -> str:
@@ -50,7 +50,7 @@ def config_table(model: type[BaseModel], env_prefix: str | None = None) -> str:
 def tables() -> dict[str, str]:
     return {
         "models": config_table(ModelConfig),
-        "gateway": config_table(GatewayConfig, "CONVNEXT_SERVE_"),
+        "server": config_table(ServerConfig, "CONVNEXT_SERVE_"),
         "training": config_table(TrainingModel),
     }
 

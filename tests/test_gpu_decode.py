@@ -11,7 +11,7 @@ from PIL import Image
 from models import build_model, save_checkpoint
 from models.checkpoint import CheckpointMeta, Provenance
 from service.config import ModelConfig
-from service.runtime import Entry, ModelRunner
+from service.runtime import BatchItem, ModelRunner
 from service.tasks import ClassifyOptions, DetectOptions
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -59,7 +59,7 @@ IMAGES = [
 def test_gpu_prepare_matches_the_cpu_geometry(tmp_path, task):
     cpu, gpu = runners(tmp_path, task)
     options = ClassifyOptions() if task == "classify" else DetectOptions()
-    entries = [Entry(data, options) for data in IMAGES]
+    entries = [BatchItem(data, options) for data in IMAGES]
     a, b = cpu.prepare(entries), gpu.prepare(entries)
     torch.cuda.synchronize()
     assert not a.errors and not b.errors
@@ -72,7 +72,7 @@ def test_gpu_prepare_matches_the_cpu_geometry(tmp_path, task):
 
 def test_gpu_batch_runs_with_a_bad_image_failing_alone(tmp_path):
     cpu, gpu = runners(tmp_path, "classify")
-    entries = [Entry(d, ClassifyOptions(2)) for d in (IMAGES[0], IMAGES[0][:300], IMAGES[1])]
+    entries = [BatchItem(d, ClassifyOptions(2)) for d in (IMAGES[0], IMAGES[0][:300], IMAGES[1])]
     results = gpu.forward(gpu.prepare(entries))
     assert isinstance(results[1], ValueError) and results[1].code == "invalid_image"
     expected = cpu.forward(cpu.prepare(entries))

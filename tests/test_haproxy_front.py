@@ -138,7 +138,7 @@ def test_the_limit_is_what_a_server_replica_holds():
     model = {"checkpoint": "demo:classify", "max_ongoing_requests": 8, "max_queued_requests": 8}
     args = {"models": [{"name": "a", **model}, {"name": "b", **model}]}
     assert AppConfig.from_args(args).server_capacity() == 32
-    args["gateway"] = {"max_in_flight": 20, "retry_after_s": 3, "body_timeout_s": 7}
+    args["server"] = {"max_in_flight": 20, "retry_after_s": 3, "body_timeout_s": 7}
     assert AppConfig.from_args(args).server_capacity() == 20
     unbounded = {"models": [{"name": "a", "checkpoint": "x", "max_queued_requests": -1}]}
     assert AppConfig.from_args(unbounded).server_capacity() == 256

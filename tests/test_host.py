@@ -20,7 +20,7 @@ from models.checkpoint import CheckpointMeta, Provenance
 from service.config import ModelConfig
 from service.errors import ModelUnavailable
 from service.host import ModelHost
-from service.runtime import Entry
+from service.runtime import BatchItem
 from service.tasks import ClassifyOptions
 
 MAX_PIXELS = 10_000_000
@@ -53,7 +53,7 @@ def host_of(checkpoint, **settings) -> ModelHost:
 
 
 def ask(host: ModelHost, image: bytes) -> list:
-    return asyncio.run(host.run([Entry(image, ClassifyOptions())], timeout_s=120))
+    return asyncio.run(host.infer([BatchItem(image, ClassifyOptions())], timeout_s=120))
 
 
 def test_a_request_during_the_warm_up_waits_for_it_and_is_answered(classifier):
@@ -68,7 +68,7 @@ def test_a_request_during_the_warm_up_waits_for_it_and_is_answered(classifier):
     assert not host.ready
 
     async def during_warm_up():
-        answer = asyncio.create_task(host.run([Entry(png(), ClassifyOptions())], 120))
+        answer = asyncio.create_task(host.infer([BatchItem(png(), ClassifyOptions())], 120))
         await asyncio.sleep(0)  # the request has started and waits
         assert not answer.done() and not host.warm.done()
         return await answer
@@ -86,7 +86,7 @@ def _failing_warm_up(checkpoint, tmp_path) -> dict:
         from service.config import ModelConfig
         from service.errors import ServiceError
         from service.host import ModelHost
-        from service.runtime import Entry
+        from service.runtime import BatchItem
         from service.tasks import ClassifyOptions
 
         config = ModelConfig(name="m", checkpoint={str(checkpoint)!r}, compile=True,
@@ -94,7 +94,7 @@ def _failing_warm_up(checkpoint, tmp_path) -> dict:
         host = ModelHost(config, {MAX_PIXELS}, retry_after_s=3)
         host.start_warmup()
         try:
-            asyncio.run(host.run([Entry(b"", ClassifyOptions())], 120))
+            asyncio.run(host.infer([BatchItem(b"", ClassifyOptions())], 120))
             answer = None
         except ServiceError as e:
             answer = [e.status, e.code, e.message, e.headers]

@@ -153,18 +153,18 @@ def test_orient_chw_turns_a_tensor_as_pillow_turns_the_image(orientation):
 def test_training_reads_the_pixels_the_service_decodes(tmp_path):
     """One decoder: a dataset image (EXIF-rotated, with alpha) becomes the same pixels in
     training and evaluation as in a request; annotations made on the stored pixels keep them."""
-    from models.data import read_image
+    from models.data import read_tv_image
 
     data, _ = _exif_rotated_jpeg(6)  # stored 60x40, upright 40x60
     (tmp_path / "r.jpg").write_bytes(data)
     served = decode(data, BIG).pixels
-    assert np.array_equal(read_image(tmp_path / "r.jpg").permute(1, 2, 0).numpy(), served)
-    stored = read_image(tmp_path / "r.jpg", match_size=(40, 60))  # an annotation 40 high
+    assert np.array_equal(read_tv_image(tmp_path / "r.jpg").permute(1, 2, 0).numpy(), served)
+    stored = read_tv_image(tmp_path / "r.jpg", match_size=(40, 60))  # an annotation 40 high
     assert tuple(stored.shape) == (3, 40, 60)
     rgba = red_square("RGBA")
     rgba.putalpha(0)  # fully transparent: white, as the service composites it
     (tmp_path / "a.png").write_bytes(encode(rgba, "PNG"))
-    assert int(read_image(tmp_path / "a.png").min()) == 255
+    assert int(read_tv_image(tmp_path / "a.png").min()) == 255
 
 
 def corrupt_png() -> bytes:

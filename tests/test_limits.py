@@ -1,14 +1,18 @@
-"""The replica's own limits, where HAProxy is not in front to refuse first.
+"""The replica's own limits, where HAProxy is not in front to refuse first; and the public
+deploy path (`serve.run`) that `convnext-serve run` falls back to where Ray moves its own.
 
 Without an HAProxy binary (or with `RAY_SERVE_ENABLE_HA_PROXY=0`) `convnext-serve run` falls
 back to Ray's Python proxy; the service still answers, and the replica's in-flight limit is
-then what refuses a burst. gRPC goes through Ray's gRPC proxy either way: a model's full
-queue refuses it as it refuses HTTP.
+then what refuses a burst. gRPC goes through Ray's gRPC proxy either way, and through the same
+data plane as HTTP: the in-flight limit and a model's full queue refuse it as they refuse
+HTTP, and its requests are counted in the same metrics.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import re
+import time
 
 import numpy as np
 import pytest
@@ -45,10 +49,21 @@ def service(tmp_path_factory):
     gateway = {"max_in_flight": MAX_IN_FLIGHT, "max_body_bytes": 2_000_000}
     grpc = {"grpc_options": {"port": free_port(), "grpc_servicer_functions": [SERVICER]}}
     folder = tmp_path_factory.mktemp("limits")
-    env = {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+    # and deployed through Ray's public calls, as where Ray moves its config deployment
+    env = {"RAY_SERVE_ENABLE_HA_PROXY": "0", "CONVNEXT_SERVE_PUBLIC_DEPLOY": "1"}
     for svc in run_service(folder, models, gateway, grpc, env=env):
         svc.grpc_url = f"127.0.0.1:{grpc['grpc_options']['port']}"
         yield svc
+
+
+def test_the_public_deploy_path_serves_the_config(service):
+    """`serve.start` + `serve.run` of the config's builder (`service.run.deploy`'s fallback)
+    serve it as the config path does: the models, the HTTP options, gRPC."""
+    log = service.log_path.read_text()
+    assert "deploying with serve.run (CONVNEXT_SERVE_PUBLIC_DEPLOY=1)" in log, log[-2000:]
+    listed = requests.get(service.url + "/v1/models", headers=AUTH, timeout=10).json()
+    assert [m["name"] for m in listed["models"]] == ["colours", "regions"]
+    assert triton_grpc.InferenceServerClient(service.grpc_url).is_server_live()
 
 
 def test_without_haproxy_the_python_proxy_serves(service):
@@ -77,8 +92,9 @@ def test_the_replicas_in_flight_limit_refuses_a_burst(service):
 
 
 def test_grpc_meets_a_full_model_queue(service):
-    """A model that holds one request and queues none: of four slow gRPC requests at once,
-    one is answered and the others get UNAVAILABLE, saying the queue is full."""
+    """A model that holds one request and queues none: of two slow gRPC requests at once
+    (within the replica's in-flight limit), one is answered and the other gets UNAVAILABLE,
+    saying the queue is full."""
     image = np.array([png_rows(4000, 3000)], dtype=object)
     key = {"x-api-key": AUTH["X-API-Key"]}
 
@@ -92,9 +108,54 @@ def test_grpc_meets_a_full_model_queue(service):
         except InferenceServerException as e:
             return f"{e.status()}: {e.message()}"
 
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        answers = list(pool.map(infer, range(4)))
-    assert answers.count("ok") >= 1, answers
+    with concurrent.futures.ThreadPoolExecutor(MAX_IN_FLIGHT) as pool:
+        answers = list(pool.map(infer, range(MAX_IN_FLIGHT)))
+    assert answers.count("ok") == 1, answers
     refused = [a for a in answers if a != "ok"]
-    assert refused, answers
     assert all(a.startswith("StatusCode.UNAVAILABLE") and "full queue" in a for a in refused)
+
+
+def _grpc_counts(service) -> dict[str, float]:
+    """`convnext_serve_requests_total` of the gRPC inference endpoint, by status."""
+    counts: dict[str, float] = {}
+    for line in service.metrics().splitlines():
+        ours = line.startswith("ray_convnext_serve_requests_total{")
+        if ours and 'endpoint="grpc_infer"' in line:
+            status = re.search(r'status="(\d+)"', line).group(1)
+            counts[status] = counts.get(status, 0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def test_grpc_meets_the_replicas_in_flight_limit_and_is_counted(service):
+    """As HTTP does: six slow gRPC requests at once, `max_in_flight` of them answered and the
+    rest refused UNAVAILABLE at the in-flight limit; each counted in
+    `convnext_serve_requests_total` under `grpc_infer` with its status, 200 or 503."""
+    before = _grpc_counts(service)
+    image = np.array([png_rows(4000, 3000)], dtype=object)
+    key = {"x-api-key": AUTH["X-API-Key"]}
+
+    def infer(_) -> str:
+        client = triton_grpc.InferenceServerClient(service.grpc_url)
+        tensor = triton_grpc.InferInput("image", [1], "BYTES")
+        tensor.set_data_from_numpy(image)
+        try:
+            client.infer("colours", [tensor], headers=key, client_timeout=120)
+            return "ok"
+        except InferenceServerException as e:
+            return f"{e.status()}: {e.message()}"
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(infer, range(3 * MAX_IN_FLIGHT)))
+    refused = [a for a in answers if a != "ok"]
+    assert answers.count("ok") >= 1 and len(refused) >= 3, answers
+    assert all(
+        a.startswith("StatusCode.UNAVAILABLE") and "in-flight request limit" in a for a in refused
+    ), refused
+    deadline = time.monotonic() + 60  # the counter is reported every second, exported later
+    while time.monotonic() < deadline:
+        after = _grpc_counts(service)
+        seen = {s: after.get(s, 0) - before.get(s, 0) for s in ("200", "503")}
+        if seen == {"200": answers.count("ok"), "503": len(refused)}:
+            break
+        time.sleep(1)
+    assert seen == {"200": answers.count("ok"), "503": len(refused)}, (seen, answers)

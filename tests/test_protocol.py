@@ -282,7 +282,7 @@ def test_grpc_with_tritonclient(service):
     client = triton_grpc.InferenceServerClient(service.grpc_url)
     key = [("x-api-key", AUTH["X-API-Key"])]
     assert client.is_server_live() and client.is_server_ready()
-    assert client.is_model_ready("colours")
+    assert client.is_model_ready("colours", headers=dict(key))  # a model route: the key, as HTTP
     meta = client.get_model_metadata("boxes", headers=dict(key), as_json=True)
     assert meta["name"] == "boxes" and {t["name"] for t in meta["inputs"]} == {"image", "pixels"}
     images = [photo(c, box=BIG)[0] for c in ("red", "green", "blue")]
@@ -344,3 +344,48 @@ def test_grpc_answers_every_task_as_http_does(service, client):
             outputs=[triton_grpc.InferRequestedOutput("nonsense")],
         )
     assert grpc.is_server_live()
+
+
+def _endpoints_counted(service) -> set[str]:
+    text = service.metrics()
+    return set(re.findall(r'convnext_serve_requests_total\{[^}]*endpoint="([^"]+)"', text))
+
+
+def test_every_route_of_the_table_is_answered_by_each_protocol(service):
+    """Each path of the HTTP app answers (no 404 or 405: the table and the app agree), and each
+    RPC of the route table's gRPC entries answers over gRPC; the API ones of both are counted
+    in `convnext_serve_requests_total` under their endpoint."""
+    from service.route_table import GRPC, route_of
+    from service.routes import router
+    from service.v2 import router as v2_router
+
+    for route in [*router.routes, *v2_router.routes]:
+        path = route.path.replace("{name}", "colours").replace("{version}", "1")
+        for method in route.methods:
+            r = requests.request(method, service.url + path, headers=AUTH, timeout=60)
+            assert r.status_code not in (404, 405), (method, path, r.status_code, r.text[:200])
+    grpc = triton_grpc.InferenceServerClient(service.grpc_url)
+    key = {"x-api-key": AUTH["X-API-Key"]}
+    tensor = triton_grpc.InferInput("image", [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([photo("red", box=BIG)[0]], dtype=object))
+    calls = {
+        "ServerLive": lambda: grpc.is_server_live(headers=key),
+        "ServerReady": lambda: grpc.is_server_ready(headers=key),
+        "ModelReady": lambda: grpc.is_model_ready("colours", headers=key),
+        "ServerMetadata": lambda: grpc.get_server_metadata(headers=key),
+        "ModelMetadata": lambda: grpc.get_model_metadata("colours", headers=key),
+        "ModelInfer": lambda: grpc.infer("colours", [tensor], headers=key),
+    }
+    assert set(calls) == set(GRPC)
+    for method, call in calls.items():
+        assert call(), method
+    api_http = {
+        route_of(r.path.replace("{name}", "colours")).endpoint
+        for r in [*router.routes, *v2_router.routes]
+        if route_of(r.path.replace("{name}", "colours")).api
+    }
+    wanted = api_http | {route.endpoint for route in GRPC.values() if route.api}
+    deadline = time.monotonic() + 60  # reported every second, exported every few
+    while not wanted <= _endpoints_counted(service) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert wanted <= _endpoints_counted(service), wanted - _endpoints_counted(service)

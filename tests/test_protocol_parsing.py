@@ -14,18 +14,18 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import serialize_byte_tensor
 
-from service.config import GatewayConfig
+from service.config import ServerConfig
 from service.errors import ImageTooLarge, InvalidParameter
 from service.protocol import (
     InferenceRequest,
     RequestInput,
-    answer,
-    images_of,
+    model_input,
     parse_request,
-    the_input,
+    response_body,
+    tensor_images,
 )
 
-LIMITS = GatewayConfig(max_pixels=10_000, max_images_per_request=4)
+LIMITS = ServerConfig(max_pixels=10_000, max_images_per_request=4)
 IMAGES = [b"\x89PNG first", b"", b"\xff\xd8 third \x00 with a nul"]
 
 
@@ -47,8 +47,8 @@ def test_encoded_images_from_tritonclient(binary):
     """Binary: the images' own bytes; JSON: base64 strings (JSON has no bytes)."""
     sent = IMAGES if binary else [base64.b64encode(i).decode() for i in IMAGES]
     request, data = parse_request(*encoded([bytes_input(sent, binary)]))
-    tensor = the_input(request.inputs, "m")
-    assert images_of(tensor, data.get("image"), LIMITS) == IMAGES
+    tensor = model_input(request.inputs, "m")
+    assert tensor_images(tensor, data.get("image"), LIMITS) == IMAGES
 
 
 @pytest.mark.parametrize("binary", [True, False])
@@ -57,7 +57,7 @@ def test_pixels_from_tritonclient(binary):
     tensor = triton.InferInput("pixels", list(pixels.shape), "UINT8")
     tensor.set_data_from_numpy(pixels, binary_data=binary)
     request, data = parse_request(*encoded([tensor]))
-    images = images_of(the_input(request.inputs, "m"), data.get("pixels"), LIMITS)
+    images = tensor_images(model_input(request.inputs, "m"), data.get("pixels"), LIMITS)
     assert len(images) == 2 and all(i.dtype == np.uint8 for i in images)
     assert np.array_equal(np.stack(images), pixels)
 
@@ -111,15 +111,15 @@ def test_inconsistent_bodies_are_the_clients_error(body, header_length, problem)
 
 
 def test_the_input_must_be_one_and_named_and_typed_as_the_models():
-    assert the_input([_input()], "m").name == "image"
+    assert model_input([_input()], "m").name == "image"
     with pytest.raises(InvalidParameter, match="takes one input.*not 2"):
-        the_input([_input(), _input()], "m")
+        model_input([_input(), _input()], "m")
     with pytest.raises(InvalidParameter, match="takes one input.*not 0"):
-        the_input([], "m")
+        model_input([], "m")
     with pytest.raises(InvalidParameter, match="unexpected inference input 'photo'"):
-        the_input([_input(name="photo")], "m")
+        model_input([_input(name="photo")], "m")
     with pytest.raises(InvalidParameter, match="'pixels' is UINT8, not BYTES"):
-        the_input([_input(name="pixels")], "m")
+        model_input([_input(name="pixels")], "m")
 
 
 def _bytes(*elements: bytes) -> bytes:
@@ -198,22 +198,22 @@ def _bytes(*elements: bytes) -> bytes:
 )
 def test_images_of_refuses_what_does_not_add_up(tensor, data, error, problem):
     with pytest.raises(error, match=problem):
-        images_of(_input(**tensor), data, LIMITS)
+        tensor_images(_input(**tensor), data, LIMITS)
 
 
 def test_json_data_nested_as_the_shape_is_read_flat():
     pixels = np.arange(12, dtype=np.uint8).reshape(1, 2, 2, 3)
     nested = _input(name="pixels", datatype="UINT8", shape=[1, 2, 2, 3], data=pixels.tolist())
-    assert np.array_equal(images_of(nested, None, LIMITS)[0], pixels[0])
+    assert np.array_equal(tensor_images(nested, None, LIMITS)[0], pixels[0])
     b64 = _input(shape=[2], data=[[base64.b64encode(b"x").decode()], [""]])
-    assert images_of(b64, None, LIMITS) == [b"x", b""]
+    assert tensor_images(b64, None, LIMITS) == [b"x", b""]
 
 
 def test_at_the_limits_is_allowed():
     four = _input(shape=[4])
-    assert len(images_of(four, _bytes(*[b"a"] * 4), LIMITS)) == 4
+    assert len(tensor_images(four, _bytes(*[b"a"] * 4), LIMITS)) == 4
     edge = _input(name="pixels", datatype="UINT8", shape=[1, 100, 100, 3])
-    assert images_of(edge, bytes(30000), LIMITS)[0].shape == (100, 100, 3)
+    assert tensor_images(edge, bytes(30000), LIMITS)[0].shape == (100, 100, 3)
 
 
 # --------------------------------------------------------------------------- answers
@@ -238,7 +238,8 @@ def _parsed(body: bytes, header_length: int | None):
 
 @pytest.mark.parametrize("binary", [False, True])
 def test_tritonclient_reads_every_output_back(binary):
-    body, header_length = answer("m", "1", _request(binary_data_output=binary), TENSORS, DATATYPES)
+    request = _request(binary_data_output=binary)
+    body, header_length = response_body("m", "1", request, TENSORS, DATATYPES)
     assert (header_length is not None) == binary
     result = _parsed(body, header_length)
     assert result.get_response()["id"] == "r1" and result.get_response()["model_name"] == "m"
@@ -255,7 +256,7 @@ def test_tritonclient_reads_every_output_back(binary):
 
 def test_only_the_outputs_asked_for_each_binary_or_not_as_asked():
     outputs = [{"name": "scores", "parameters": {"binary_data": True}}, {"name": "labels"}]
-    body, header_length = answer("m", "1", _request(outputs), TENSORS, DATATYPES)
+    body, header_length = response_body("m", "1", _request(outputs), TENSORS, DATATYPES)
     header = json.loads(body[:header_length])
     assert [o["name"] for o in header["outputs"]] == ["scores", "labels"]
     assert header["outputs"][0]["parameters"] == {"binary_data_size": 16}
@@ -267,4 +268,4 @@ def test_only_the_outputs_asked_for_each_binary_or_not_as_asked():
 
 def test_an_output_the_model_does_not_have_is_refused():
     with pytest.raises(InvalidParameter, match="model 'm' has no output 'masks'"):
-        answer("m", "1", _request([{"name": "masks"}]), TENSORS, DATATYPES)
+        response_body("m", "1", _request([{"name": "masks"}]), TENSORS, DATATYPES)

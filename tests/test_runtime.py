@@ -13,7 +13,7 @@ from models.cpu import cpu_description, has_native_bf16
 from models.masks import encode_rle
 from service import render
 from service.config import AppConfig, read_serve_config
-from service.runtime import INFERENCE_THREAD, Entry, ModelRunner
+from service.runtime import INFERENCE_THREAD, BatchItem, ModelRunner
 from service.tasks import ClassifyOptions, SegmentOptions
 
 
@@ -25,17 +25,27 @@ def test_the_shipped_serve_config_parses():
         "shapes-detector",
         "shapes-segmenter",
     ]
-    assert app.gateway.max_body_bytes == 20 * 1024 * 1024
+    assert app.server.max_body_bytes == 20 * 1024 * 1024
 
 
 def test_environment_overrides_the_config(monkeypatch):
     monkeypatch.setenv("CONVNEXT_SERVE_PRECISION", "bf16")
     monkeypatch.setenv("CONVNEXT_SERVE_MAX_PIXELS", "1234")
     app = AppConfig.from_args(
-        {"models": [{"name": "a", "checkpoint": "x.safetensors"}], "gateway": {"max_pixels": 99}}
+        {"models": [{"name": "a", "checkpoint": "x.safetensors"}], "server": {"max_pixels": 99}}
     )
     assert app.models[0].precision == "bf16"
-    assert app.gateway.max_pixels == 1234  # the environment wins over the file
+    assert app.server.max_pixels == 1234  # the environment wins over the file
+
+
+def test_the_old_name_gateway_is_read_with_a_warning():
+    """A serve config written for an earlier version (`args.gateway`) still deploys."""
+    old = {"models": [{"name": "a", "checkpoint": "x"}], "gateway": {"max_in_flight": 9}}
+    with pytest.warns(DeprecationWarning, match="`args.gateway` is now `args.server`"):
+        app = AppConfig.from_args(old)
+    assert app.server.max_in_flight == 9
+    with pytest.raises(ValueError, match="`server` and `gateway`"):
+        AppConfig.from_args({**old, "server": {}})
 
 
 def test_a_model_to_serve_once_trained_is_sized_for_and_overridden(monkeypatch):
@@ -93,15 +103,15 @@ def test_runner_batches_with_per_item_top_k(classifier, precision):
     runner.warmup()
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(3)]
-    out = runner.run(
-        [Entry(img, ClassifyOptions(k)) for img, k in zip(images, (1, 3, 2), strict=True)]
+    out = runner.run_batch(
+        [BatchItem(img, ClassifyOptions(k)) for img, k in zip(images, (1, 3, 2), strict=True)]
     )
     assert [len(o) for o in out] == [1, 3, 2]
     for o in out:
         scores = [s for _, s in o]
         assert scores == sorted(scores, reverse=True) and all(0 <= s <= 1 for s in scores)
     # batching does not change an answer
-    alone = runner.run([Entry(images[1], ClassifyOptions(3))])[0]
+    alone = runner.run_batch([BatchItem(images[1], ClassifyOptions(3))])[0]
     assert [c for c, _ in alone] == [c for c, _ in out[1]]
     assert runner.describe()["precision"] == precision
 
@@ -142,7 +152,7 @@ def test_runner_segments_at_the_original_size(tmp_path):
     runner = ModelRunner(ModelConfig(name="s", checkpoint=str(path)))
     buf = io.BytesIO()
     Image.new("RGB", (450, 300), (90, 120, 30)).save(buf, "PNG")
-    (out,) = runner.run([Entry(buf.getvalue(), SegmentOptions())])
+    (out,) = runner.run_batch([BatchItem(buf.getvalue(), SegmentOptions())])
     assert out.shape == (300, 450) and out.dtype == np.uint8 and out.max() <= 1
 
 
@@ -185,7 +195,7 @@ def test_cpu_threads_follow_the_config(classifier):
         # that thread and each set their own count for their batches
         img = np.zeros((32, 32, 3), np.uint8)
         for runner, threads in ((one, 1), (two, 2), (one, 1)):
-            runner.run([Entry(img, ClassifyOptions(1))])
+            runner.run_batch([BatchItem(img, ClassifyOptions(1))])
             assert INFERENCE_THREAD.submit(torch.get_num_threads).result() == threads
     finally:
         torch.set_num_threads(before)
@@ -202,8 +212,8 @@ def test_all_torch_work_runs_on_one_thread(classifier):
     runner.model.register_forward_hook(lambda *_: threads.add(threading.get_ident()))
     img = np.zeros((32, 32, 3), np.uint8)
     runner.warmup()
-    runner.run([Entry(img, ClassifyOptions(1))])
-    runner.submit([Entry(img, ClassifyOptions(1))] * 2).result()
+    runner.run_batch([BatchItem(img, ClassifyOptions(1))])
+    runner.submit([BatchItem(img, ClassifyOptions(1))] * 2).result()
     assert len(threads) == 1 and threading.get_ident() not in threads
 
 
@@ -218,12 +228,12 @@ def test_batch_buckets_pad_without_changing_answers(classifier):
     assert runner.buckets == []  # on the CPU batches run at their own size
     rng = np.random.default_rng(1)
     items = [
-        Entry(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), ClassifyOptions(3))
+        BatchItem(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), ClassifyOptions(3))
         for _ in range(3)
     ]
-    plain = runner.run(items)
+    plain = runner.run_batch(items)
     runner.buckets = _batch_buckets(8)  # what a GPU replica uses: 3 items run as a batch of 4
-    padded = runner.run(items)
+    padded = runner.run_batch(items)
     assert len(padded) == 3
     for a, b in zip(plain, padded, strict=True):
         assert [c for c, _ in a] == [c for c, _ in b]

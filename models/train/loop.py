@@ -33,7 +33,7 @@ from ..cpu import has_native_bf16
 from .config import TrainConfig
 from .optim import param_groups, warmup_cosine, warmup_poly
 from .progress import ProgressFile, progress_path, write_progress
-from .tasks import TASKS
+from .tasks import TRAINING_TASKS
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ def fit(cfg: TrainConfig, worker: Worker | None = None) -> dict:
     worker = worker or Worker(device=default_device())
     device = worker.device
     seed_epoch(cfg.seed, 0, 0)  # the model's init is the same on every rank
-    task = TASKS[cfg.task](cfg)
+    task = TRAINING_TASKS[cfg.task](cfg)
     model = task.build_model().to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)

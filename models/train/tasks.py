@@ -357,4 +357,4 @@ class SegmentTask:
         )
 
 
-TASKS = {"classify": ClassifyTask, "detect": DetectTask, "segment": SegmentTask}
+TRAINING_TASKS = {"classify": ClassifyTask, "detect": DetectTask, "segment": SegmentTask}

@@ -1,0 +1,166 @@
+"""The models a server replica serves, and those that join it once their training is done.
+
+One `ModelHost` per served model, each task's default model (the first configured), the models
+still training with their progress, and the thread that loads a trained one beside the others
+(a redeploy would restart the replica and warm every model again). Nothing here knows HTTP.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from pydantic import ValidationError
+
+from models.train.progress import read_progress
+
+from .config import ModelConfig, ServerConfig, TrainingModel
+from .errors import ModelNotFound, ModelTraining
+from .host import ModelHost
+from .protocol import VERSION
+from .route_table import TASK_NAMES
+from .schemas import TrainingProgress
+
+JOIN_POLL_S = 1.0  # how often a replica looks for a model that finished training
+logger = logging.getLogger("ray.serve")
+
+
+class ServedModels:
+    """The replica's models by name; loading is quick and a bad checkpoint fails here, while
+    each model warms up in the background."""
+
+    def __init__(
+        self, models: list[ModelConfig], training: list[TrainingModel], config: ServerConfig
+    ):
+        self.config = config
+        self.training = list(training)
+        self.join_errors: dict[str, str] = {}  # trained models that could not be served
+        self.hosts = {m.name: self._host(m) for m in models}
+        # a model trained before this replica started is served as if configured
+        for t in [t for t in self.training if _trained(t)]:
+            host = self._load_trained(t)
+            if host is not None:
+                self.hosts[t.name] = host
+                self.training = [other for other in self.training if other is not t]
+        for host in self.hosts.values():
+            host.start_warmup()
+        self.default = {
+            task: next((h for h in self.hosts.values() if h.meta.task == task), None)
+            for task in TASK_NAMES
+        }
+        if self._joinable():
+            threading.Thread(target=self._join_when_trained, name="join", daemon=True).start()
+
+    def _host(self, model: ModelConfig) -> ModelHost:
+        return ModelHost(model, self.config.max_pixels, self.config.retry_after_s)
+
+    # ------------------------------------------------------------------------ lookups
+
+    def named(self, name: str, version: str | None = None) -> ModelHost:
+        """A model by its name (and protocol version, where given), of any task."""
+        host = self.hosts.get(name)
+        if host is None:
+            self._refuse_training(None, name)
+            raise ModelNotFound(f"no model {name!r}; served: {sorted(self.hosts)}")
+        if version and version != VERSION:
+            raise ModelNotFound(f"model {name!r} has version {VERSION!r} only, not {version!r}")
+        return host
+
+    def of_task(self, task: str, name: str | None) -> ModelHost:
+        """The task's model of that name, or the task's default one."""
+        if name is None:
+            host = self.default[task]
+            if host is None:
+                self._refuse_training(task, None)
+                raise ModelNotFound(f"no {task} model is served")
+            return host
+        host = self.hosts.get(name)
+        if host is None:
+            self._refuse_training(task, name)
+        if host is None or host.meta.task != task:
+            served = [n for n, h in self.hosts.items() if h.meta.task == task]
+            raise ModelNotFound(f"no {task} model {name!r}; served: {served}")
+        return host
+
+    def _refuse_training(self, task: str | None, name: str | None) -> None:
+        """503 `model_training` for a model still training: the one named, or the task's."""
+        for t in self.training:
+            if (t.name == name or name is None) and task in (None, t.task):
+                progress = _progress(t)
+                done = "" if progress.fraction is None else f" ({progress.fraction:.0%} done)"
+                raise ModelTraining(
+                    f"model {t.name!r} is still training{done}; it is served once trained",
+                    30 if progress.eta_s is None else int(min(max(progress.eta_s, 1), 600)),
+                )
+
+    # ------------------------------------------------------------------------- state
+
+    def pending(self) -> list[str]:
+        """The served models not warm yet."""
+        return sorted(name for name, host in self.hosts.items() if not host.ready)
+
+    def failures(self) -> dict[str, BaseException]:
+        """The models whose warm-up failed, with why."""
+        failed = {name: host.failure() for name, host in self.hosts.items()}
+        return {name: error for name, error in failed.items() if error is not None}
+
+    def training_status(self) -> list[dict[str, Any]]:
+        """The models still training, each with the progress its training last wrote."""
+        return [_progress(t, self.join_errors.get(t.name)).model_dump() for t in self.training]
+
+    # ------------------------------------------------------------------ joining ones
+
+    def _joinable(self) -> list[TrainingModel]:
+        return [t for t in self.training if t.serve_as and t.name not in self.join_errors]
+
+    def _load_trained(self, t: TrainingModel) -> ModelHost | None:
+        """The host of a trained model; None, with the reason kept for /v1/models, when it
+        cannot be loaded: the replica keeps serving the others."""
+        try:
+            return self._host(t.serve_as)
+        except Exception as e:
+            logger.exception("model %r was trained but cannot be served", t.name)
+            self.join_errors[t.name] = f"trained, but cannot be served: {e!r}"
+            return None
+
+    def _join_when_trained(self) -> None:
+        """Serve each model of `training` that has `serve_as` once its training says done:
+        loaded and warmed up here beside the models being served, then listed with them."""
+        while self._joinable():
+            time.sleep(JOIN_POLL_S)
+            for t in [t for t in self._joinable() if _trained(t)]:
+                host = self._load_trained(t)
+                if host is None:
+                    continue
+                host.start_warmup()
+                try:
+                    host.warm.result()
+                except Exception as e:
+                    self.join_errors[t.name] = f"trained, but failed to warm up: {e!r}"
+                    continue
+                # published whole, for the event loop reading them
+                self.hosts = {**self.hosts, t.name: host}
+                if self.default.get(host.meta.task) is None:
+                    self.default = {**self.default, host.meta.task: host}
+                self.training = [other for other in self.training if other is not t]
+                logger.info("model %r trained: now served", t.name)
+
+
+def _trained(model: TrainingModel) -> bool:
+    """Whether a model to serve once trained has finished: its training writes "done" once the
+    checkpoint is complete."""
+    return model.serve_as is not None and read_progress(model.progress_file).get("state") == "done"
+
+
+def _progress(model: TrainingModel, join_error: str | None = None) -> TrainingProgress:
+    """What a model's training last wrote, as documented (other fields left out); a file that
+    is not what a training run writes reads as waiting; `join_error`: failed after all."""
+    named = {"name": model.name, "task": model.task}
+    if join_error is not None:
+        return TrainingProgress(state="failed", error=join_error, **named)
+    try:
+        return TrainingProgress.model_validate({**read_progress(model.progress_file), **named})
+    except ValidationError:
+        return TrainingProgress(state="waiting", **named)

@@ -115,21 +115,22 @@ def test_grpc_meets_a_full_model_queue(service):
     assert all(a.startswith("StatusCode.UNAVAILABLE") and "full queue" in a for a in refused)
 
 
-def _grpc_counts(service) -> dict[str, float]:
-    """`convnext_serve_requests_total` of the gRPC inference endpoint, by status."""
-    counts: dict[str, float] = {}
+def _grpc_counts(service) -> dict[tuple[str, str], float]:
+    """`convnext_serve_requests_total` of the gRPC inference endpoint, by (model, status)."""
+    counts: dict[tuple[str, str], float] = {}
     for line in service.metrics().splitlines():
         ours = line.startswith("ray_convnext_serve_requests_total{")
         if ours and 'endpoint="grpc_infer"' in line:
-            status = re.search(r'status="(\d+)"', line).group(1)
-            counts[status] = counts.get(status, 0) + float(line.rsplit(" ", 1)[1])
+            key = (re.search(r'model="([^"]*)"', line)[1], re.search(r'status="(\d+)"', line)[1])
+            counts[key] = counts.get(key, 0) + float(line.rsplit(" ", 1)[1])
     return counts
 
 
 def test_grpc_meets_the_replicas_in_flight_limit_and_is_counted(service):
     """As HTTP does: six slow gRPC requests at once, `max_in_flight` of them answered and the
     rest refused UNAVAILABLE at the in-flight limit; each counted in
-    `convnext_serve_requests_total` under `grpc_infer` with its status, 200 or 503."""
+    `convnext_serve_requests_total` under `grpc_infer`: the answered under the model, the
+    refused (before any model was resolved, as HTTP's are) under `unknown`."""
     before = _grpc_counts(service)
     image = np.array([png_rows(4000, 3000)], dtype=object)
     key = {"x-api-key": AUTH["X-API-Key"]}
@@ -151,11 +152,12 @@ def test_grpc_meets_the_replicas_in_flight_limit_and_is_counted(service):
     assert all(
         a.startswith("StatusCode.UNAVAILABLE") and "in-flight request limit" in a for a in refused
     ), refused
+    wanted = {("colours", "200"): answers.count("ok"), ("unknown", "503"): len(refused)}
     deadline = time.monotonic() + 60  # the counter is reported every second, exported later
     while time.monotonic() < deadline:
         after = _grpc_counts(service)
-        seen = {s: after.get(s, 0) - before.get(s, 0) for s in ("200", "503")}
-        if seen == {"200": answers.count("ok"), "503": len(refused)}:
+        seen = {k: after.get(k, 0) - before.get(k, 0) for k in wanted}
+        if seen == wanted:
             break
         time.sleep(1)
-    assert seen == {"200": answers.count("ok"), "503": len(refused)}, (seen, answers)
+    assert seen == wanted, (seen, answers)

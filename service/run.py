@@ -45,7 +45,8 @@ RAY_SERVING_ENV = {
     # Requests are idempotent (inference): one whose replica died before answering is retried
     # on another. HAProxy retries only what fits its buffer: this size takes a typical photo
     # and bounds HAProxy's memory with every connection uploading.
-    "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
+    # junk-response: a replica that died while writing its response's headers
+    "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response junk-response",
     "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": str(256 << 10),
 }
 

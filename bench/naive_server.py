@@ -31,7 +31,7 @@ def healthz() -> dict:
 @app.post("/v1/classify")
 def classify(image: list[UploadFile] = File(...)) -> dict:
     entries = [BatchItem(upload.file.read(), ClassifyOptions(5)) for upload in image]
-    results = runner.run(entries)  # the request's images in one forward pass
+    results = runner.run_batch(entries)  # the request's images in one forward pass
     return {
         "results": [
             {"predictions": [{"label": meta.labels[c], "score": s} for c, s in top]}

@@ -29,7 +29,7 @@ def outputs(runner: ModelRunner, drawn: list[Drawn], **options) -> list:
     entries = [BatchItem(d.png(), task.options(**options)) for d in drawn]
     results = []
     for start in range(0, len(entries), 8):
-        results += runner.run(entries[start : start + 8])
+        results += runner.run_batch(entries[start : start + 8])
     return results
 
 

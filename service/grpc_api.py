@@ -106,8 +106,10 @@ class GrpcInference:
     async def ModelInfer(self, request: pb.ModelInferRequest, grpc_context) -> Any:
         async def infer(call: _Call) -> Any:
             plane = self.plane
-            host = plane.model(None, request.model_name, request.model_version)
-            call.model = host.name
+            host = plane.models.named(request.model_name, request.model_version)
+            call.model = host.name  # a full queue's refusal is counted under it, as HTTP's
+            if host.full():
+                raise host.overloaded()
             inputs = [
                 RequestInput(name=t.name, shape=list(t.shape), datatype=t.datatype)
                 for t in request.inputs

@@ -92,8 +92,10 @@ class DataPlane:
         """The model a request names (`task` None: by name and version, of any task; else
         that task's, the first configured by default), refused with 503 when its line is full,
         before any image is read."""
-        host = self.models.named(name or "", version) if task is None else None
-        host = host or self.models.of_task(task, name)
+        if task is None:
+            host = self.models.named(name or "", version)
+        else:
+            host = self.models.of_task(task, name)
         if host.full():
             raise host.overloaded()
         return host

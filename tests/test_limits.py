@@ -91,10 +91,9 @@ def test_the_replicas_in_flight_limit_refuses_a_burst(service):
     assert service.post("/v1/classify", [photo("red")[0]]).status_code == 200
 
 
-def test_grpc_meets_a_full_model_queue(service):
-    """A model that holds one request and queues none: of two slow gRPC requests at once
-    (within the replica's in-flight limit), one is answered and the other gets UNAVAILABLE,
-    saying the queue is full."""
+def _slow_grpc_requests(service, model: str, count: int, at_once: int) -> list[str]:
+    """`count` gRPC inferences of a large image by `model`, `at_once` of them at a time:
+    "ok" for each answered, else the refusal's status and message."""
     image = np.array([png_rows(4000, 3000)], dtype=object)
     key = {"x-api-key": AUTH["X-API-Key"]}
 
@@ -103,13 +102,20 @@ def test_grpc_meets_a_full_model_queue(service):
         tensor = triton_grpc.InferInput("image", [1], "BYTES")
         tensor.set_data_from_numpy(image)
         try:
-            client.infer("regions", [tensor], headers=key, client_timeout=120)
+            client.infer(model, [tensor], headers=key, client_timeout=120)
             return "ok"
         except InferenceServerException as e:
             return f"{e.status()}: {e.message()}"
 
-    with concurrent.futures.ThreadPoolExecutor(MAX_IN_FLIGHT) as pool:
-        answers = list(pool.map(infer, range(MAX_IN_FLIGHT)))
+    with concurrent.futures.ThreadPoolExecutor(at_once) as pool:
+        return list(pool.map(infer, range(count)))
+
+
+def test_grpc_meets_a_full_model_queue(service):
+    """A model that holds one request and queues none: of two slow gRPC requests at once
+    (within the replica's in-flight limit), one is answered and the other gets UNAVAILABLE,
+    saying the queue is full."""
+    answers = _slow_grpc_requests(service, "regions", MAX_IN_FLIGHT, MAX_IN_FLIGHT)
     assert answers.count("ok") == 1, answers
     refused = [a for a in answers if a != "ok"]
     assert all(a.startswith("StatusCode.UNAVAILABLE") and "full queue" in a for a in refused)
@@ -132,21 +138,7 @@ def test_grpc_meets_the_replicas_in_flight_limit_and_is_counted(service):
     `convnext_serve_requests_total` under `grpc_infer`: the answered under the model, the
     refused (before any model was resolved, as HTTP's are) under `unknown`."""
     before = _grpc_counts(service)
-    image = np.array([png_rows(4000, 3000)], dtype=object)
-    key = {"x-api-key": AUTH["X-API-Key"]}
-
-    def infer(_) -> str:
-        client = triton_grpc.InferenceServerClient(service.grpc_url)
-        tensor = triton_grpc.InferInput("image", [1], "BYTES")
-        tensor.set_data_from_numpy(image)
-        try:
-            client.infer("colours", [tensor], headers=key, client_timeout=120)
-            return "ok"
-        except InferenceServerException as e:
-            return f"{e.status()}: {e.message()}"
-
-    with concurrent.futures.ThreadPoolExecutor(6) as pool:
-        answers = list(pool.map(infer, range(3 * MAX_IN_FLIGHT)))
+    answers = _slow_grpc_requests(service, "colours", 3 * MAX_IN_FLIGHT, 6)
     refused = [a for a in answers if a != "ok"]
     assert answers.count("ok") >= 1 and len(refused) >= 3, answers
     assert all(

@@ -10,6 +10,7 @@ import asyncio
 
 from fastapi import Request
 from python_multipart.multipart import parse_options_header
+from starlette.datastructures import Headers
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from .config import ServerConfig
@@ -28,14 +29,17 @@ def body_limit_text(config: ServerConfig) -> str:
 
 async def read_images(request: Request, config: ServerConfig, single: bool = False) -> list[bytes]:
     """The request's image bytes; `single`: exactly one image is allowed (render, png)."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype != "multipart/form-data" and not ctype.startswith("image/"):
+    ctype, params = parse_options_header(request.headers.get("content-type"))
+    if ctype != b"multipart/form-data" and not ctype.startswith(b"image/"):
         raise UnsupportedMediaType(
             f"send multipart/form-data with 'image' fields or an image/* body, not "
-            f"{ctype or 'no content type'}"
+            f"{ctype.decode('latin-1') or 'no content type'}"
         )
     body = await read_body(request, config)
-    images = [body] if ctype.startswith("image/") else await _form_images(request, body, config)
+    if ctype.startswith(b"image/"):
+        images = [body]
+    else:
+        images = await _form_images(body, params.get(b"boundary"), config)
     if not images:
         raise InvalidParameter("the form has no 'image' field")
     if len(images) > config.max_images_per_request:
@@ -61,32 +65,32 @@ async def read_body(request: Request, config: ServerConfig) -> bytes:
             chunks.append(chunk)
 
     try:
-        if hasattr(asyncio, "timeout"):  # 3.11+: a timer, where wait_for makes a task
-            async with asyncio.timeout(config.body_timeout_s):
-                await read()
-        else:
-            await asyncio.wait_for(read(), config.body_timeout_s)
-    except (asyncio.TimeoutError, TimeoutError):
+        async with asyncio.timeout(config.body_timeout_s):
+            await read()
+    except TimeoutError:
         raise RequestTimeout(
             f"the request body did not arrive within {config.body_timeout_s:g} s"
         ) from None
     return b"".join(chunks)
 
 
-async def _form_images(request: Request, body: bytes, config: ServerConfig) -> list[bytes]:
-    _, params = parse_options_header(request.headers.get("content-type", ""))
-    boundary = params.get(b"boundary", b"")
+async def _form_images(body: bytes, boundary: bytes | None, config: ServerConfig) -> list[bytes]:
+    """The `image` fields' bytes, files or plain fields (curl's `-F image=<file`). Beside
+    them a form may hold a few other files and at most 64 other fields."""
     if not boundary:
         raise InvalidMultipart("the multipart content type names no boundary")
     # The parser takes a body cut off mid-part as a form without that part; say what it is.
-    if not body.rstrip(b"\r\n").endswith(b"--" + boundary + b"--"):
+    if not body.rstrip().endswith(b"--" + boundary + b"--"):
         raise InvalidMultipart("the multipart body ends before its closing boundary (cut off?)")
 
     async def stream():
         yield body
 
+    # latin-1 maps each byte to one character, so an image sent as a plain field (which the
+    # parser hands over as text) comes back byte for byte.
+    content_type = f'multipart/form-data; boundary="{boundary.decode("latin-1")}"; charset=latin-1'
     parser = MultiPartParser(
-        request.headers,
+        Headers({"content-type": content_type}),
         stream(),
         max_files=config.max_images_per_request + 8,
         max_fields=64,
@@ -98,6 +102,6 @@ async def _form_images(request: Request, body: bytes, config: ServerConfig) -> l
         raise InvalidMultipart(f"malformed multipart body: {e}") from None
     images = []
     for value in form.getlist("image"):
-        images.append(await value.read() if hasattr(value, "read") else value.encode())
+        images.append(await value.read() if hasattr(value, "read") else value.encode("latin-1"))
     await form.close()
     return images

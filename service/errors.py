@@ -118,7 +118,7 @@ def image_error(error: ImageError, index: int, count: int) -> ServiceError:
 
 
 def error_response(
-    status: int, code: str, message: str, headers: dict[str, str] | None = None, path: str = ""
+    status: int, code: str, message: str, headers: dict[str, str] | None = None, *, path: str
 ) -> JSONResponse:
     """The error as the route's API words it (`path`: the request's)."""
     error = message if route_of(path).protocol == "v2" else {"code": code, "message": message}
@@ -128,7 +128,7 @@ def error_response(
 def response_for(e: Exception, path: str) -> JSONResponse:
     """The response to an exception a handler raised: ours as they say, anything else a 500."""
     if isinstance(e, ServiceError):
-        return error_response(e.status, e.code, e.message, e.headers, path)
+        return error_response(e.status, e.code, e.message, e.headers, path=path)
     log.exception("internal error", exc_info=e)
     return error_response(
         500, "internal_error", f"{type(e).__name__}: the server failed", path=path
@@ -154,7 +154,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
         headers = getattr(e, "headers", None)
-        return error_response(e.status_code, code, str(e.detail), headers, request.url.path)
+        return error_response(e.status_code, code, str(e.detail), headers, path=request.url.path)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception) -> JSONResponse:

@@ -60,7 +60,7 @@ class GuardMiddleware:
                         raise full.overloaded()
             except ServiceError as refusal:
                 response = error_response(
-                    refusal.status, refusal.code, refusal.message, refusal.headers, path
+                    refusal.status, refusal.code, refusal.message, refusal.headers, path=path
                 )
                 await response(scope, receive, send_and_note_status)
                 return

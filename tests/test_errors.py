@@ -72,19 +72,26 @@ def test_a_v2_lookalike_path_is_not_the_protocols():
     assert body(response_for(InvalidImage("x"), "/v2x/models"))["error"]["code"] == "invalid_image"
 
 
+# Each error is made inside the test: made at collection, it would escape a mutation run.
 @pytest.mark.parametrize(
-    "error, headers",
+    "make, headers",
     [
-        (Overloaded("model 'm' has a full queue", 3), {"retry-after": "3"}),
-        (ModelTraining("model 'm' is training", 42), {"retry-after": "42"}),
-        (ModelUnavailable("model 'm' failed to warm up", 5), {"retry-after": "5"}),
-        (Unauthorized(), {"www-authenticate": "Bearer"}),
+        (lambda: Overloaded("model 'm' has a full queue", 3), {"retry-after": "3"}),
+        (lambda: ModelTraining("model 'm' is training", 42), {"retry-after": "42"}),
+        (lambda: ModelUnavailable("model 'm' failed to warm up", 5), {"retry-after": "5"}),
+        (lambda: Unauthorized(), {"www-authenticate": "Bearer"}),
     ],
 )
-def test_errors_carry_their_headers(error, headers):
+def test_errors_carry_their_headers(make, headers):
+    error = make()
     r = response_for(error, "/v1/classify")
     assert r.status_code == error.status
     assert {k: r.headers[k] for k in headers} == headers
+
+
+def test_unauthorized_says_how_to_send_a_key():
+    message = body(response_for(Unauthorized(), "/v1/classify"))["error"]["message"]
+    assert message == "a valid API key is required (Authorization: Bearer <key> or X-API-Key)"
 
 
 def test_overloaded_says_to_retry():
@@ -101,7 +108,8 @@ def test_anything_else_is_a_500_that_names_only_its_type_and_is_logged(caplog):
     }
     assert "secret" not in r.body.decode()  # the detail goes to the log, not the client
     assert any(
-        rec.exc_info and "secret internal detail" in str(rec.exc_info[1]) for rec in caplog.records
+        rec.getMessage() == "internal error" and "secret internal detail" in str(rec.exc_info[1])
+        for rec in caplog.records
     )
     protocol = response_for(ValueError("x"), "/v2/models/m/infer")
     assert protocol.status_code == 500
@@ -122,3 +130,5 @@ def test_an_image_the_decoder_refused_names_its_index_among_several(code, expect
     assert type(one) is expected and one.message == "cannot decode"
     third = image_error(ImageError(code, "cannot decode"), index=2, count=3)
     assert type(third) is expected and third.message == "image 2: cannot decode"
+    second = image_error(ImageError(code, "cannot decode"), index=1, count=2)
+    assert second.message == "image 1: cannot decode"

@@ -43,7 +43,7 @@ class Provenance(BaseModel):
     source: Literal["trained", "converted"]
     dataset: str = ""
     metrics: dict[str, Any] = Field(default_factory=dict)
-    created: str = Field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat())
+    created: str = Field(default_factory=lambda: _dt.datetime.now(_dt.UTC).isoformat())
 
 
 class CheckpointMeta(BaseModel):

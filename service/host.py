@@ -111,7 +111,7 @@ class ModelHost:
             answers = await asyncio.wait_for(all_calls(), timeout=timeout_s)
         except ModelBusy:
             raise self.overloaded() from None
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise Timeout(f"no answer within {timeout_s:g} s") from None
         return [result for answer in answers for result in answer]
 

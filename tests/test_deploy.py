@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import jsonschema
@@ -52,6 +53,7 @@ def dockerfile_args() -> dict[str, str]:
 
 def image_pins() -> dict[str, str]:
     """deploy/requirements-image.txt as {distribution name: version}."""
+
     from packaging.requirements import Requirement
 
     pins = {}
@@ -119,7 +121,6 @@ def test_image_pins_satisfy_pyproject():
     """Every runtime dependency is pinned in the image, at a version pyproject.toml allows."""
     from packaging.requirements import Requirement
 
-    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     pins = image_pins()
     args = dockerfile_args()
     pins["torch"] = args["TORCH_VERSION"]

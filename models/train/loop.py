@@ -294,7 +294,7 @@ def fit(cfg: TrainConfig, worker: Worker | None = None) -> dict:
             "recipe": cfg.model_dump(mode="json", exclude={"progress"}),
             "weights": best,
             "epochs": cfg.epochs,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+            "created": _dt.datetime.now(_dt.UTC).isoformat(),
         },
     )
     save_checkpoint(weights, out, meta)

@@ -16,12 +16,7 @@ def encode_rle(mask: np.ndarray) -> dict:
 
 def decode_rle(rle: dict) -> np.ndarray:
     """The binary (H, W) bool mask of an RLE made by `encode_rle` (or any COCO RLE)."""
-    counts = rle["counts"]
-    coco = {
-        "size": list(rle["size"]),
-        "counts": counts.encode() if isinstance(counts, str) else counts,
-    }
-    return mask_utils.decode(coco).astype(bool)
+    return mask_utils.decode(rle).astype(bool)  # counts as str or bytes, as pycocotools takes
 
 
 def paste_masks_rle(

@@ -18,7 +18,8 @@ def test_rle_round_trips_any_mask(shape):
     for mask in (np.zeros(shape, bool), np.ones(shape, bool), rng.random(shape) > 0.5):
         rle = encode_rle(mask)
         assert rle["size"] == list(shape) and isinstance(rle["counts"], str)
-        assert np.array_equal(decode_rle(rle), mask)
+        decoded = decode_rle(rle)
+        assert decoded.dtype == bool and np.array_equal(decoded, mask)
 
 
 def test_the_rle_is_cocos_own():
@@ -39,8 +40,9 @@ def _reference(masks, boxes, height, width, threshold=0.5) -> np.ndarray:
 
 @pytest.mark.parametrize("threshold", [0.5, 0.3])
 def test_pasted_masks_equal_torchvisions_paste(threshold):
-    """Boxes inside the image, over its edges, a few pixels wide, and the whole image; one
-    wholly outside it is empty (torchvision's paste fails on that one)."""
+    """Boxes inside the image, over its edges, a few pixels wide, and the whole image; those
+    wholly outside it (below and right; left, beside it) are empty, where torchvision's paste
+    fails."""
     height, width = 60, 80
     g = torch.Generator().manual_seed(0)
     boxes = torch.tensor(
@@ -51,6 +53,7 @@ def test_pasted_masks_equal_torchvisions_paste(threshold):
             [33.3, 21.7, 35.1, 23.9],
             [0.0, 0.0, 80.0, 60.0],
             [100.0, 80.0, 120.0, 90.0],
+            [-40.0, 10.0, -12.0, 30.0],
         ]
     )
     masks = torch.rand((len(boxes), 28, 28), generator=g)
@@ -60,7 +63,36 @@ def test_pasted_masks_equal_torchvisions_paste(threshold):
     for i, (mine, theirs) in enumerate(zip(got, want, strict=False)):
         assert mine.shape == (height, width)
         assert np.array_equal(mine, theirs), (i, int((mine != theirs).sum()))
-    assert all(m.any() for m in got[:5]) and not got[5].any()
+    assert all(m.any() for m in got[:5]) and not got[5].any() and not got[6].any()
+
+
+def test_boxes_a_pixel_wide_or_high_equal_torchvisions_paste():
+    """Boxes whose width or height rounds to nothing are resized to one pixel, as torchvision
+    does; a single detection is pasted too."""
+    g = torch.Generator().manual_seed(1)
+    boxes = torch.tensor(
+        [[12.0, 5.0, 12.0, 30.0], [3.0, 17.0, 40.0, 17.0], [20.0, 20.0, 20.4, 20.4]]
+    )
+    masks = torch.rand((len(boxes), 28, 28), generator=g)
+    want = _reference(masks, boxes, 48, 64)
+    for i in range(len(boxes)):
+        (rle,) = paste_masks_rle(masks[i : i + 1], boxes[i : i + 1], 48, 64)
+        assert np.array_equal(decode_rle(rle), want[i]), i
+        assert want[i].any(), i  # not vacuous: each of these masks has pixels
+
+
+def test_a_pixel_at_the_threshold_is_in_the_mask():
+    (rle,) = paste_masks_rle(torch.full((1, 28, 28), 0.5), torch.tensor([[4.0, 4, 20, 20]]), 32, 32)
+    assert decode_rle(rle)[12, 12]
+    (rle,) = paste_masks_rle(
+        torch.full((1, 28, 28), 0.49), torch.tensor([[4.0, 4, 20, 20]]), 32, 32
+    )
+    assert not decode_rle(rle).any()
+
+
+def test_masks_and_boxes_must_pair_up():
+    with pytest.raises(ValueError):
+        paste_masks_rle(torch.ones((2, 28, 28)), torch.tensor([[0.0, 0, 9, 9]]), 16, 16)
 
 
 def test_each_mask_is_its_own():

@@ -14,16 +14,19 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import serialize_byte_tensor
 
+from models.checkpoint import CheckpointMeta, Provenance
 from service.config import ServerConfig
 from service.errors import ImageTooLarge, InvalidParameter
 from service.protocol import (
     InferenceRequest,
     RequestInput,
     model_input,
+    model_metadata,
     parse_request,
     response_body,
     tensor_images,
 )
+from service.tasks import ADAPTERS
 
 LIMITS = ServerConfig(max_pixels=10_000, max_images_per_request=4)
 IMAGES = [b"\x89PNG first", b"", b"\xff\xd8 third \x00 with a nul"]
@@ -90,19 +93,58 @@ def _header_of(size) -> str:
     return str(len(_sized(size)))
 
 
+def _two(first: int, second: int, data: bytes) -> tuple[bytes, str]:
+    """A body whose two inputs say they have `first` and `second` bytes, followed by `data`."""
+    inputs = [
+        {"name": n, "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": size}}
+        for n, size in (("first", first), ("second", second))
+    ]
+    header = json.dumps({"inputs": inputs}).encode()
+    return header + data, str(len(header))
+
+
+def test_the_parse_error_is_its_first_line():
+    """pydantic's message runs over several lines; the answer quotes the first."""
+    with pytest.raises(InvalidParameter) as refused:
+        parse_request(b'{"inputs": "no list"}', None)
+    assert (
+        refused.value.message == "not an inference request: 1 validation error for InferenceRequest"
+    )
+
+
+def test_json_and_binary_inputs_mix_and_binary_data_may_be_empty():
+    inputs = [
+        {"name": "json", "datatype": "BYTES", "shape": [1], "data": ["aGk="]},
+        {"name": "empty", "datatype": "BYTES", "shape": [0], "parameters": {"binary_data_size": 0}},
+        {
+            "name": "binary",
+            "datatype": "BYTES",
+            "shape": [1],
+            "parameters": {"binary_data_size": 3},
+        },
+    ]
+    header = json.dumps({"inputs": inputs}).encode()
+    request, data = parse_request(header + b"abc", str(len(header)))
+    assert [i.name for i in request.inputs] == ["json", "empty", "binary"]
+    assert data == {"empty": b"", "binary": b"abc"}
+
+
 @pytest.mark.parametrize(
     "body, header_length, problem",
     [
-        (b'{"inputs": []}', "x", "not a number"),
+        (b'{"inputs": []}', "x", "^Inference-Header-Content-Length is not a number$"),
+        (b'{"inputs": []}', "0", "^not an inference request: Expecting value"),
         (b'{"inputs": []}', "99", "beyond the body's 14 bytes"),
         (b'{"inputs": []}', "-1", "beyond the body's"),
-        (b"{not json", None, "not an inference request"),
+        (b"{not json", None, "^not an inference request: Expecting property name enclosed"),
         (b'{"inputs": "no list"}', None, "not an inference request"),
         (b"[" * 100_000, None, "not an inference request"),  # nested past the recursion limit
         (_sized(10) + b"abc", _header_of(10), "binary_data_size 10 is beyond the 3 bytes left"),
         (_sized(-1), _header_of(-1), "binary_data_size -1"),
         (_sized("3") + b"abc", _header_of("3"), "binary_data_size 3"),
         (b'{"inputs": []}abc', "14", "3 bytes of binary data belong to no input"),
+        (*_two(5, 2, b"abcdef"), "input 'second': binary_data_size 2 is beyond the 1 bytes left"),
+        (*_two(2, 2, b"abcdef"), "^2 bytes of binary data belong to no input$"),
     ],
 )
 def test_inconsistent_bodies_are_the_clients_error(body, header_length, problem):
@@ -137,8 +179,10 @@ def _bytes(*elements: bytes) -> bytes:
         (dict(shape=[1]), _bytes(b"abc")[:-1], InvalidParameter, "cut short"),
         (dict(shape=[1]), b"\x01\x00", InvalidParameter, "cut short"),
         (dict(shape=[1], data=["not base64!"]), None, InvalidParameter, "base64 strings"),
+        (dict(shape=[1], data=["aGk=*"]), None, InvalidParameter, "base64 strings"),
+        (dict(shape=[1]), b"\xff\xff\xff\xffabc", InvalidParameter, "cut short"),
         (dict(shape=[1], data=[3]), None, InvalidParameter, "base64 strings"),
-        (dict(shape=[1]), None, InvalidParameter, "neither data nor binary_data_size"),
+        (dict(shape=[1]), None, InvalidParameter, "input 'image' has neither data nor binary_data"),
         (dict(datatype="FP32", shape=[1]), b"1234", InvalidParameter, "not BYTES .* or UINT8"),
         (
             dict(name="pixels", datatype="UINT8", shape=[1, 2, 2, 4]),
@@ -148,6 +192,12 @@ def _bytes(*elements: bytes) -> bytes:
         ),
         (
             dict(name="pixels", datatype="UINT8", shape=[1, 0, 2, 3]),
+            b"",
+            InvalidParameter,
+            "at least 1",
+        ),
+        (
+            dict(name="pixels", datatype="UINT8", shape=[1, 2, 0, 3]),
             b"",
             InvalidParameter,
             "at least 1",
@@ -214,6 +264,10 @@ def test_at_the_limits_is_allowed():
     assert len(tensor_images(four, _bytes(*[b"a"] * 4), LIMITS)) == 4
     edge = _input(name="pixels", datatype="UINT8", shape=[1, 100, 100, 3])
     assert tensor_images(edge, bytes(30000), LIMITS)[0].shape == (100, 100, 3)
+    white = _input(name="pixels", datatype="UINT8", shape=[1, 1, 1, 3], data=[0, 128, 255])
+    assert tensor_images(white, None, LIMITS)[0].tolist() == [[[0, 128, 255]]]
+    last_empty = _input(shape=[2])
+    assert tensor_images(last_empty, _bytes(b"a", b""), LIMITS) == [b"a", b""]
 
 
 # --------------------------------------------------------------------------- answers
@@ -242,7 +296,9 @@ def test_tritonclient_reads_every_output_back(binary):
     body, header_length = response_body("m", "1", request, TENSORS, DATATYPES)
     assert (header_length is not None) == binary
     result = _parsed(body, header_length)
-    assert result.get_response()["id"] == "r1" and result.get_response()["model_name"] == "m"
+    header = result.get_response()
+    assert header["id"] == "r1" and header["model_name"] == "m" and header["model_version"] == "1"
+    assert "parameters" not in header  # nothing unset is written as null
     assert np.array_equal(result.as_numpy("class_ids"), TENSORS["class_ids"])
     assert np.array_equal(result.as_numpy("scores"), TENSORS["scores"])
     labels = [
@@ -251,7 +307,13 @@ def test_tritonclient_reads_every_output_back(binary):
     ]  # JSON: strings
     assert labels == TENSORS["labels"]
     if not binary:
-        assert json.loads(body)["outputs"][2]["data"] == ["star", "circle", "square", "star"]
+        outputs = json.loads(body)["outputs"]
+        assert [o["data"] for o in outputs] == [
+            [2, 0, 1, 2],
+            [0.75, 0.25, 0.5, 0.125],
+            ["star", "circle", "square", "star"],
+        ]  # numbers as JSON numbers, strings as strings
+        assert all(set(o) == {"name", "datatype", "shape", "data"} for o in outputs)
 
 
 def test_only_the_outputs_asked_for_each_binary_or_not_as_asked():
@@ -269,3 +331,56 @@ def test_only_the_outputs_asked_for_each_binary_or_not_as_asked():
 def test_an_output_the_model_does_not_have_is_refused():
     with pytest.raises(InvalidParameter, match="model 'm' has no output 'masks'"):
         response_body("m", "1", _request([{"name": "masks"}]), TENSORS, DATATYPES)
+
+
+def test_binary_outputs_are_sent_in_their_declared_datatype_byte_for_byte():
+    """A float64 array declared FP32 goes as 4 bytes a value; BYTES go byte for byte (a
+    trailing NUL kept, which numpy's fixed-width strings would drop), text as UTF-8."""
+    tensors = {
+        "scores": np.array([[0.5, 0.25]], dtype=np.float64),
+        "raw": [[b"\x00rle\x00", b""]],
+        "names": [["étoile", "disc"]],
+    }
+    datatypes = {"scores": "FP32", "raw": "BYTES", "names": "BYTES"}
+    body, header_length = response_body(
+        "m", "1", _request(binary_data_output=True), tensors, datatypes
+    )
+    header = json.loads(body[:header_length])
+    assert [o["parameters"]["binary_data_size"] for o in header["outputs"]] == [8, 13, 19]
+    result = _parsed(body, header_length)
+    assert result.as_numpy("scores").dtype == np.float32
+    assert result.as_numpy("scores").tolist() == [[0.5, 0.25]]
+    assert result.as_numpy("raw").tolist() == [[b"\x00rle\x00", b""]]
+    assert result.as_numpy("names").tolist() == [["étoile".encode(), b"disc"]]
+
+
+def test_model_metadata_describes_the_model_from_its_task_and_checkpoint():
+    meta = CheckpointMeta(
+        task="classify",
+        arch="convnext_atto",
+        head="linear",
+        num_classes=2,
+        labels=["disc", "square"],
+        image_size=64,
+        provenance=Provenance(source="trained"),
+    )
+    assert model_metadata("shapes", ADAPTERS["classify"], meta) == {
+        "name": "shapes",
+        "versions": ["1"],
+        "platform": "convnext-serve_classify",
+        "inputs": [
+            {"name": "image", "datatype": "BYTES", "shape": [-1]},
+            {"name": "pixels", "datatype": "UINT8", "shape": [-1, -1, -1, 3]},
+        ],
+        "outputs": [
+            {"name": "scores", "datatype": "FP32", "shape": [-1, -1]},
+            {"name": "class_ids", "datatype": "INT32", "shape": [-1, -1]},
+            {"name": "labels", "datatype": "BYTES", "shape": [-1, -1]},
+        ],
+        "parameters": {
+            "task": "classify",
+            "arch": "convnext_atto",
+            "image_size": 64,
+            "num_classes": 2,
+        },
+    }

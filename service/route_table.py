@@ -67,7 +67,7 @@ def route_of(path: str) -> Route:
         if path.startswith("/v2/health/"):
             return Route("v2_health", api=False, protocol="v2")
         if path.startswith("/v2/models"):
-            last = path.rstrip("/").rsplit("/", 1)[-1]
+            last = path.rstrip("/").rpartition("/")[2]
             endpoint = {"infer": "v2_infer", "ready": "v2_ready"}.get(last, "v2_metadata")
             return Route(endpoint, api=True, protocol="v2")
         return Route("other", api=False, protocol="v2")

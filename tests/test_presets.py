@@ -53,6 +53,7 @@ def test_the_classify_preset_says_what_the_decoder_must_keep():
         (800, 1333, (1000, 4000), (333, 1333)),  # the long side decides
         (128, 128, (128, 128), (128, 128)),  # exactly at the limit: untouched
         (64, 256, (10_000, 1), (256, 1)),  # never below one pixel
+        (64, 256, (1, 10_000), (1, 256)),
     ],
 )
 def test_fit_only_shrinks_to_what_the_model_keeps(short, long, hw, expected):
@@ -60,10 +61,20 @@ def test_fit_only_shrinks_to_what_the_model_keeps(short, long, hw, expected):
     assert preset.size_for(*hw) == expected
     assert preset.min_short_side == short
     if max(hw) <= 4000:
-        out = preset(image(*hw))
+        original = image(*hw)
+        out = preset(original)
         assert tuple(out.shape[-2:]) == expected
         if expected == hw:
-            assert torch.equal(out, image(*hw))  # the same pixels, not a resampled copy
+            assert out is original  # the same pixels, not a resampled copy
+
+
+def test_fit_averages_what_it_shrinks():
+    """Antialiased: a one-pixel checkerboard shrunk three times is grey, not a moire of black
+    and white (each output pixel falls on one input pixel)."""
+    checker = (torch.arange(192)[:, None] + torch.arange(192)[None, :]) % 2
+    out = FitPreset(64, 64)(checker.float().expand(3, 192, 192))
+    assert out.shape == (3, 64, 64)
+    assert torch.allclose(out, torch.full_like(out, 0.5), atol=0.05)
 
 
 def meta(task: str, **kw) -> CheckpointMeta:

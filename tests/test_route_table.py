@@ -35,6 +35,7 @@ from service.v2 import router as v2_router
         ("/v2/models/m/ready", "v2_ready", True, "v2", None),
         ("/v2/models/m/versions/1/ready", "v2_ready", True, "v2", None),
         ("/v2/models/m/infer", "v2_infer", True, "v2", None),
+        ("/v2/models/m/infer/", "v2_infer", True, "v2", None),
         ("/v2/models/m/versions/1/infer", "v2_infer", True, "v2", None),
         ("/v2/elsewhere", "other", False, "v2", None),
         ("/v2x/models", "other", False, "v1", None),

@@ -52,7 +52,7 @@ async def build_server(checkpoint: Path, max_batch_size: int):
         "max_queued_requests": -1,
     }
     await cls.__init__(server, server={}, models=[model])
-    for host in server.plane.models.hosts.values():
+    for host in server.plane.models.hosts():
         await asyncio.wrap_future(host.warm)
     return server.__serve_build_asgi_app__()  # the replica's HTTP app, as Serve builds it
 

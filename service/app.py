@@ -47,8 +47,8 @@ class Server(GrpcInference):
 
     def check_health(self) -> None:
         """Serve restarts a replica whose model failed to warm up."""
-        for name, error in self.plane.models.failures().items():
-            raise RuntimeError(f"model {name!r} failed to warm up: {error!r}")
+        for label, error in self.plane.models.failures().items():
+            raise RuntimeError(f"{label} failed to warm up: {error!r}")
 
 
 # ----------------------------------------------------------------------------- the builder

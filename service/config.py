@@ -27,15 +27,36 @@ DEPRECATED_GATEWAY = (
 logger = logging.getLogger("ray.serve")
 
 
+class VersionConfig(BaseModel):
+    """One version of a model: its checkpoint and its share of the requests that name no
+    version."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = Field(ge=1, description="the number requests use (`?version=`, `/versions/`)")
+    checkpoint: str = Field(description="as a model's `checkpoint`")
+    weight: float = Field(
+        1.0, ge=0, description="share of the requests that name no version; 0: only those naming it"
+    )
+
+
 class ModelConfig(BaseModel):
-    """One served model: its checkpoint, how it runs, how it batches and scales."""
+    """One served model: its checkpoint (or versions), how it runs, how it batches and scales."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="the name requests use (`?model=`)"
     )
-    checkpoint: str = Field(description="path to a served `.safetensors`, or `demo:<task>`")
+    checkpoint: str | None = Field(
+        None, description="path to a served `.safetensors`, or `demo:<task>`: version 1"
+    )
+    versions: list[VersionConfig] | None = Field(
+        None,
+        min_length=1,
+        description="instead of `checkpoint`: several versions, each with its checkpoint and "
+        "traffic weight",
+    )
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="bf16/fp16: autocast; refused at load on a CPU without native bf16"
     )
@@ -76,6 +97,28 @@ class ModelConfig(BaseModel):
         description="on a CUDA device, decode plain JPEGs on the GPU (nvJPEG); false: "
         "Pillow on the CPU, as CPU replicas do",
     )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if (self.checkpoint is None) == (self.versions is None):
+            raise ValueError(f"model {self.name!r}: give `checkpoint` or `versions`, one of them")
+        if self.versions is not None:
+            numbers = [v.version for v in self.versions]
+            if len(numbers) != len(set(numbers)):
+                raise ValueError(f"model {self.name!r}: versions must be unique: {numbers}")
+            if not any(v.weight > 0 for v in self.versions):
+                raise ValueError(f"model {self.name!r}: at least one version needs a weight over 0")
+        return self
+
+    def served_versions(self) -> list[VersionConfig]:
+        """Its versions; the short form (`checkpoint`) is version 1."""
+        if self.versions is not None:
+            return list(self.versions)
+        return [VersionConfig(version=1, checkpoint=self.checkpoint)]
+
+    def of_version(self, version: VersionConfig) -> ModelConfig:
+        """The settings one version runs with: the model's, with that version's checkpoint."""
+        return self.model_copy(update={"checkpoint": version.checkpoint, "versions": None})
 
     @property
     def max_replicas(self) -> int:
@@ -164,12 +207,12 @@ class AppConfig(BaseModel):
 
     def server_capacity(self) -> int:
         """The API requests a server replica holds before it surely refuses more (503): its
-        in-flight limit, or every model's calls and waiting line where those are bounded and
-        fewer. HAProxy refuses beyond it (`service.haproxy_front`)."""
+        in-flight limit, or every model version's calls and waiting line where those are
+        bounded and fewer. HAProxy refuses beyond it (`service.haproxy_front`)."""
         models = self.every_model()
         if any(m.max_queued_requests < 0 for m in models):
             return self.server.max_in_flight
-        lines = sum(m.ongoing + m.max_queued_requests for m in models)
+        lines = sum((m.ongoing + m.max_queued_requests) * len(m.served_versions()) for m in models)
         return min(self.server.max_in_flight, lines)
 
     @classmethod

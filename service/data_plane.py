@@ -24,6 +24,7 @@ from .metrics import request_metrics
 from .route_table import Route
 from .runtime import BatchItem
 from .served_models import ServedModels
+from .versions import ServedModel
 
 REPORT_S = 1.0  # how often the request counter and the in-flight gauge are reported
 
@@ -35,8 +36,8 @@ class DataPlane:
         self.config, self.models, self.api_keys = config, models, api_keys
         self.metrics = request_metrics()
         self.in_flight: dict[str, int] = {}  # by endpoint
-        # API requests by (endpoint, model, status) since they were last reported
-        self.request_counts: dict[tuple[str, str, str], int] = {}
+        # API requests by (endpoint, model, version, status) since they were last reported
+        self.request_counts: dict[tuple[str, str, str, str], int] = {}
         self._reporter: asyncio.Task | None = None
 
     # --------------------------------------------------------------------- admission
@@ -60,15 +61,16 @@ class DataPlane:
                 "the server is at its in-flight request limit", self.config.retry_after_s
             )
 
-    def leave(self, route: Route, model: str, status: int, started: float) -> None:
+    def leave(self, route: Route, model: str, version: str, status: int, started: float) -> None:
         """Count a request out; an API request's status and latency go to the metrics, with
-        the model it resolved (a served name) or `unknown`, whatever the client asked for."""
+        the model and version it resolved (served ones) or `unknown` and "", whatever the
+        client asked for."""
         self.in_flight[route.endpoint] -= 1
         if route.api:
             model = model or "unknown"
-            key = (route.endpoint, model, str(status))
+            key = (route.endpoint, model, version, str(status))
             self.request_counts[key] = self.request_counts.get(key, 0) + 1
-            tags = {"endpoint": route.endpoint, "model": model}
+            tags = {"endpoint": route.endpoint, "model": model, "version": version}
             self.metrics.duration.observe(time.perf_counter() - started, tags=tags)
 
     async def _report_forever(self) -> None:
@@ -80,38 +82,49 @@ class DataPlane:
             for endpoint, count in list(self.in_flight.items()):
                 gauge.set(count, tags={"endpoint": endpoint})
             counts, self.request_counts = self.request_counts, {}
-            for (endpoint, model, status), n in counts.items():
-                counter.inc(n, tags={"endpoint": endpoint, "model": model, "status": status})
-            for host in list(self.models.hosts.values()):
+            for (endpoint, model, version, status), n in counts.items():
+                tags = {"endpoint": endpoint, "model": model, "version": version, "status": status}
+                counter.inc(n, tags=tags)
+            for host in self.models.hosts():
                 host.report_info()
             await asyncio.sleep(REPORT_S)
 
     # ---------------------------------------------------------------------- models
 
-    def model(self, task: str | None, name: str | None, version: str | None = None) -> ModelHost:
-        """The model a request names (`task` None: by name and version, of any task; else
-        that task's, the first configured by default), refused with 503 when its line is full,
-        before any image is read."""
+    def model(
+        self,
+        task: str | None,
+        name: str | None,
+        version: str | None = None,
+        client: str | None = None,
+    ) -> ModelHost:
+        """The model version a request names (`task` None: by name, of any task; else that
+        task's, the first configured by default; without a version, one drawn by weight,
+        sticky per `client`), refused with 503 when its line is full, before any image is
+        read."""
         if task is None:
-            host = self.models.named(name or "", version)
+            host = self.models.named(name or "", version, client)
         else:
-            host = self.models.of_task(task, name)
+            host = self.models.of_task(task, name, version, client)
         if host.full():
             raise host.overloaded()
         return host
 
-    def model_if_full(self, route: Route, name: str | None) -> ModelHost | None:
-        """The model an inference route names (`name`, or the task's default), when its line
-        is full: refused before the request is routed."""
+    def model_if_full(self, route: Route, name: str | None) -> ServedModel | None:
+        """The model an inference route names (`name`, or the task's default), when every
+        version of it that takes traffic has a full line: refused before the request is
+        routed."""
         if route.task is not None:
-            host = (
-                self.models.hosts.get(name) if name is not None else self.models.default[route.task]
+            served = (
+                self.models.models.get(name)
+                if name is not None
+                else self.models.default[route.task]
             )
         elif route.endpoint == "v2_infer" and name is not None:
-            host = self.models.hosts.get(name)
+            served = self.models.models.get(name)
         else:
             return None
-        return host if host is not None and host.full() else None
+        return served if served is not None and served.full() else None
 
     async def infer(self, host: ModelHost, images: list[Any], options: Any) -> list[Any]:
         """The model's outputs for a request's images (encoded bytes, or HWC uint8 arrays of
@@ -136,12 +149,16 @@ class DataPlane:
         pending = self.models.pending()
         if pending:
             return False, {"status": "starting", "waiting_for": pending, **extra}
-        return True, {"status": "ready", "models": sorted(self.models.hosts), **extra}
+        return True, {"status": "ready", "models": sorted(self.models.models), **extra}
 
     def listing(self) -> dict[str, Any]:
         """What `/v1/models` says: every served model, and those still training."""
         return {
-            "models": [host.describe() for host in self.models.hosts.values()],
+            "models": [
+                host.describe(served.weights[version])
+                for served in self.models.models.values()
+                for version, host in served.hosts.items()
+            ],
             "training": self.models.training_status(),
         }
 

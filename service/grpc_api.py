@@ -23,7 +23,7 @@ from .data_plane import DataPlane
 from .errors import InvalidParameter, ServiceError
 from .protocol import (
     EXTENSIONS,
-    VERSION,
+    SERVER_VERSION,
     RequestInput,
     model_input,
     model_metadata,
@@ -79,15 +79,20 @@ class GrpcInference:
 
     async def ModelReady(self, request: pb.ModelReadyRequest, grpc_context) -> Any:
         async def ready(call: _Call) -> Any:
-            host = self.plane.models.hosts.get(request.name)
-            return pb.ModelReadyResponse(ready=host is not None and host.ready)
+            served = self.plane.models.models.get(request.name)
+            if served is None:
+                return pb.ModelReadyResponse(ready=False)
+            hosts = served.hosts.values()
+            if request.version:
+                hosts = [served.hosts[request.version]] if request.version in served.hosts else []
+            return pb.ModelReadyResponse(ready=bool(hosts) and all(h.ready for h in hosts))
 
         return await self._rpc("ModelReady", grpc_context, pb.ModelReadyResponse(), ready)
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, grpc_context) -> Any:
         async def metadata(call: _Call) -> Any:
             return pb.ServerMetadataResponse(
-                name="convnext-serve", version=VERSION, extensions=EXTENSIONS
+                name="convnext-serve", version=SERVER_VERSION, extensions=EXTENSIONS
             )
 
         empty = pb.ServerMetadataResponse()
@@ -95,8 +100,9 @@ class GrpcInference:
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, grpc_context) -> Any:
         async def metadata(call: _Call) -> Any:
-            host = self.plane.models.named(request.name, request.version)
-            found = model_metadata(host.name, host.task, host.meta)
+            served = self.plane.models.served(request.name)
+            host = served.version(request.version) if request.version else served.choose()
+            found = model_metadata(served.name, served.numbers(), host.task, host.meta)
             del found["parameters"]  # not a field of the gRPC message
             return json_format.ParseDict(found, pb.ModelMetadataResponse())
 
@@ -106,8 +112,10 @@ class GrpcInference:
     async def ModelInfer(self, request: pb.ModelInferRequest, grpc_context) -> Any:
         async def infer(call: _Call) -> Any:
             plane = self.plane
-            host = plane.models.named(request.model_name, request.model_version)
-            call.model = host.name  # a full queue's refusal is counted under it, as HTTP's
+            client = call.headers.get("x-client-id")
+            host = plane.models.named(request.model_name, request.model_version, client)
+            # a full queue's refusal is counted under the version, as HTTP's
+            call.model, call.version = host.name, host.version
             if host.full():
                 raise host.overloaded()
             inputs = [
@@ -124,7 +132,7 @@ class GrpcInference:
             names = output_names(host.name, [o.name for o in request.outputs], tensors)
             datatypes = {n: d for n, d, _ in host.task.tensor_outputs(host.meta)}
             response = pb.ModelInferResponse(
-                model_name=host.name, model_version=VERSION, id=request.id
+                model_name=host.name, model_version=host.version, id=request.id
             )
             for name in names:
                 response.outputs.add(
@@ -140,10 +148,11 @@ class GrpcInference:
     ) -> Any:
         """One RPC through the data plane's admission and metrics, as an HTTP request goes
         through the guard: a refusal is the gRPC status of its HTTP status, with its message."""
-        plane, route, call = self.plane, GRPC[method], _Call()
+        plane, route = self.plane, GRPC[method]
+        call = _Call(headers=dict(grpc_context.invocation_metadata() or ()))
         started = plane.enter(route)
         try:
-            plane.admit(route, dict(grpc_context.invocation_metadata() or ()))
+            plane.admit(route, call.headers)
             response = await handle(call)
         except ServiceError as e:
             call.status = e.status
@@ -152,15 +161,18 @@ class GrpcInference:
             call.status = 500
             raise
         finally:
-            plane.leave(route, call.model, call.status, started)
+            plane.leave(route, call.model, call.version, call.status, started)
         return response
 
 
 @dataclass
 class _Call:
-    """What the request metrics record of an RPC: the model it resolved, its status."""
+    """An RPC's metadata, and what the request metrics record of it: the model and version
+    it resolved, its status."""
 
+    headers: dict[str, str]
     model: str = ""
+    version: str = ""
     status: int = 200
 
 

@@ -38,12 +38,15 @@ class GuardMiddleware:
         status = 500
         # the route sets the model it resolved in request.state (which lives in scope["state"])
         state = scope.setdefault("state", {})
-        state["model"] = ""
+        state["model"], state["version"] = "", ""
 
         async def send_and_note_status(message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                if state["version"]:  # every answer says which version made it
+                    version = (b"x-model-version", state["version"].encode())
+                    message["headers"] = [*message.get("headers", []), version]
             await send(message)
 
         started = plane.enter(route)
@@ -66,7 +69,7 @@ class GuardMiddleware:
                 return
             await app(scope, receive, send_and_note_status)
         finally:
-            plane.leave(route, state.get("model", ""), status, started)
+            plane.leave(route, state["model"], state["version"], status, started)
 
 
 def _model_named(route: Route, path: str, scope: dict) -> str | None:

@@ -24,8 +24,10 @@ from .runtime import BatchItem, ModelRunner
 class ModelHost:
     """A loaded model, warming up in the background, and the batches it runs."""
 
-    def __init__(self, config: ModelConfig, max_pixels: int, retry_after_s: int):
-        self.config, self.name = config, config.name
+    def __init__(
+        self, config: ModelConfig, max_pixels: int, retry_after_s: int, version: str = "1"
+    ):
+        self.config, self.name, self.version = config, config.name, version
         self.retry_after_s = retry_after_s
         self.runner = ModelRunner(config, max_pixels)  # a bad checkpoint fails the replica here
         self.meta, self.task = self.runner.meta, self.runner.task
@@ -39,11 +41,12 @@ class ModelHost:
             config.batch_wait_timeout_s,
             depth=2 if self.runner.pipelined else 1,
         )
-        self.metrics = ModelMetrics(config.name)
+        self.metrics = ModelMetrics(config.name, version)
         self._decode = request_metrics().decode
         self._decode_tags = {"endpoint": self.task.name}
         self.info_tags = {
             "model": self.name,
+            "version": version,
             "arch": self.meta.arch,
             "task": self.meta.task,
             "device": self.runner.device.type,
@@ -79,7 +82,12 @@ class ModelHost:
         return self.queue.full()
 
     def overloaded(self) -> Overloaded:
-        return Overloaded(f"model {self.name!r} has a full queue", self.retry_after_s)
+        return Overloaded(f"{self.label} has a full queue", self.retry_after_s)
+
+    @property
+    def label(self) -> str:
+        """How messages name it: the model, and its version where it is not the first."""
+        return f"model {self.name!r}" + (f" version {self.version}" if self.version != "1" else "")
 
     async def infer(self, entries: list[BatchItem], timeout_s: float) -> list[Any]:
         """Results (or `ImageError`s) for a request's images, in order.
@@ -98,7 +106,7 @@ class ModelHost:
                 await asyncio.wait([asyncio.wrap_future(self.warm)])
             if (failed := self.failure()) is not None:
                 raise ModelUnavailable(
-                    f"model {self.name!r} failed to warm up ({failed!r}); its replica restarts",
+                    f"{self.label} failed to warm up ({failed!r}); its replica restarts",
                     self.retry_after_s,
                 )
             if len(entries) <= size:
@@ -136,5 +144,11 @@ class ModelHost:
         metrics.images.inc(len(entries))
         return results
 
-    def describe(self) -> dict[str, Any]:
-        return {**self.runner.describe(), "ready": self.ready}
+    def describe(self, weight: float) -> dict[str, Any]:
+        """What `/v1/models` shows of this version, with its traffic weight."""
+        return {
+            **self.runner.describe(),
+            "version": self.version,
+            "weight": weight,
+            "ready": self.ready,
+        }

@@ -22,14 +22,14 @@ class RequestMetrics:
     def __init__(self):
         self.requests = Counter(
             "convnext_serve_requests_total",
-            description="Requests by endpoint, model and status code.",
-            tag_keys=("endpoint", "model", "status"),
+            description="Requests by endpoint, model, version and status code.",
+            tag_keys=("endpoint", "model", "version", "status"),
         )
         self.duration = Histogram(
             "convnext_serve_request_duration_seconds",
             description="End-to-end request latency in the server replica.",
             boundaries=LATENCY_BUCKETS,
-            tag_keys=("endpoint", "model"),
+            tag_keys=("endpoint", "model", "version"),
         )
         self.decode = Histogram(
             "convnext_serve_decode_seconds",
@@ -45,35 +45,35 @@ class RequestMetrics:
 
 
 class ModelMetrics:
-    def __init__(self, model: str):
-        tags = {"model": model}
+    def __init__(self, model: str, version: str):
+        tags = {"model": model, "version": version}
         self.images = Counter(
             "convnext_serve_images_total",
             description="Images run through the model.",
-            tag_keys=("model",),
+            tag_keys=("model", "version"),
         )
         self.batch_size = Histogram(
             "convnext_serve_batch_size",
             description="Images per batch the model ran.",
             boundaries=BATCH_BUCKETS,
-            tag_keys=("model",),
+            tag_keys=("model", "version"),
         )
         self.inference = Histogram(
             "convnext_serve_batch_inference_seconds",
             description="Time to run one batch through the model.",
             boundaries=LATENCY_BUCKETS,
-            tag_keys=("model",),
+            tag_keys=("model", "version"),
         )
         self.queue_wait = Histogram(
             "convnext_serve_queue_wait_seconds",
             description="Time an image waited in the replica before its batch started.",
             boundaries=[*FAST_BUCKETS, 2.5, 5, 10],
-            tag_keys=("model",),
+            tag_keys=("model", "version"),
         )
         self.info = Gauge(
             "convnext_serve_model_info",
             description="1 for each served model, labelled with what it runs on.",
-            tag_keys=("model", "arch", "task", "device", "precision"),
+            tag_keys=("model", "version", "arch", "task", "device", "precision"),
         )
         for metric in (self.images, self.batch_size, self.inference, self.queue_wait):
             metric.set_default_tags(dict(tags))  # Ray adds its tags to the dict in place

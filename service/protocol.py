@@ -38,7 +38,7 @@ TENSOR_DTYPES = {
 EXTENSIONS = ["binary_tensor_data"]
 # Each served model is a protocol model of version "1" with two inputs, of which a request
 # sends one: encoded images, or RGB pixels the client decoded.
-VERSION = "1"
+SERVER_VERSION = "1"
 INPUTS = {"image": ("BYTES", [-1]), "pixels": ("UINT8", [-1, -1, -1, 3])}
 
 
@@ -127,11 +127,12 @@ class InferenceResponse(BaseModel):
 # ----------------------------------------------------------------------------- models
 
 
-def model_metadata(name: str, task: Any, meta: Any) -> dict[str, Any]:
-    """A model's metadata (`ModelMetadata`'s fields) from its task adapter and checkpoint."""
+def model_metadata(name: str, versions: list[str], task: Any, meta: Any) -> dict[str, Any]:
+    """A model's metadata (`ModelMetadata`'s fields) from its versions, its task adapter and
+    a version's checkpoint."""
     return {
         "name": name,
-        "versions": [VERSION],
+        "versions": versions,
         "platform": f"convnext-serve_{task.name}",
         "inputs": [{"name": n, "datatype": d, "shape": s} for n, (d, s) in INPUTS.items()],
         "outputs": [

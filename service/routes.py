@@ -82,6 +82,7 @@ DESCRIPTION = (
     "Send images as multipart `image` fields (one or more) or as a raw `image/*` body."
 )
 MODEL = Query(None, description="model name (default: the first of the task)")
+MODEL_VERSION = Query(None, description="model version (default: drawn by the versions' weights)")
 
 router = APIRouter()
 
@@ -105,11 +106,19 @@ def plane_of(request: Request) -> DataPlane:
 PLANE = Depends(plane_of)
 
 
-def model_for(request: Request, plane: DataPlane, task: str, name: str | None) -> ModelHost:
-    """The task's model the request names, noted for the request metrics."""
-    host = plane.model(task, name)
-    request.state.model = host.name
+def model_for(
+    request: Request, plane: DataPlane, task: str, name: str | None, version: str | None
+) -> ModelHost:
+    """The task's model version the request names (or the weights draw, sticky per the
+    `X-Client-Id` header), noted for the request metrics and the answer's headers."""
+    host = plane.model(task, name, version, request.headers.get("x-client-id"))
+    request.state.model, request.state.version = host.name, host.version
     return host
+
+
+def answer(host: ModelHost, results: list) -> dict:
+    """A `/v1` JSON answer: the model and version that made it, and one result per image."""
+    return {"model": host.name, "version": host.version, "results": results}
 
 
 PAGE = (Path(__file__).resolve().parent / "page" / "index.html").read_text()
@@ -156,31 +165,36 @@ async def models(plane: DataPlane = PLANE) -> dict:
 async def classify(
     request: Request,
     model: str | None = MODEL,
+    version: str | None = MODEL_VERSION,
     top_k: int = Query(5, ge=1, le=TOP_K_MAX, description="classes per image"),
 ) -> JSONResponse:
-    return JSONResponse(await classify_answer(request, model, top_k))
+    return JSONResponse(await classify_answer(request, model, version, top_k))
 
 
-async def classify_answer(request: Request, model: str | None, top_k: int) -> dict:
+async def classify_answer(
+    request: Request, model: str | None, version: str | None, top_k: int
+) -> dict:
     plane = plane_of(request)
-    host = model_for(request, plane, "classify", model)
+    host = model_for(request, plane, "classify", model, version)
     images = await read_images(request, plane.config)
     outputs = await plane.infer(host, images, ClassifyOptions(top_k))
-    return {"model": host.name, "results": [host.task.result(host.meta, out) for out in outputs]}
+    return answer(host, [host.task.result(host.meta, out) for out in outputs])
 
 
 def fast_lane(scope: dict) -> Callable[[dict, Any, Any], Awaitable[None]] | None:
     """The handler of the route the table marks `fast`, `POST /v1/classify`, when its query is
-    one the route takes as it is (`model`, `top_k` from 1 to TOP_K_MAX): the route's own code,
-    called from the guard past FastAPI's routing, parameter injection and exception middleware
-    (most of the event loop's own time a request). Any other request (None) takes the full
-    route, which also words the errors of its parameters."""
+    one the route takes as it is (`model`, `version`, `top_k` from 1 to TOP_K_MAX): the route's
+    own code, called from the guard past FastAPI's routing, parameter injection and exception
+    middleware (most of the event loop's own time a request). Any other request (None) takes
+    the full route, which also words the errors of its parameters."""
     if scope["path"] != "/v1/classify" or scope["method"] != "POST":
         return None
-    model, top_k = None, 5
+    model, version, top_k = None, None, 5
     for key, value in parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True):
         if key == "model":
             model = value
+        elif key == "version":
+            version = value
         elif key == "top_k" and value.isascii() and value.isdigit():
             top_k = int(value)
         else:
@@ -191,7 +205,7 @@ def fast_lane(scope: dict) -> Callable[[dict, Any, Any], Awaitable[None]] | None
     async def handle(scope: dict, receive: Any, send: Any) -> None:
         try:
             request = Request(scope, receive)
-            response = JSONResponse(await classify_answer(request, model, top_k))
+            response = JSONResponse(await classify_answer(request, model, version, top_k))
         except Exception as e:  # as the full route's handlers answer them
             response = response_for(e, scope["path"])
         await response(scope, receive, send)
@@ -209,13 +223,14 @@ def fast_lane(scope: dict) -> Callable[[dict, Any, Any], Awaitable[None]] | None
 async def detect(
     request: Request,
     model: str | None = MODEL,
+    version: str | None = MODEL_VERSION,
     score_threshold: float = Query(0.5, ge=0, le=1),
     max_detections: int = Query(100, ge=1, le=1000),
     masks: bool = Query(True, description="include instance masks"),
     render: bool = Query(False, description="answer an image/png with the result drawn"),
     plane: DataPlane = PLANE,
 ) -> Response:
-    host = model_for(request, plane, "detect", model)
+    host = model_for(request, plane, "detect", model, version)
     images = await read_images(request, plane.config, single=render)
     options = DetectOptions(score_threshold, max_detections, masks or render)
     outputs = await plane.infer(host, images, options)
@@ -223,7 +238,7 @@ async def detect(
     if render:
         png = await asyncio.to_thread(_render_detections, images[0], results[0], host.meta)
         return Response(png, media_type="image/png")
-    return JSONResponse({"model": host.name, "results": results})
+    return JSONResponse(answer(host, results))
 
 
 @router.post(
@@ -236,11 +251,12 @@ async def detect(
 async def segment(
     request: Request,
     model: str | None = MODEL,
+    version: str | None = MODEL_VERSION,
     format: str = Query("json", pattern="^(json|png)$", description="json or png"),
     render: bool = Query(False, description="answer an image/png with the map drawn"),
     plane: DataPlane = PLANE,
 ) -> Response:
-    host = model_for(request, plane, "segment", model)
+    host = model_for(request, plane, "segment", model, version)
     images = await read_images(request, plane.config, single=render or format == "png")
     maps = await plane.infer(host, images, SegmentOptions())
     if render:
@@ -249,7 +265,7 @@ async def segment(
     if format == "png":
         return Response(draw.class_map_png(maps[0]), media_type="image/png")
     results = await asyncio.to_thread(lambda: [host.task.result(host.meta, m) for m in maps])
-    return JSONResponse({"model": host.name, "results": results})
+    return JSONResponse(answer(host, results))
 
 
 def _render_detections(data: bytes, result: dict, meta) -> bytes:

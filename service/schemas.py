@@ -43,10 +43,12 @@ class ClassifyResponse(BaseModel):
     model_config = _example(
         {
             "model": "shapes-classifier",
+            "version": "1",
             "results": [{"predictions": [{"label": "circle", "class_id": 0, "score": 0.97}]}],
         }
     )
     model: str
+    version: str = Field(description="the model version that answered (also `X-Model-Version`)")
     results: list[ClassifyResult] = Field(description="one per input image, in input order")
 
 
@@ -73,6 +75,7 @@ class DetectResponse(BaseModel):
     model_config = _example(
         {
             "model": "shapes-detector",
+            "version": "1",
             "results": [
                 {
                     "width": 640,
@@ -91,6 +94,7 @@ class DetectResponse(BaseModel):
         }
     )
     model: str
+    version: str = Field(description="the model version that answered (also `X-Model-Version`)")
     results: list[DetectResult]
 
 
@@ -116,6 +120,7 @@ class SegmentResponse(BaseModel):
     model_config = _example(
         {
             "model": "shapes-segmenter",
+            "version": "1",
             "results": [
                 {
                     "width": 640,
@@ -127,11 +132,14 @@ class SegmentResponse(BaseModel):
         }
     )
     model: str
+    version: str = Field(description="the model version that answered (also `X-Model-Version`)")
     results: list[SegmentResult]
 
 
 class ModelInfo(BaseModel):
     name: str
+    version: str = Field(description="one entry per version of a model")
+    weight: float = Field(description="its share of the requests that name no version")
     task: Literal["classify", "detect", "segment"]
     ready: bool = Field(description="loaded and warmed up")
     device: str | None = Field(description="cpu or cuda; null until loaded")

@@ -1,8 +1,9 @@
 """The models a server replica serves, and those that join it once their training is done.
 
-One `ModelHost` per served model, each task's default model (the first configured), the models
-still training with their progress, and the thread that loads a trained one beside the others
-(a redeploy would restart the replica and warm every model again). Nothing here knows HTTP.
+One `ServedModel` per served name (`service.versions`: a `ModelHost` per version and the
+weights between them), each task's default model (the first configured), the models still
+training with their progress, and the thread that loads a trained one beside the others (a
+redeploy would restart the replica and warm every model again). Nothing here knows HTTP.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from models.train.progress import read_progress
 from .config import ModelConfig, ServerConfig, TrainingModel
 from .errors import ModelNotFound, ModelTraining
 from .host import ModelHost
-from .protocol import VERSION
 from .route_table import TASK_NAMES
 from .schemas import TrainingProgress
+from .versions import ServedModel
 
 JOIN_POLL_S = 1.0  # how often a replica looks for a model that finished training
 logger = logging.getLogger("ray.serve")
@@ -37,52 +38,73 @@ class ServedModels:
         self.config = config
         self.training = list(training)
         self.join_errors: dict[str, str] = {}  # trained models that could not be served
-        self.hosts = {m.name: self._host(m) for m in models}
+        self.models: dict[str, ServedModel] = {m.name: self._load(m) for m in models}
         # a model trained before this replica started is served as if configured
         for t in [t for t in self.training if _trained(t)]:
-            host = self._load_trained(t)
-            if host is not None:
-                self.hosts[t.name] = host
+            served = self._load_trained(t)
+            if served is not None:
+                self.models[t.name] = served
                 self.training = [other for other in self.training if other is not t]
-        for host in self.hosts.values():
+        for host in self.hosts():
             host.start_warmup()
         self.default = {
-            task: next((h for h in self.hosts.values() if h.meta.task == task), None)
+            task: next((m for m in self.models.values() if m.meta.task == task), None)
             for task in TASK_NAMES
         }
         if self._joinable():
             threading.Thread(target=self._join_when_trained, name="join", daemon=True).start()
 
-    def _host(self, model: ModelConfig) -> ModelHost:
-        return ModelHost(model, self.config.max_pixels, self.config.retry_after_s)
+    def _load(self, model: ModelConfig) -> ServedModel:
+        """Every version of a model, loaded (a bad checkpoint fails here), not warmed up."""
+        versions = model.served_versions()
+        hosts = {
+            str(v.version): ModelHost(
+                model.of_version(v),
+                self.config.max_pixels,
+                self.config.retry_after_s,
+                str(v.version),
+            )
+            for v in versions
+        }
+        return ServedModel(model.name, hosts, {str(v.version): v.weight for v in versions})
+
+    def hosts(self) -> list[ModelHost]:
+        """Every version of every served model."""
+        return [host for served in self.models.values() for host in served.hosts.values()]
 
     # ------------------------------------------------------------------------ lookups
 
-    def named(self, name: str, version: str | None = None) -> ModelHost:
-        """A model by its name (and protocol version, where given), of any task."""
-        host = self.hosts.get(name)
-        if host is None:
-            self._refuse_training(None, name)
-            raise ModelNotFound(f"no model {name!r}; served: {sorted(self.hosts)}")
-        if version and version != VERSION:
-            raise ModelNotFound(f"model {name!r} has version {VERSION!r} only, not {version!r}")
-        return host
+    def named(self, name: str, version: str | None = None, client: str | None = None) -> ModelHost:
+        """A model by its name, of any task: the version named, or one drawn by weight."""
+        served = self.served(name)
+        return served.version(version) if version else served.choose(client)
 
-    def of_task(self, task: str, name: str | None) -> ModelHost:
-        """The task's model of that name, or the task's default one."""
+    def served(self, name: str) -> ServedModel:
+        """A model by its name, with all its versions."""
+        served = self.models.get(name)
+        if served is None:
+            self._refuse_training(None, name)
+            raise ModelNotFound(f"no model {name!r}; served: {sorted(self.models)}")
+        return served
+
+    def of_task(
+        self, task: str, name: str | None, version: str | None = None, client: str | None = None
+    ) -> ModelHost:
+        """The task's model of that name, or the task's default one; the version named, or
+        one drawn by weight."""
         if name is None:
-            host = self.default[task]
-            if host is None:
+            served = self.default[task]
+            if served is None:
                 self._refuse_training(task, None)
                 raise ModelNotFound(f"no {task} model is served")
-            return host
-        host = self.hosts.get(name)
-        if host is None:
-            self._refuse_training(task, name)
-        if host is None or host.meta.task != task:
-            served = [n for n, h in self.hosts.items() if h.meta.task == task]
-            raise ModelNotFound(f"no {task} model {name!r}; served: {served}")
-        return host
+        else:
+            served = self.models.get(name)
+            if served is None:
+                self._refuse_training(task, name)
+            if served is None or served.meta.task != task:
+                names = [n for n, m in self.models.items() if m.meta.task == task]
+                raise ModelNotFound(f"no {task} model {name!r}; served: {names}")
+        return served.version(version) if version else served.choose(client)
 
     def _refuse_training(self, task: str | None, name: str | None) -> None:
         """503 `model_training` for a model still training: the one named, or the task's."""
@@ -98,13 +120,13 @@ class ServedModels:
     # ------------------------------------------------------------------------- state
 
     def pending(self) -> list[str]:
-        """The served models not warm yet."""
-        return sorted(name for name, host in self.hosts.items() if not host.ready)
+        """The served models with a version not warm yet."""
+        return sorted({host.name for host in self.hosts() if not host.ready})
 
     def failures(self) -> dict[str, BaseException]:
-        """The models whose warm-up failed, with why."""
-        failed = {name: host.failure() for name, host in self.hosts.items()}
-        return {name: error for name, error in failed.items() if error is not None}
+        """The model versions whose warm-up failed (by their label), with why."""
+        failed = {host.label: host.failure() for host in self.hosts()}
+        return {label: error for label, error in failed.items() if error is not None}
 
     def training_status(self) -> list[dict[str, Any]]:
         """The models still training, each with the progress its training last wrote."""
@@ -115,11 +137,11 @@ class ServedModels:
     def _joinable(self) -> list[TrainingModel]:
         return [t for t in self.training if t.serve_as and t.name not in self.join_errors]
 
-    def _load_trained(self, t: TrainingModel) -> ModelHost | None:
-        """The host of a trained model; None, with the reason kept for /v1/models, when it
-        cannot be loaded: the replica keeps serving the others."""
+    def _load_trained(self, t: TrainingModel) -> ServedModel | None:
+        """A trained model, loaded; None, with the reason kept for /v1/models, when it cannot
+        be loaded: the replica keeps serving the others."""
         try:
-            return self._host(t.serve_as)
+            return self._load(t.serve_as)
         except Exception as e:
             logger.exception("model %r was trained but cannot be served", t.name)
             self.join_errors[t.name] = f"trained, but cannot be served: {e!r}"
@@ -131,19 +153,20 @@ class ServedModels:
         while self._joinable():
             time.sleep(JOIN_POLL_S)
             for t in [t for t in self._joinable() if _trained(t)]:
-                host = self._load_trained(t)
-                if host is None:
+                served = self._load_trained(t)
+                if served is None:
                     continue
-                host.start_warmup()
                 try:
-                    host.warm.result()
+                    for host in served.hosts.values():
+                        host.start_warmup()
+                        host.warm.result()
                 except Exception as e:
                     self.join_errors[t.name] = f"trained, but failed to warm up: {e!r}"
                     continue
                 # published whole, for the event loop reading them
-                self.hosts = {**self.hosts, t.name: host}
-                if self.default.get(host.meta.task) is None:
-                    self.default = {**self.default, host.meta.task: host}
+                self.models = {**self.models, t.name: served}
+                if self.default.get(served.meta.task) is None:
+                    self.default = {**self.default, served.meta.task: served}
                 self.training = [other for other in self.training if other is not t]
                 logger.info("model %r trained: now served", t.name)
 

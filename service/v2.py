@@ -1,8 +1,8 @@
 """The Open Inference Protocol's REST routes (`/v2`, docs/serving-api.md): thin handlers over
 the same server replica, batches and decoding as `/v1`.
 
-Each served model is a protocol model of the same name, version "1", with two inputs of which
-a request sends one: `image` (`BYTES [N]`, encoded images, decoded as `/v1` decodes them) or
+Each served model is a protocol model of the same name, with its versions, and two inputs of
+which a request sends one: `image` (`BYTES [N]`, encoded images, decoded as `/v1` decodes them) or
 `pixels` (`UINT8 [N, H, W, 3]`, RGB, preprocessed as a decoded image). The `/v1` query
 parameters travel as request `parameters`; the outputs are the task's tensors
 (`service.tasks`), JSON or binary as the client asks.
@@ -23,7 +23,7 @@ from .data_plane import DataPlane
 from .protocol import (
     EXTENSIONS,
     INFER_EXAMPLE,
-    VERSION,
+    SERVER_VERSION,
     InferenceRequest,
     InferenceResponse,
     Live,
@@ -90,22 +90,26 @@ async def ready(request: Request) -> JSONResponse:
 
 @router.get("", summary="Server metadata", response_model=ServerMetadata)
 async def server_metadata() -> dict:
-    return {"name": "convnext-serve", "version": VERSION, "extensions": EXTENSIONS}
+    return {"name": "convnext-serve", "version": SERVER_VERSION, "extensions": EXTENSIONS}
 
 
 @router.get("/models/{name}", summary="Model metadata", response_model=ModelMetadata)
 @router.get("/models/{name}/versions/{version}", include_in_schema=False)
 async def get_model_metadata(request: Request, name: str, version: str | None = None) -> dict:
-    host = _plane(request).models.named(name, version)
-    return model_metadata(host.name, host.task, host.meta)
+    served = _plane(request).models.served(name)
+    host = served.version(version) if version else served.choose()
+    return model_metadata(served.name, served.numbers(), host.task, host.meta)
 
 
 @router.get("/models/{name}/ready", summary="Model readiness", response_model=ModelReady)
 @router.get("/models/{name}/versions/{version}/ready", include_in_schema=False)
 async def model_ready(request: Request, name: str, version: str | None = None) -> JSONResponse:
-    host = _plane(request).models.named(name, version)
-    body = {"name": host.name, "ready": host.ready}
-    return JSONResponse(body) if host.ready else _not_ready(body)
+    """Ready: the version named, or every version of the model, warm."""
+    served = _plane(request).models.served(name)
+    hosts = [served.version(version)] if version else list(served.hosts.values())
+    ready = all(host.ready for host in hosts)
+    body = {"name": served.name, "ready": ready}
+    return JSONResponse(body) if ready else _not_ready(body)
 
 
 @router.post(
@@ -117,8 +121,8 @@ async def model_ready(request: Request, name: str, version: str | None = None) -
 @router.post("/models/{name}/versions/{version}/infer", include_in_schema=False)
 async def infer(request: Request, name: str, version: str | None = None) -> Response:
     plane = _plane(request)
-    host = plane.model(None, name, version)
-    request.state.model = host.name
+    host = plane.model(None, name, version, request.headers.get("x-client-id"))
+    request.state.model, request.state.version = host.name, host.version
     body = await read_body(request, plane.config)
     header_length = request.headers.get("inference-header-content-length")
     # a large JSON body takes a while to parse: off the event loop, where other requests wait
@@ -128,7 +132,9 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
     outputs = await plane.infer(host, images, options)
     tensors = host.task.tensors(host.meta, outputs, options)
     datatypes = {n: d for n, d, _ in host.task.tensor_outputs(host.meta)}
-    content, header_length = response_body(host.name, VERSION, infer_request, tensors, datatypes)
+    content, header_length = response_body(
+        host.name, host.version, infer_request, tensors, datatypes
+    )
     if header_length is None:
         return Response(content, media_type="application/json")
     return Response(

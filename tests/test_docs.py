@@ -15,11 +15,16 @@ from pathlib import Path
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from service.config import ModelConfig, ServerConfig, TrainingModel
+from service.config import ModelConfig, ServerConfig, TrainingModel, VersionConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "configuration.md"
-TABLES = {"models": ModelConfig, "server": ServerConfig, "training": TrainingModel}
+TABLES = {
+    "models": ModelConfig,
+    "versions": VersionConfig,
+    "server": ServerConfig,
+    "training": TrainingModel,
+}
 
 
 def _type(annotation) -> str:

@@ -126,7 +126,7 @@ def test_compile_true_answers_as_the_eager_model(classifier):
     compiled = host_of(classifier, warmup_batches=1, max_batch_size=1, compile=True)
     compiled.start_warmup()
     compiled.warm.result()  # compiled at the warm-up, not at the first request
-    assert compiled.ready and compiled.describe()["serving"]["compile"] is True
+    assert compiled.ready and compiled.describe(1.0)["serving"]["compile"] is True
     for image in (png(), png((20, 200, 90), (64, 48))):
         [want], [got] = ask(eager, image), ask(compiled, image)
         assert [label for label, _ in got] == [label for label, _ in want]

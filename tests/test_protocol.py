@@ -17,8 +17,11 @@ import requests
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tritonclient.utils import InferenceServerException
 
+from models.checkpoint import META_KEY
 from models.masks import decode_rle
 from models.train.progress import write_progress
 from service.grpc_api import SERVICER
@@ -36,12 +39,20 @@ BIG = (60, 20, 280, 220)  # the object fills most of the picture, as in the trai
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     ckpt = service_checkpoints()
+    folder = tmp_path_factory.mktemp("protocol")
+    # "shades": two versions, the second the same model with its labels in capitals, taking no
+    # traffic unless named
+    upper = _relabelled(ckpt["classify"], folder / "upper.safetensors", str.upper)
+    shades = [
+        {"version": 1, "checkpoint": str(ckpt["classify"]), "weight": 1},
+        {"version": 2, "checkpoint": str(upper), "weight": 0},
+    ]
     models = [
         {"name": "colours", "checkpoint": str(ckpt["classify"]), "max_batch_size": 8},
         {"name": "boxes", "checkpoint": str(ckpt["detect"]), "max_batch_size": 4},
+        {"name": "shades", "versions": shades, "max_batch_size": 4},
     ]
     # "regions" finished training before the service started: served as if configured
-    folder = tmp_path_factory.mktemp("protocol")
     write_progress(folder / "regions.progress.json", state="done", epoch=1, epochs=1)
     regions = {"name": "regions", "checkpoint": str(ckpt["segment"]), "max_batch_size": 4}
     # and "broken" too, but its checkpoint cannot be read: listed as failed, the rest served
@@ -69,9 +80,28 @@ def service(tmp_path_factory):
         yield svc
 
 
+def _relabelled(source, target, rename):
+    """A copy of a checkpoint whose labels are renamed: the same model, answering in other
+    words."""
+    with safe_open(str(source), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+        metadata = f.metadata()
+    meta = json.loads(metadata[META_KEY])
+    meta["labels"] = [rename(label) for label in meta["labels"]]
+    save_file(tensors, str(target), metadata={**metadata, META_KEY: json.dumps(meta)})
+    return target
+
+
 def test_a_model_trained_before_the_start_is_served_as_if_configured(service):
     listed = get_json(service.url + "/v1/models", headers=AUTH)
-    assert [m["name"] for m in listed["models"]] == ["colours", "boxes", "regions"]
+    names = [(m["name"], m["version"]) for m in listed["models"]]
+    assert names == [
+        ("colours", "1"),
+        ("boxes", "1"),
+        ("shades", "1"),
+        ("shades", "2"),
+        ("regions", "1"),
+    ]
     assert all(m["ready"] for m in listed["models"])
     (failed,) = listed["training"]  # a trained model that cannot be served: said, not fatal
     assert (failed["name"], failed["state"]) == ("broken", "failed")
@@ -389,3 +419,59 @@ def test_every_route_of_the_table_is_answered_by_each_protocol(service):
     while not wanted <= _endpoints_counted(service) and time.monotonic() < deadline:
         time.sleep(1)
     assert wanted <= _endpoints_counted(service), wanted - _endpoints_counted(service)
+
+
+def _shades_counts(service) -> dict[tuple[str, str], float]:
+    """`convnext_serve_requests_total` of model "shades", by (endpoint, version)."""
+    counts: dict[tuple[str, str], float] = {}
+    for line in service.metrics().splitlines():
+        if line.startswith("ray_convnext_serve_requests_total{") and 'model="shades"' in line:
+            key = (re.search(r'endpoint="(\w+)"', line)[1], re.search(r'version="(\w*)"', line)[1])
+            counts[key] = counts.get(key, 0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def test_each_protocol_reaches_a_version_and_every_answer_names_it(service, client):
+    """Unnamed, "shades" answers with version 1 (version 2 has weight 0); named, version 2
+    answers (its labels in capitals), and says so in `X-Model-Version`, in `/v1`'s JSON and in
+    the protocol's `model_version`, over REST and gRPC; each counted under its version."""
+    before = _shades_counts(service)
+    image = photo("red", box=BIG)[0]
+    for version, label in ((None, "red"), ("2", "RED"), ("1", "red")):
+        params = {"model": "shades", **({"version": version} if version else {})}
+        r = service.post("/v1/classify", [image], params=params)
+        assert r.status_code == 200, r.text
+        answered = version or "1"
+        assert r.headers["x-model-version"] == answered and r.json()["version"] == answered
+        assert r.json()["results"][0]["predictions"][0]["label"] == label
+    meta = client.get_model_metadata("shades", headers=auth())
+    assert meta["versions"] == ["1", "2"]
+    assert client.is_model_ready("shades", "2", headers=auth())
+    rest = client.infer("shades", [image_input([image], True)], model_version="2", headers=auth())
+    assert rest.get_response()["model_version"] == "2"
+    assert rest.as_numpy("labels")[0][0] == b"RED"
+    grpc_client = triton_grpc.InferenceServerClient(service.grpc_url)
+    tensor = triton_grpc.InferInput("image", [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([image], dtype=object))
+    answer = grpc_client.infer("shades", [tensor], model_version="2", headers=auth())
+    assert answer.get_response().model_version == "2"
+    assert answer.as_numpy("labels")[0][0] == b"RED"
+    unnamed = grpc_client.infer("shades", [tensor], headers=auth())
+    assert unnamed.get_response().model_version == "1"
+    r = requests.get(service.url + "/v2/models/shades/versions/3", headers=auth(), timeout=10)
+    assert r.status_code == 404 and "has no version '3'" in r.json()["error"]
+    wanted = {
+        ("classify", "1"): 2,
+        ("classify", "2"): 1,
+        ("v2_infer", "2"): 1,
+        ("grpc_infer", "2"): 1,
+        ("grpc_infer", "1"): 1,
+    }
+    deadline = time.monotonic() + 60  # the counter is reported every second, exported later
+    while time.monotonic() < deadline:
+        after = _shades_counts(service)
+        seen = {k: after.get(k, 0) - before.get(k, 0) for k in wanted}
+        if seen == wanted:
+            break
+        time.sleep(1)
+    assert seen == wanted

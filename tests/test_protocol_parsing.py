@@ -364,9 +364,9 @@ def test_model_metadata_describes_the_model_from_its_task_and_checkpoint():
         image_size=64,
         provenance=Provenance(source="trained"),
     )
-    assert model_metadata("shapes", ADAPTERS["classify"], meta) == {
+    assert model_metadata("shapes", ["1", "2"], ADAPTERS["classify"], meta) == {
         "name": "shapes",
-        "versions": ["1"],
+        "versions": ["1", "2"],
         "platform": "convnext-serve_classify",
         "inputs": [
             {"name": "image", "datatype": "BYTES", "shape": [-1]},

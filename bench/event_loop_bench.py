@@ -51,7 +51,8 @@ async def build_server(checkpoint: Path, max_batch_size: int):
         "torch_threads": 1,
         "max_queued_requests": -1,
     }
-    await cls.__init__(server, server={}, models=[model])
+    await cls.__init__(server, server={})
+    server.reconfigure({"models": [model]})  # as Serve does before the replica takes requests
     for host in server.plane.models.hosts():
         await asyncio.wrap_future(host.warm)
     return server.__serve_build_asgi_app__()  # the replica's HTTP app, as Serve builds it

@@ -21,6 +21,7 @@ from ray import serve
 from .config import AppConfig, ModelConfig, ServerConfig, TrainingModel
 from .data_plane import DataPlane
 from .grpc_api import GrpcInference
+from .repository import RepositoryState, RepositorySync
 from .routes import make_api
 from .served_models import ServedModels
 
@@ -32,15 +33,29 @@ class Server(GrpcInference):
     calls (`service.data_plane`), the HTTP app over it (`service.routes.make_api`, built by
     Serve on the replica) and the protocol's gRPC methods (`service.grpc_api`)."""
 
-    def __init__(self, server: dict, models: list[dict], training: list[dict] | None = None):
+    def __init__(self, server: dict):
         config = ServerConfig.model_validate(server)
-        served = ServedModels(
-            [ModelConfig.model_validate(m) for m in models],
-            [TrainingModel.model_validate(t) for t in training or []],
-            config,
-        )
-        keys = os.environ.get(config.api_keys_env, "")
-        self.plane = DataPlane(config, served, {k.strip() for k in keys.split(",") if k.strip()})
+        served = ServedModels([], [], config)  # the models come with `reconfigure`
+        keys, admin = _keys(config.api_keys_env), frozenset(_keys(config.admin_keys_env))
+        self.plane = DataPlane(config, served, keys, admin)
+        state, replica = repository_state()
+        self.plane.repository = RepositorySync(served, state, replica)
+        self._configured = False
+
+    def reconfigure(self, user_config: dict) -> None:
+        """The models, from the deployment's `user_config`. Serve calls this once before the
+        replica takes requests, where the models load (a bad checkpoint fails the replica), and
+        again, without restarting the replica, for a deploy whose change is only the models:
+        then they are swapped in place, in the background (`ServedModels.update`, from the
+        replica's `RepositorySync`, which also applies the model repository's changes)."""
+        models = [ModelConfig.model_validate(m) for m in user_config.get("models", [])]
+        training = [TrainingModel.model_validate(t) for t in user_config.get("training", [])]
+        if not self._configured:
+            self.plane.models.start(models, training)
+            self.plane.repository.start_from(models, training)
+            self._configured = True
+        else:
+            self.plane.repository.configure(models, training)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return make_api(self.plane)
@@ -49,6 +64,29 @@ class Server(GrpcInference):
         """Serve restarts a replica whose model failed to warm up."""
         for label, error in self.plane.models.failures().items():
             raise RuntimeError(f"{label} failed to warm up: {error!r}")
+
+
+def _keys(env: str) -> set[str]:
+    """The comma-separated keys of an environment variable."""
+    return {k.strip() for k in os.environ.get(env, "").split(",") if k.strip()}
+
+
+def repository_state() -> tuple[Any, str]:
+    """The application's model repository state, one Ray actor its replicas share (made by
+    the first), and this replica's id; outside a Serve replica, a plain object of its own."""
+    try:
+        context = serve.get_replica_context()
+    except Exception:  # not in a replica: Serve raises its own exception type
+        return RepositoryState(), "local"
+    import ray
+
+    actor = ray.remote(num_cpus=0)(RepositoryState).options(
+        name=f"convnext-serve-repository:{context.app_name}",
+        namespace="convnext-serve",
+        lifetime="detached",
+        get_if_exists=True,
+    )
+    return actor.remote(), context.replica_id.unique_id
 
 
 # ----------------------------------------------------------------------------- the builder
@@ -76,11 +114,13 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         options["num_replicas"] = max(
             [limits.num_replicas, *(m.num_replicas for m in config.every_model())]
         )
-    return Server.options(**options).bind(
-        limits.model_dump(),
-        [m.model_dump() for m in config.models],
-        [t.model_dump() for t in config.training],
-    )
+    # The models travel as the deployment's user_config: a deploy that changes only them is
+    # applied by `Server.reconfigure` in the running replicas, not by new ones.
+    options["user_config"] = {
+        "models": [m.model_dump(mode="json") for m in config.models],
+        "training": [t.model_dump(mode="json") for t in config.training],
+    }
+    return Server.options(**options).bind(limits.model_dump(mode="json"))
 
 
 def server_autoscaling(config: AppConfig) -> dict[str, Any] | None:

@@ -149,6 +149,17 @@ class ServerConfig(BaseSettings):
     api_keys_env: str = Field(
         "CONVNEXT_SERVE_API_KEYS", description="comma-separated keys; unset: no auth"
     )
+    admin_keys_env: str = Field(
+        "CONVNEXT_SERVE_ADMIN_KEYS",
+        description="comma-separated keys of the model repository API; unset: the API is off",
+    )
+    model_roots: list[str] = Field(
+        default_factory=list,
+        description="folders the repository API may load checkpoints from (symlinks resolved)",
+    )
+    repository_timeout_s: float = Field(
+        600.0, gt=0, description="how long a repository load or unload waits for every replica"
+    )
     num_replicas: int = Field(1, ge=1, description="server replicas, at least")
     num_cpus: float = Field(0.5, ge=0, description="CPUs a server replica reserves, at least")
     retry_after_s: int = Field(1, ge=1, description="the Retry-After of a 503 overloaded")

@@ -18,7 +18,7 @@ from typing import Any
 from models.images import ImageError
 
 from .config import ServerConfig
-from .errors import Overloaded, Unauthorized, image_error
+from .errors import Forbidden, Overloaded, Unauthorized, image_error
 from .host import ModelHost
 from .metrics import request_metrics
 from .route_table import Route
@@ -32,8 +32,16 @@ REPORT_S = 1.0  # how often the request counter and the in-flight gauge are repo
 class DataPlane:
     """Resolve, admit, infer and report, for any protocol."""
 
-    def __init__(self, config: ServerConfig, models: ServedModels, api_keys: set[str]):
+    def __init__(
+        self,
+        config: ServerConfig,
+        models: ServedModels,
+        api_keys: set[str],
+        admin_keys: frozenset[str] = frozenset(),
+    ):
         self.config, self.models, self.api_keys = config, models, api_keys
+        self.admin_keys = admin_keys
+        self.repository: Any = None  # the replica's `RepositorySync`, once it has models
         self.metrics = request_metrics()
         self.in_flight: dict[str, int] = {}  # by endpoint
         # API requests by (endpoint, model, version, status) since they were last reported
@@ -50,11 +58,16 @@ class DataPlane:
         return time.perf_counter()
 
     def admit(self, route: Route, headers: Mapping[str, str]) -> None:
-        """Refuse an API request (just counted in) without a valid key, or beyond the
-        replica's in-flight limit."""
+        """Refuse an API request (just counted in) without a valid key (an admin key on the
+        repository's routes), or beyond the replica's in-flight limit."""
         if not route.api:
             return
-        if self.api_keys and not authorised(headers, self.api_keys):
+        if route.admin:
+            if not self.admin_keys:
+                raise Forbidden("the model repository API is off: no admin keys are set")
+            if not authorised(headers, self.admin_keys):
+                raise Unauthorized("a valid admin key is required (Authorization: Bearer <key>)")
+        elif self.api_keys and not authorised(headers, self.api_keys):
             raise Unauthorized()
         if sum(self.in_flight.values()) > self.config.max_in_flight:
             raise Overloaded(
@@ -152,7 +165,8 @@ class DataPlane:
         return True, {"status": "ready", "models": sorted(self.models.models), **extra}
 
     def listing(self) -> dict[str, Any]:
-        """What `/v1/models` says: every served model, and those still training."""
+        """What `/v1/models` says: every served model version, those still training, and the
+        models whose last update could not be served (they serve as before)."""
         return {
             "models": [
                 host.describe(served.weights[version])
@@ -160,6 +174,7 @@ class DataPlane:
                 for version, host in served.hosts.items()
             ],
             "training": self.models.training_status(),
+            "update_errors": dict(self.models.update_errors),
         }
 
 

@@ -48,6 +48,12 @@ class Unauthorized(ServiceError):
         super().__init__(message, {"WWW-Authenticate": "Bearer"})
 
 
+class Forbidden(ServiceError):
+    """A repository call that is off, or names a checkpoint it may not load."""
+
+    status, code = 403, "forbidden"
+
+
 class RequestTimeout(ServiceError):
     status, code = 408, "request_timeout"
 

@@ -24,6 +24,7 @@ class Route:
     protocol: Literal["v1", "v2", "grpc"] = "v1"
     task: str | None = None  # the /v1 inference route of this task
     fast: bool = False  # the hot path: a handler may take it past FastAPI's routing
+    admin: bool = False  # the model repository: an admin key instead of an API key
 
     @property
     def infers(self) -> bool:
@@ -47,6 +48,7 @@ EXACT: dict[str, Route] = {
 # the prefixes of the API routes (HAProxy refuses beyond a replica's capacity on these)
 API_PREFIXES = ("/v1/", "/v2/models")
 OTHER = Route("other", api=False)
+REPOSITORY = Route("v2_repository", api=True, protocol="v2", admin=True)
 # the RPCs of the Open Inference Protocol's gRPC service, as the HTTP routes they mirror
 GRPC: dict[str, Route] = {
     "ServerLive": Route("grpc_health", api=False, protocol="grpc"),
@@ -64,6 +66,8 @@ def route_of(path: str) -> Route:
     if route is not None:
         return route
     if path.startswith("/v2/"):
+        if path.startswith("/v2/repository/"):
+            return REPOSITORY
         if path.startswith("/v2/health/"):
             return Route("v2_health", api=False, protocol="v2")
         if path.startswith("/v2/models"):

@@ -25,6 +25,7 @@ from .data_plane import DataPlane
 from .errors import install_error_handlers, response_for
 from .guard import GuardMiddleware
 from .host import ModelHost
+from .repository_api import router as repository_router
 from .schemas import (
     ClassifyResponse,
     DetectResponse,
@@ -95,6 +96,7 @@ def make_api(plane: DataPlane) -> FastAPI:
     install_error_handlers(api)
     api.include_router(router)
     api.include_router(v2_router)  # the Open Inference Protocol (`service/v2.py`)
+    api.include_router(repository_router)  # its model repository (`service/repository_api.py`)
     api.add_middleware(GuardMiddleware, plane=plane, lane=fast_lane)
     return api
 

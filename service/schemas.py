@@ -177,6 +177,10 @@ class ModelsResponse(BaseModel):
     training: list[TrainingProgress] = Field(
         default_factory=list, description="models still training: served once trained"
     )
+    update_errors: dict[str, str] = Field(
+        default_factory=dict,
+        description="by model: why its last update could not be served (it serves as before)",
+    )
 
 
 class Health(BaseModel):

@@ -29,43 +29,100 @@ logger = logging.getLogger("ray.serve")
 
 
 class ServedModels:
-    """The replica's models by name; loading is quick and a bad checkpoint fails here, while
-    each model warms up in the background."""
+    """The replica's models by name. The first ones load here (a bad checkpoint fails the
+    replica) and warm up in the background; later ones (`update`) load and warm up beside
+    those serving, and replace them only once warm."""
 
     def __init__(
         self, models: list[ModelConfig], training: list[TrainingModel], config: ServerConfig
     ):
         self.config = config
-        self.training = list(training)
+        self.models: dict[str, ServedModel] = {}
+        self.default: dict[str, ServedModel | None] = dict.fromkeys(TASK_NAMES)
+        self.training: list[TrainingModel] = []
         self.join_errors: dict[str, str] = {}  # trained models that could not be served
-        self.models: dict[str, ServedModel] = {m.name: self._load(m) for m in models}
+        self.update_errors: dict[str, str] = {}  # updates that could not be served, by model
+        self._lock = threading.Lock()  # one change at a time: each replaces the maps whole
+        self._latest = 0  # the newest update asked for; an older one still waiting is dropped
+        self._joining: threading.Thread | None = None
+        self.start(models, training)
+
+    def start(self, models: list[ModelConfig], training: list[TrainingModel]) -> None:
+        self.training = list(training)
+        served = {m.name: self._load(m) for m in models}
         # a model trained before this replica started is served as if configured
         for t in [t for t in self.training if _trained(t)]:
-            served = self._load_trained(t)
-            if served is not None:
-                self.models[t.name] = served
+            trained = self._load_trained(t)
+            if trained is not None:
+                served[t.name] = trained
                 self.training = [other for other in self.training if other is not t]
+        self._publish(served)
         for host in self.hosts():
             host.start_warmup()
-        self.default = {
-            task: next((m for m in self.models.values() if m.meta.task == task), None)
+        self._join_in_background()
+
+    def update(self, models: list[ModelConfig], training: list[TrainingModel]) -> None:
+        """Serve `models` instead: a model whose settings or versions changed gets each changed
+        version loaded and warmed up beside the one serving, and is replaced whole once they
+        are warm (a version whose settings are the same keeps its host, so a change of weights
+        alone is immediate); a model no longer listed stops taking requests. Requests already
+        holding the old version finish on it, and it is freed with the last of them. A model
+        that cannot be loaded or warmed up keeps serving as it was, with the reason in
+        `update_errors`. Blocking: the replica runs it on a thread of its own."""
+        self._latest += 1
+        mine = self._latest
+        with self._lock:
+            if mine != self._latest:
+                return  # a newer update follows: it is the one to apply
+            current, served, errors = self.models, {}, {}
+            for model in models:
+                try:
+                    served[model.name] = self._updated(model, current.get(model.name))
+                except Exception as e:
+                    logger.exception("model %r: the update cannot be served", model.name)
+                    errors[model.name] = f"not updated, still serving as before: {e!r}"
+                    if model.name in current:
+                        served[model.name] = current[model.name]
+            self.update_errors = errors
+            self.training = [t for t in training if t.name not in served]
+            self._publish(served)
+        self._join_in_background()
+        logger.info("models updated: %s", sorted(self.models))
+
+    def _updated(self, model: ModelConfig, old: ServedModel | None) -> ServedModel:
+        """The model as configured now, its new versions warm; unchanged versions keep their
+        host."""
+        versions, hosts, fresh = model.served_versions(), {}, []
+        for v in versions:
+            key, settings = str(v.version), model.of_version(v)
+            kept = old.hosts.get(key) if old is not None else None
+            if kept is not None and kept.config == settings:
+                hosts[key] = kept
+            else:
+                hosts[key] = self._host(settings, key)
+                fresh.append(hosts[key])
+        served = ServedModel(model.name, hosts, {str(v.version): v.weight for v in versions})
+        for host in fresh:
+            host.start_warmup()
+            host.warm.result()  # a warm-up that fails raises here: the old one stays
+        return served
+
+    def _publish(self, served: dict[str, ServedModel]) -> None:
+        """Replace the maps whole (the event loop reads them while this thread writes); each
+        task's default is its first model."""
+        default = {
+            task: next((m for m in served.values() if m.meta.task == task), None)
             for task in TASK_NAMES
         }
-        if self._joinable():
-            threading.Thread(target=self._join_when_trained, name="join", daemon=True).start()
+        self.models, self.default = served, default
+
+    def _host(self, settings: ModelConfig, version: str) -> ModelHost:
+        return ModelHost(settings, self.config.max_pixels, self.config.retry_after_s, version)
 
     def _load(self, model: ModelConfig) -> ServedModel:
         """Every version of a model, loaded (a bad checkpoint fails here), not warmed up."""
         versions = model.served_versions()
-        hosts = {
-            str(v.version): ModelHost(
-                model.of_version(v),
-                self.config.max_pixels,
-                self.config.retry_after_s,
-                str(v.version),
-            )
-            for v in versions
-        }
+        hosts = {str(v.version): self._host(model.of_version(v), str(v.version)) for v in versions}
         return ServedModel(model.name, hosts, {str(v.version): v.weight for v in versions})
 
     def hosts(self) -> list[ModelHost]:
@@ -137,6 +194,13 @@ class ServedModels:
     def _joinable(self) -> list[TrainingModel]:
         return [t for t in self.training if t.serve_as and t.name not in self.join_errors]
 
+    def _join_in_background(self) -> None:
+        if self._joinable() and (self._joining is None or not self._joining.is_alive()):
+            self._joining = threading.Thread(
+                target=self._join_when_trained, name="join", daemon=True
+            )
+            self._joining.start()
+
     def _load_trained(self, t: TrainingModel) -> ServedModel | None:
         """A trained model, loaded; None, with the reason kept for /v1/models, when it cannot
         be loaded: the replica keeps serving the others."""
@@ -163,11 +227,9 @@ class ServedModels:
                 except Exception as e:
                     self.join_errors[t.name] = f"trained, but failed to warm up: {e!r}"
                     continue
-                # published whole, for the event loop reading them
-                self.models = {**self.models, t.name: served}
-                if self.default.get(served.meta.task) is None:
-                    self.default = {**self.default, served.meta.task: served}
-                self.training = [other for other in self.training if other is not t]
+                with self._lock:
+                    self._publish({**self.models, t.name: served})
+                    self.training = [other for other in self.training if other is not t]
                 logger.info("model %r trained: now served", t.name)
 
 

@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+pytest_plugins = ["tests.tiny_models"]  # the tiny checkpoints of the in-process tests
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -13,8 +13,13 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from models.checkpoint import META_KEY
 from models.train import TrainConfig, train
 
 from . import colour_shapes
@@ -120,3 +125,15 @@ def service_checkpoints() -> dict[str, Path]:
         out.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, out)
     return paths
+
+
+def relabelled(source: Path, target: Path, rename: Callable[[str], str]) -> Path:
+    """A copy of a checkpoint whose labels are renamed: the same model, answering in other
+    words (a second version that shows which version answered)."""
+    with safe_open(str(source), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+        metadata = f.metadata()
+    meta = json.loads(metadata[META_KEY])
+    meta["labels"] = [rename(label) for label in meta["labels"]]
+    save_file(tensors, str(target), metadata={**metadata, META_KEY: json.dumps(meta)})
+    return target

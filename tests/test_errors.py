@@ -29,6 +29,7 @@ EXPECTED = {
     "InvalidImage": (400, "invalid_image"),
     "InvalidMultipart": (400, "invalid_multipart"),
     "Unauthorized": (401, "unauthorized"),
+    "Forbidden": (403, "forbidden"),
     "ModelNotFound": (404, "model_not_found"),
     "RequestTimeout": (408, "request_timeout"),
     "PayloadTooLarge": (413, "payload_too_large"),

@@ -17,18 +17,15 @@ import requests
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton
 from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import save_file
 from tritonclient.utils import InferenceServerException
 
-from models.checkpoint import META_KEY
 from models.masks import decode_rle
 from models.train.progress import write_progress
 from service.grpc_api import SERVICER
 
 from .colour_shapes import COLOURS
 from .live_service import AUTH, free_port, get_json, run_service
-from .service_models import service_checkpoints
+from .service_models import relabelled, service_checkpoints
 from .test_service import photo
 
 pytestmark = pytest.mark.needs_models("service")
@@ -42,7 +39,7 @@ def service(tmp_path_factory):
     folder = tmp_path_factory.mktemp("protocol")
     # "shades": two versions, the second the same model with its labels in capitals, taking no
     # traffic unless named
-    upper = _relabelled(ckpt["classify"], folder / "upper.safetensors", str.upper)
+    upper = relabelled(ckpt["classify"], folder / "upper.safetensors", str.upper)
     shades = [
         {"version": 1, "checkpoint": str(ckpt["classify"]), "weight": 1},
         {"version": 2, "checkpoint": str(upper), "weight": 0},
@@ -78,18 +75,6 @@ def service(tmp_path_factory):
     for svc in run_service(folder, models, gateway, grpc, training=training):
         svc.grpc_url = f"127.0.0.1:{grpc['grpc_options']['port']}"
         yield svc
-
-
-def _relabelled(source, target, rename):
-    """A copy of a checkpoint whose labels are renamed: the same model, answering in other
-    words."""
-    with safe_open(str(source), "pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
-        metadata = f.metadata()
-    meta = json.loads(metadata[META_KEY])
-    meta["labels"] = [rename(label) for label in meta["labels"]]
-    save_file(tensors, str(target), metadata={**metadata, META_KEY: json.dumps(meta)})
-    return target
 
 
 def test_a_model_trained_before_the_start_is_served_as_if_configured(service):

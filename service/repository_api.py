@@ -1,0 +1,145 @@
+"""The Open Inference Protocol's model repository extension (`/v2/repository`), as Triton
+answers it, so `tritonclient`'s `get_model_repository_index`, `load_model` and `unload_model`
+work unchanged: thin handlers over the replica's `RepositorySync` (`service.repository`).
+
+Off unless admin keys are set; a checkpoint loads only from under the model roots. A load or
+unload answers once every replica serves the change, or with the reason it could not be
+served (the versions serving stay).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+
+from .body import read_body
+from .config import ModelConfig
+from .data_plane import DataPlane
+from .errors import InvalidParameter, ModelNotFound, Timeout
+from .repository import check_checkpoint, overlay
+
+router = APIRouter(prefix="/v2/repository", tags=["Model repository"])
+
+
+def _plane(request: Request) -> DataPlane:
+    return request.app.state.plane
+
+
+@router.post("/index", summary="Every model of the repository, its versions and their state")
+async def index(request: Request) -> JSONResponse:
+    plane = _plane(request)
+    sync = plane.repository
+    entries: list[dict[str, Any]] = []
+    for served in plane.models.models.values():
+        for version, host in served.hosts.items():
+            state = "READY" if host.ready else "LOADING"
+            entries.append({"name": served.name, "version": version, "state": state})
+    served_names = set(plane.models.models)
+    configured = [m.name for m in sync.models] if sync is not None else []
+    for name in configured:
+        if name not in served_names:
+            entries.append({"name": name, "state": "UNAVAILABLE", "reason": "unloaded"})
+    for name, reason in plane.models.update_errors.items():
+        entries.append({"name": name, "state": "UNAVAILABLE", "reason": reason})
+    return JSONResponse(entries)
+
+
+@router.post("/models/{name}/load", summary="Load a model, or new versions or settings of it")
+async def load(request: Request, name: str) -> Response:
+    """Without a body: serve the model as the config has it. With `parameters.config`, a JSON
+    object of the model's settings (`checkpoint`, or `versions` with their checkpoints and
+    weights, ...) over those it has now."""
+    plane = _plane(request)
+    sync = plane.repository
+    body = await read_body(request, plane.config)
+    given = _config_of(body)
+    _, changes = await _ask(sync.state.get, sync.base)
+    current = {m.name: m for m in overlay(sync.models, changes)}
+    configured = {m.name: m for m in sync.models}
+    base = current.get(name) or configured.get(name)
+    if base is None and given is None:
+        raise ModelNotFound(f"no model {name!r} in the config; give its settings in `config`")
+    settings = base.model_dump() if base is not None else {}
+    if given is not None:
+        if "versions" in given:
+            settings["checkpoint"] = None
+        if "checkpoint" in given:
+            settings["versions"] = None
+        settings.update(given)
+    settings["name"] = name
+    try:
+        model = ModelConfig.model_validate(settings)
+    except ValidationError as e:
+        raise InvalidParameter(f"model {name!r}: {e.errors()[0]['msg']}") from None
+    if given is not None:
+        for version in model.served_versions():
+            path = check_checkpoint(version.checkpoint, plane.config.model_roots)
+            if not path.is_file():
+                raise InvalidParameter(f"no checkpoint file at {version.checkpoint!r}")
+    await _change(plane, name, model.model_dump(mode="json"), changes)
+    return JSONResponse({})
+
+
+@router.post("/models/{name}/unload", summary="Stop serving a model")
+async def unload(request: Request, name: str) -> Response:
+    plane = _plane(request)
+    sync = plane.repository
+    await read_body(request, plane.config)  # tritonclient sends its parameters; none apply
+    _, changes = await _ask(sync.state.get, sync.base)
+    if name not in {m.name for m in overlay(sync.models, changes)}:
+        raise ModelNotFound(f"no model {name!r} is served")
+    await _change(plane, name, None, changes)
+    return JSONResponse({})
+
+
+def _config_of(body: bytes) -> dict[str, Any] | None:
+    """The `parameters.config` of a load request, a JSON object, or None."""
+    if not body.strip():
+        return None
+    try:
+        request = json.loads(body)
+        config = (request.get("parameters") or {}).get("config")
+        given = json.loads(config) if isinstance(config, str) else config
+    except (ValueError, AttributeError):
+        raise InvalidParameter(
+            "a load request is JSON, its `parameters.config` a JSON object"
+        ) from None
+    if given is not None and not isinstance(given, dict):
+        raise InvalidParameter("`parameters.config` is a JSON object of the model's settings")
+    return given
+
+
+async def _change(plane: DataPlane, name: str, settings: dict | None, changes: dict) -> None:
+    """Record a change and wait until every replica serves it; one that could not be served
+    is undone (the versions serving stay) and answered with the reason."""
+    sync, timeout = plane.repository, plane.config.repository_timeout_s
+    generation = await _ask(sync.state.change, sync.base, name, settings)
+    sync.wake()
+    errors = await _wait_applied(sync, generation, timeout)
+    if name in errors:
+        undone = await _ask(sync.state.revert, sync.base, name, changes.get(name), name in changes)
+        sync.wake()
+        await _wait_applied(sync, undone, timeout)
+        raise InvalidParameter(f"model {name!r} could not be served: {errors[name]}")
+
+
+async def _wait_applied(sync, generation: int, timeout_s: float) -> dict[str, str]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        done, errors = await _ask(sync.state.applied, sync.base, generation)
+        if done:
+            return errors
+        await asyncio.sleep(0.25)
+    raise Timeout(f"the change was not served by every replica within {timeout_s:g} s")
+
+
+async def _ask(method, *args):
+    """A method of the repository state: an actor's (awaited through Ray) or a plain one's."""
+    remote = getattr(method, "remote", None)
+    return await remote(*args) if remote is not None else method(*args)

@@ -1,0 +1,177 @@
+"""A Ray cluster on this machine, as KubeRay runs one: a head node and, where asked, a worker
+node, each a `ray start --block` of its own on a loopback address of its own (Ray turns
+127.0.0.1 into the machine's own address), with token authentication on. The service goes on
+with `serve deploy` through the head's dashboard, as KubeRay's `serveConfigV2` does.
+
+Everything it starts is a child of one of the `ray start` processes, and is stopped by process
+id at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import requests
+import yaml
+
+from .ports import free_port
+
+HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
+BIN = Path(sys.executable).parent
+
+
+class RayCluster:
+    """`with RayCluster(nodes=2) as cluster: cluster.deploy(config)`."""
+
+    def __init__(self, nodes: int = 1, cpus_per_node: int = 4, env: dict[str, str] | None = None):
+        self.folder = Path(tempfile.mkdtemp(prefix="rc"))  # short: Ray's socket paths are limited
+        self.nodes, self.cpus = nodes, cpus_per_node
+        self.env = {
+            **os.environ,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": secrets.token_hex(16),
+            "RAY_USAGE_STATS_ENABLED": "0",
+            **(env or {}),
+        }
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        self.dashboard = f"http://{HEAD_IP}:{self.dashboard_port}"
+        self.nodes_started: list[subprocess.Popen] = []
+        self.logs: list[Path] = []
+
+    # ------------------------------------------------------------------- lifecycle
+
+    def __enter__(self) -> RayCluster:
+        try:
+            self._start_node(HEAD_IP, head=True)
+            self._wait(lambda: self._dashboard_up(), 120, "the head's dashboard")
+            if self.nodes > 1:
+                self._start_node(WORKER_IP, head=False)
+            self._wait(lambda: len(self.alive_nodes()) == self.nodes, 120, "every node")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _start_node(self, ip: str, head: bool) -> None:
+        named = ["node-manager", "object-manager", "runtime-env-agent", "dashboard-agent-grpc"]
+        named += ["dashboard-agent-listen", "metrics-export"]
+        ports = [x for name in named for x in (f"--{name}-port", free_port())]
+        # 200 worker ports a node, apart for each node, outside the kernel's ephemeral range
+        low = 21000 if head else 21200
+        ports += ["--min-worker-port", low, "--max-worker-port", low + 199]
+        args = [str(BIN / "ray"), "start", "--block", "--node-ip-address", ip]
+        args += ["--num-cpus", str(self.cpus), "--disable-usage-stats"]
+        if head:
+            args += ["--head", "--port", str(self.gcs_port), "--temp-dir", str(self.folder)]
+            args += ["--include-dashboard", "true", "--dashboard-host", HEAD_IP]
+            args += ["--dashboard-port", str(self.dashboard_port)]
+            args += ["--ray-client-server-port", str(free_port())]
+        else:
+            args += ["--address", f"{HEAD_IP}:{self.gcs_port}"]
+        args += [str(p) for p in ports]
+        log = self.folder / f"node-{ip}.log"
+        self.logs.append(log)
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(args, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+        self.nodes_started.append(proc)
+
+    def stop(self) -> None:
+        """Stop each node's `ray start` (SIGTERM: it stops its node's processes), then any
+        process of theirs still running, by process id."""
+        family = []
+        for proc in self.nodes_started:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                family += psutil.Process(proc.pid).children(recursive=True)
+        for proc in reversed(self.nodes_started):
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in reversed(self.nodes_started):
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        _, alive = psutil.wait_procs(family, timeout=30)
+        for p in alive:
+            p.kill()
+        psutil.wait_procs(alive, timeout=30)
+        self.nodes_started = []
+
+    # ---------------------------------------------------------------------- state
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.env['RAY_AUTH_TOKEN']}"}
+
+    def _dashboard_up(self) -> bool:
+        try:
+            return requests.get(self.dashboard + "/api/version", timeout=5).status_code < 500
+        except requests.RequestException:
+            return False
+
+    def _ray(self, command: str) -> str:
+        """A `ray` CLI command (its words split at spaces) against this cluster's dashboard."""
+        args = [*command.split(), "--address", self.dashboard]
+        out = subprocess.run(
+            [str(BIN / "ray"), *args], env=self.env, capture_output=True, text=True, timeout=120
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"ray {' '.join(args)}: {out.stderr[-2000:]}")
+        return out.stdout
+
+    def alive_nodes(self) -> list[dict]:
+        try:
+            listed = self._ray("list nodes --format json --filter state=ALIVE")
+        except RuntimeError:
+            return []
+        return json.loads(listed)
+
+    def replicas(self) -> dict[str, str]:
+        """The server replicas alive: their process ids and the address of their node."""
+        listed = self._ray("list actors --format json --detail --limit 1000")
+        nodes = {n["node_id"]: n["node_ip"] for n in self.alive_nodes()}
+        return {
+            str(a["pid"]): nodes.get(a["node_id"], "?")
+            for a in json.loads(listed)
+            if a["state"] == "ALIVE"
+            and a["class_name"].startswith("ServeReplica:")
+            and a["class_name"].endswith(":server")
+        }
+
+    # -------------------------------------------------------------------- serving
+
+    def deploy(self, config: dict) -> None:
+        """`serve deploy` a serve config through the head's dashboard."""
+        path = self.folder / f"serve-{time.monotonic_ns()}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        out = subprocess.run(
+            [str(BIN / "serve"), "deploy", str(path), "--address", self.dashboard],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+
+    @staticmethod
+    def _wait(done, timeout_s: float, what: str) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if done():
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"{what} not up within {timeout_s:g} s")
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return "\n".join(p.read_text(errors="replace")[-chars:] for p in self.logs if p.exists())

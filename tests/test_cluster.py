@@ -6,6 +6,7 @@ place of the first, then one that cannot load. The versions swap inside the runn
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import Counter
@@ -167,3 +168,83 @@ def _status(url: str) -> int:
         return requests.get(url, timeout=5).status_code
     except requests.RequestException:
         return 0
+
+
+def test_the_repository_api_loads_a_canary_and_unloads_it_in_every_replica(tmp_path):
+    """tritonclient's own repository calls, with an admin key, against two replicas: a load
+    answers once both serve the new version; a checkpoint outside the model roots is refused
+    (403), one that cannot load is answered with the reason (the model serving on); an unload
+    ends the model; no request of the load running beside fails, nothing restarts."""
+    import tritonclient.http as triton
+    from tritonclient.utils import InferenceServerException
+
+    ckpt = service_checkpoints()
+    roots = tmp_path / "models"
+    roots.mkdir()
+    upper = relabelled(ckpt["classify"], roots / "upper.safetensors", str.upper)
+    (roots / "broken.safetensors").write_bytes(b"not a checkpoint")
+    port = free_port()
+    url = f"http://{HEAD_IP}:{port}"
+    admin = {"Authorization": "Bearer admin-key"}
+    colours = {"name": "colours", "checkpoint": str(ckpt["classify"]), "max_batch_size": 4}
+    config = serve_config(port, [colours])
+    config["applications"][0]["args"]["server"]["model_roots"] = [str(roots)]
+
+    def canary(second: str) -> str:
+        versions = [
+            {"version": 1, "checkpoint": str(ckpt["classify"]), "weight": 1},
+            {"version": 2, "checkpoint": second, "weight": 1},
+        ]
+        return json.dumps({"versions": versions})
+
+    with RayCluster(nodes=1, env={"CONVNEXT_SERVE_ADMIN_KEYS": "admin-key"}) as cluster:
+        cluster.deploy(config)
+        wait_for(lambda: _status(url + "/readyz") == 200, 300, "the service ready", cluster)
+        replicas = cluster.replicas()
+        client = triton.InferenceServerClient(f"{HEAD_IP}:{port}", network_timeout=600)
+        with Load(url, photo("red", box=(60, 20, 280, 220))[0]) as load:
+            with pytest.raises(InferenceServerException) as refused:
+                client.load_model("colours", config=canary(str(upper)))  # no admin key
+            assert "admin key" in refused.value.message()
+            client.load_model("colours", headers=admin, config=canary(str(upper)))
+            # both replicas serve version 2 now: every listing says so
+            for _ in range(10):
+                listed = requests.get(url + "/v1/models", timeout=10).json()["models"]
+                assert [(m["version"], m["ready"]) for m in listed] == [("1", True), ("2", True)]
+            index = client.get_model_repository_index(headers=admin)
+            assert {(e["name"], e.get("version"), e["state"]) for e in index} == {
+                ("colours", "1", "READY"),
+                ("colours", "2", "READY"),
+            }
+            mark = len(load.answers)
+            wait_for(
+                lambda: "2" in {v for _, v, _ in load.since(mark)},
+                60,
+                "version 2 answering",
+                cluster,
+            )
+            outside = str(tmp_path / "elsewhere.safetensors")
+            with pytest.raises(InferenceServerException) as refused:
+                client.load_model("colours", headers=admin, config=canary(outside))
+            assert (
+                refused.value.status() == "403"
+                and "outside the model roots" in refused.value.message()
+            )
+            broken = str(roots / "broken.safetensors")
+            with pytest.raises(InferenceServerException) as refused:
+                client.load_model("colours", headers=admin, config=canary(broken))
+            assert "could not be served" in refused.value.message(), refused.value.message()
+            listed = requests.get(url + "/v1/models", timeout=10).json()["models"]
+            assert [m["version"] for m in listed] == ["1", "2"]  # the canary serves on
+            client.unload_model("colours", headers=admin)
+            r = requests.post(
+                url + "/v1/classify?model=colours", files={"image": photo("red")[0]}, timeout=60
+            )
+            assert r.status_code == 404 and "no classify model" in r.json()["error"]["message"]
+            client.load_model("colours", headers=admin)  # back as the config has it
+            assert [
+                m["version"] for m in requests.get(url + "/v1/models", timeout=10).json()["models"]
+            ] == ["1"]
+        assert cluster.replicas() == replicas
+    failed = [a for a in load.answers if a[0] not in (200, 404)]
+    assert not failed, (len(failed), failed[:5])

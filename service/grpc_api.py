@@ -32,6 +32,7 @@ from .protocol import (
     tensor_images,
     tensor_shape,
 )
+from .repository_api import config_json, load_model, repository_index, unload_model
 from .route_table import GRPC
 
 # tritonclient generated the protocol's messages as module `grpc_service_pb2`, a name nothing
@@ -52,6 +53,7 @@ def add_servicer(servicer: Any, server: grpc.Server) -> None:
 STATUS = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
     401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
     404: grpc.StatusCode.NOT_FOUND,
     413: grpc.StatusCode.INVALID_ARGUMENT,
     415: grpc.StatusCode.INVALID_ARGUMENT,
@@ -142,6 +144,40 @@ class GrpcInference:
             return response
 
         return await self._rpc("ModelInfer", grpc_context, pb.ModelInferResponse(), infer)
+
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, grpc_context) -> Any:
+        async def index(call: _Call) -> Any:
+            models = [
+                entry
+                for entry in repository_index(self.plane)
+                if not request.ready or entry["state"] == "READY"
+            ]
+            return json_format.ParseDict({"models": models}, pb.RepositoryIndexResponse())
+
+        empty = pb.RepositoryIndexResponse()
+        return await self._rpc("RepositoryIndex", grpc_context, empty, index)
+
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, grpc_context
+    ) -> Any:
+        async def load(call: _Call) -> Any:
+            config = request.parameters.get("config")
+            given = config_json(config.string_param) if config is not None else None
+            await load_model(self.plane, request.model_name, given)
+            return pb.RepositoryModelLoadResponse()
+
+        empty = pb.RepositoryModelLoadResponse()
+        return await self._rpc("RepositoryModelLoad", grpc_context, empty, load)
+
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, grpc_context
+    ) -> Any:
+        async def unload(call: _Call) -> Any:
+            await unload_model(self.plane, request.model_name)
+            return pb.RepositoryModelUnloadResponse()
+
+        empty = pb.RepositoryModelUnloadResponse()
+        return await self._rpc("RepositoryModelUnload", grpc_context, empty, unload)
 
     async def _rpc(
         self, method: str, grpc_context, empty: Any, handle: Callable[[_Call], Awaitable[Any]]

@@ -33,7 +33,30 @@ def _plane(request: Request) -> DataPlane:
 
 @router.post("/index", summary="Every model of the repository, its versions and their state")
 async def index(request: Request) -> JSONResponse:
+    return JSONResponse(repository_index(_plane(request)))
+
+
+@router.post("/models/{name}/load", summary="Load a model, or new versions or settings of it")
+async def load(request: Request, name: str) -> Response:
+    """Without a body: serve the model as the config has it. With `parameters.config`, a JSON
+    object of the model's settings (`checkpoint`, or `versions` with their checkpoints and
+    weights, ...) over those it has now."""
     plane = _plane(request)
+    await load_model(plane, name, _config_of(await read_body(request, plane.config)))
+    return JSONResponse({})
+
+
+@router.post("/models/{name}/unload", summary="Stop serving a model")
+async def unload(request: Request, name: str) -> Response:
+    plane = _plane(request)
+    await read_body(request, plane.config)  # tritonclient sends its parameters; none apply
+    await unload_model(plane, name)
+    return JSONResponse({})
+
+
+def repository_index(plane: DataPlane) -> list[dict[str, Any]]:
+    """Every model version served, with its state; configured models not served; models
+    whose last update could not be served, with the reason."""
     sync = plane.repository
     entries: list[dict[str, Any]] = []
     for served in plane.models.models.values():
@@ -47,18 +70,13 @@ async def index(request: Request) -> JSONResponse:
             entries.append({"name": name, "state": "UNAVAILABLE", "reason": "unloaded"})
     for name, reason in plane.models.update_errors.items():
         entries.append({"name": name, "state": "UNAVAILABLE", "reason": reason})
-    return JSONResponse(entries)
+    return entries
 
 
-@router.post("/models/{name}/load", summary="Load a model, or new versions or settings of it")
-async def load(request: Request, name: str) -> Response:
-    """Without a body: serve the model as the config has it. With `parameters.config`, a JSON
-    object of the model's settings (`checkpoint`, or `versions` with their checkpoints and
-    weights, ...) over those it has now."""
-    plane = _plane(request)
+async def load_model(plane: DataPlane, name: str, given: dict[str, Any] | None) -> None:
+    """Serve a model as the config has it (`given` None), or with the `given` settings over
+    its current ones, once every replica serves it."""
     sync = plane.repository
-    body = await read_body(request, plane.config)
-    given = _config_of(body)
     _, changes = await _ask(sync.state.get, sync.base)
     current = {m.name: m for m in overlay(sync.models, changes)}
     configured = {m.name: m for m in sync.models}
@@ -83,35 +101,37 @@ async def load(request: Request, name: str) -> Response:
             if not path.is_file():
                 raise InvalidParameter(f"no checkpoint file at {version.checkpoint!r}")
     await _change(plane, name, model.model_dump(mode="json"), changes)
-    return JSONResponse({})
 
 
-@router.post("/models/{name}/unload", summary="Stop serving a model")
-async def unload(request: Request, name: str) -> Response:
-    plane = _plane(request)
+async def unload_model(plane: DataPlane, name: str) -> None:
+    """Stop serving a model, once every replica has."""
     sync = plane.repository
-    await read_body(request, plane.config)  # tritonclient sends its parameters; none apply
     _, changes = await _ask(sync.state.get, sync.base)
     if name not in {m.name for m in overlay(sync.models, changes)}:
         raise ModelNotFound(f"no model {name!r} is served")
     await _change(plane, name, None, changes)
-    return JSONResponse({})
 
 
 def _config_of(body: bytes) -> dict[str, Any] | None:
-    """The `parameters.config` of a load request, a JSON object, or None."""
+    """The `parameters.config` of a load request's JSON body, or None."""
     if not body.strip():
         return None
     try:
-        request = json.loads(body)
-        config = (request.get("parameters") or {}).get("config")
-        given = json.loads(config) if isinstance(config, str) else config
+        config = (json.loads(body).get("parameters") or {}).get("config")
     except (ValueError, AttributeError):
-        raise InvalidParameter(
-            "a load request is JSON, its `parameters.config` a JSON object"
-        ) from None
-    if given is not None and not isinstance(given, dict):
-        raise InvalidParameter("`parameters.config` is a JSON object of the model's settings")
+        raise InvalidParameter("a load request is a JSON object") from None
+    return None if config is None else config_json(config)
+
+
+def config_json(config: Any) -> dict[str, Any]:
+    """A load request's `config`: a JSON object of the model's settings (as a string, as
+    Triton's clients send it)."""
+    try:
+        given = json.loads(config) if isinstance(config, str) else config
+    except ValueError:
+        given = None
+    if not isinstance(given, dict):
+        raise InvalidParameter("`config` is a JSON object of the model's settings")
     return given
 
 

@@ -57,6 +57,10 @@ GRPC: dict[str, Route] = {
     "ModelReady": Route("grpc_ready", api=True, protocol="grpc"),
     "ModelMetadata": Route("grpc_metadata", api=True, protocol="grpc"),
     "ModelInfer": Route("grpc_infer", api=True, protocol="grpc"),
+    **{
+        method: Route("grpc_repository", api=True, protocol="grpc", admin=True)
+        for method in ("RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload")
+    },
 }
 
 

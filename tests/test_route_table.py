@@ -85,10 +85,12 @@ def test_every_grpc_method_mirrors_an_http_route():
         "grpc_metadata": "/v2",
         "grpc_ready": "/v2/models/m/ready",
         "grpc_infer": "/v2/models/m/infer",
+        "grpc_repository": "/v2/repository/index",
     }
     for method, route in GRPC.items():
         mirrored = route_of(http[route.endpoint])
         assert route.protocol == "grpc"
+        assert route.admin == mirrored.admin, method
         if method != "ModelMetadata":  # server metadata is open, a model's needs the key
             assert route.api == mirrored.api, method
     assert GRPC["ModelMetadata"].api and route_of("/v2/models/m").api

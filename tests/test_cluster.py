@@ -1,8 +1,9 @@
 """The service on a Ray cluster as KubeRay runs it (`tests/ray_cluster.py`: `ray start` nodes,
 token authentication, `serve deploy` through the dashboard), under load from a client while
-configs whose change is only their models are deployed: a second version as a canary, then in
-place of the first, then one that cannot load. The versions swap inside the running replicas
-(the same process ids), each taking requests only once warm, and no request fails."""
+the models change: configs whose change is only their models (a canary, the new version alone,
+one that cannot load), then the model repository API (tritonclient's own calls). The versions
+swap inside the running replicas (the same process ids), each taking requests only once warm,
+and no request fails."""
 
 from __future__ import annotations
 
@@ -10,9 +11,15 @@ import json
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import requests
+import tritonclient.grpc as triton_grpc
+import tritonclient.http as triton
+from tritonclient.utils import InferenceServerException
+
+from service.grpc_api import SERVICER
 
 from .ports import free_port
 from .ray_cluster import HEAD_IP, RayCluster
@@ -21,19 +28,68 @@ from .test_service import photo
 
 pytestmark = [pytest.mark.needs_models("service"), pytest.mark.slow]
 
+ADMIN = {"Authorization": "Bearer admin-key"}
+SETTINGS = {"max_batch_size": 4, "torch_threads": 1, "warmup_batches": 1}
+RED = photo("red", box=(60, 20, 280, 220))[0]
 
-def serve_config(port: int, models: list[dict]) -> dict:
-    app = {
-        "name": "convnext-serve",
-        "route_prefix": "/",
-        "import_path": "service.app:build_app",
-        "args": {"models": models, "server": {"num_replicas": 2}},
-    }
-    return {
-        "proxy_location": "HeadOnly",
-        "http_options": {"host": "0.0.0.0", "port": port},
-        "applications": [app],
-    }
+
+class Cluster:
+    """One Ray cluster for the module's tests, with the service's ports and model roots."""
+
+    def __init__(self, ray: RayCluster, roots: Path):
+        self.ray, self.roots = ray, roots
+        self.port, self.grpc_port = free_port(), free_port()
+        self.url = f"http://{HEAD_IP}:{self.port}"
+        self.checkpoints = service_checkpoints()
+        self.upper = relabelled(
+            self.checkpoints["classify"], roots / "upper.safetensors", str.upper
+        )
+
+    def deploy(self, *models: dict) -> None:
+        """`serve deploy` of the service with these models, two replicas."""
+        server = {"num_replicas": 2, "model_roots": [str(self.roots)]}
+        app = {
+            "name": "convnext-serve",
+            "route_prefix": "/",
+            "import_path": "service.app:build_app",
+            "args": {"models": list(models), "server": server},
+        }
+        self.ray.deploy(
+            {
+                "proxy_location": "HeadOnly",
+                "http_options": {"host": "0.0.0.0", "port": self.port},
+                "grpc_options": {"port": self.grpc_port, "grpc_servicer_functions": [SERVICER]},
+                "applications": [app],
+            }
+        )
+
+    def colours(self, *versions: tuple[int, Path | str, float]) -> dict:
+        """Model "colours": the colour classifier as version 1, or these versions."""
+        if not versions:
+            return {"name": "colours", "checkpoint": str(self.checkpoints["classify"]), **SETTINGS}
+        listed = [{"version": v, "checkpoint": str(c), "weight": w} for v, c, w in versions]
+        return {"name": "colours", "versions": listed, **SETTINGS}
+
+    def models(self) -> dict:
+        return requests.get(self.url + "/v1/models", timeout=10).json()
+
+    def wait_for(self, done, timeout_s: float, what: str) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if done():
+                return
+            time.sleep(0.5)
+        raise AssertionError(f"{what}: not within {timeout_s:g} s\n{self.ray.log_tail()}")
+
+    def ready(self) -> None:
+        self.wait_for(lambda: _status(self.url + "/readyz") == 200, 300, "the service ready")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    roots = tmp_path_factory.mktemp("models")
+    with RayCluster(nodes=1, env={"CONVNEXT_SERVE_ADMIN_KEYS": "admin-key"}) as ray:
+        yield Cluster(ray, roots)
 
 
 class Load:
@@ -86,81 +142,42 @@ class Load:
         return self.answers[start:]
 
 
-def wait_for(done, timeout_s: float, what: str, cluster: RayCluster) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if done():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"{what}: not within {timeout_s:g} s\n{cluster.log_tail()}")
-
-
-def test_a_deploy_of_new_model_versions_swaps_them_in_place_under_load(tmp_path):
-    ckpt = service_checkpoints()
-    upper = relabelled(ckpt["classify"], tmp_path / "upper.safetensors", str.upper)
-    settings = {"max_batch_size": 4, "torch_threads": 1, "warmup_batches": 1}
-    port = free_port()
-    url = f"http://{HEAD_IP}:{port}"
-
-    def versions(*listed: tuple[int, str, float]) -> dict:
-        return {
-            "name": "colours",
-            "versions": [{"version": v, "checkpoint": str(c), "weight": w} for v, c, w in listed],
-            **settings,
-        }
-
-    with RayCluster(nodes=1) as cluster:
-        cluster.deploy(
-            serve_config(
-                port, [{"name": "colours", "checkpoint": str(ckpt["classify"]), **settings}]
-            )
+def test_a_deploy_of_new_model_versions_swaps_them_in_place_under_load(cluster):
+    cluster.deploy(cluster.colours())
+    cluster.ready()
+    replicas = cluster.ray.replicas()
+    assert len(replicas) == 2, replicas
+    first, upper = cluster.checkpoints["classify"], cluster.upper
+    with Load(cluster.url, RED) as load:
+        cluster.wait_for(lambda: len(load.answers) >= 20, 60, "answers under load")
+        # a canary: version 2 beside version 1, half the traffic
+        mark = len(load.answers)
+        cluster.deploy(cluster.colours((1, first, 50), (2, upper, 50)))
+        cluster.wait_for(
+            lambda: Counter(v for _, v, _ in load.since(mark)).get("2", 0) >= 20,
+            180,
+            "version 2 answering",
         )
-        wait_for(lambda: _status(url + "/readyz") == 200, 300, "the service ready", cluster)
-        replicas = cluster.replicas()
-        assert len(replicas) == 2, replicas
-        with Load(url, photo("red", box=(60, 20, 280, 220))[0]) as load:
-            wait_for(lambda: len(load.answers) >= 20, 60, "answers under load", cluster)
-            # a canary: version 2 beside version 1, half the traffic
-            mark = len(load.answers)
-            cluster.deploy(
-                serve_config(port, [versions((1, ckpt["classify"], 50), (2, upper, 50))])
-            )
-            wait_for(
-                lambda: Counter(v for _, v, _ in load.since(mark)).get("2", 0) >= 20,
-                180,
-                "version 2 answering",
-                cluster,
-            )
-            # version 2 alone
-            cluster.deploy(serve_config(port, [versions((2, upper, 1))]))
-            mark2 = len(load.answers)
-            wait_for(
-                lambda: [v for _, v, _ in load.since(mark2)][-20:] == ["2"] * 20,
-                180,
-                "version 2 alone",
-                cluster,
-            )
-            # a version whose checkpoint is not there: said, and version 2 serves on
-            missing = tmp_path / "missing.safetensors"
-            cluster.deploy(serve_config(port, [versions((2, upper, 1), (3, missing, 1))]))
-            wait_for(
-                lambda: (
-                    "colours"
-                    in requests.get(url + "/v1/models", timeout=10).json()["update_errors"]
-                ),
-                180,
-                "the update error listed",
-                cluster,
-            )
-            mark3 = len(load.answers)
-            wait_for(lambda: len(load.since(mark3)) >= 20, 60, "answers after the error", cluster)
-        assert cluster.replicas() == replicas  # the same processes: nothing restarted
+        # version 2 alone
+        cluster.deploy(cluster.colours((2, upper, 1)))
+        mark = len(load.answers)
+        cluster.wait_for(
+            lambda: [v for _, v, _ in load.since(mark)][-20:] == ["2"] * 20, 180, "version 2 alone"
+        )
+        # a version whose checkpoint is not there: said, and version 2 serves on
+        cluster.deploy(cluster.colours((2, upper, 1), (3, cluster.roots / "missing", 1)))
+        cluster.wait_for(
+            lambda: "colours" in cluster.models()["update_errors"], 180, "the update error listed"
+        )
+        mark = len(load.answers)
+        cluster.wait_for(lambda: len(load.since(mark)) >= 20, 60, "answers after the error")
+    assert cluster.ray.replicas() == replicas  # the same processes: nothing restarted
     failed = [a for a in load.answers if a[0] != 200]
     assert not failed, (len(failed), len(load.answers), failed[:5])
     assert set(load.readiness) == {200}, Counter(load.readiness)
     by_version = {(v, label) for _, v, label in load.answers}
     assert by_version == {("1", "red"), ("2", "RED")}  # each version answers as itself
-    assert {v for _, v, _ in load.since(mark3)} == {"2"}
+    assert {v for _, v, _ in load.since(mark)} == {"2"}
 
 
 def _status(url: str) -> int:
@@ -170,81 +187,71 @@ def _status(url: str) -> int:
         return 0
 
 
-def test_the_repository_api_loads_a_canary_and_unloads_it_in_every_replica(tmp_path):
+def test_the_repository_api_loads_a_canary_and_unloads_it_in_every_replica(cluster):
     """tritonclient's own repository calls, with an admin key, against two replicas: a load
     answers once both serve the new version; a checkpoint outside the model roots is refused
     (403), one that cannot load is answered with the reason (the model serving on); an unload
-    ends the model; no request of the load running beside fails, nothing restarts."""
-    import tritonclient.http as triton
-    from tritonclient.utils import InferenceServerException
+    ends the model and a load brings it back as configured; no request of the load running
+    beside fails (but those made while it was unloaded), nothing restarts."""
+    (cluster.roots / "broken.safetensors").write_bytes(b"not a checkpoint")
+    cluster.deploy(cluster.colours())
+    cluster.wait_for(
+        lambda: [m["version"] for m in cluster.models()["models"]] == ["1"], 180, "one version"
+    )
+    cluster.ready()
+    replicas = cluster.ray.replicas()
+    client = triton.InferenceServerClient(f"{HEAD_IP}:{cluster.port}", network_timeout=600)
+    first = cluster.checkpoints["classify"]
 
-    ckpt = service_checkpoints()
-    roots = tmp_path / "models"
-    roots.mkdir()
-    upper = relabelled(ckpt["classify"], roots / "upper.safetensors", str.upper)
-    (roots / "broken.safetensors").write_bytes(b"not a checkpoint")
-    port = free_port()
-    url = f"http://{HEAD_IP}:{port}"
-    admin = {"Authorization": "Bearer admin-key"}
-    colours = {"name": "colours", "checkpoint": str(ckpt["classify"]), "max_batch_size": 4}
-    config = serve_config(port, [colours])
-    config["applications"][0]["args"]["server"]["model_roots"] = [str(roots)]
-
-    def canary(second: str) -> str:
+    def canary(second: Path | str) -> str:
         versions = [
-            {"version": 1, "checkpoint": str(ckpt["classify"]), "weight": 1},
-            {"version": 2, "checkpoint": second, "weight": 1},
+            {"version": 1, "checkpoint": str(first), "weight": 1},
+            {"version": 2, "checkpoint": str(second), "weight": 1},
         ]
         return json.dumps({"versions": versions})
 
-    with RayCluster(nodes=1, env={"CONVNEXT_SERVE_ADMIN_KEYS": "admin-key"}) as cluster:
-        cluster.deploy(config)
-        wait_for(lambda: _status(url + "/readyz") == 200, 300, "the service ready", cluster)
-        replicas = cluster.replicas()
-        client = triton.InferenceServerClient(f"{HEAD_IP}:{port}", network_timeout=600)
-        with Load(url, photo("red", box=(60, 20, 280, 220))[0]) as load:
-            with pytest.raises(InferenceServerException) as refused:
-                client.load_model("colours", config=canary(str(upper)))  # no admin key
-            assert "admin key" in refused.value.message()
-            client.load_model("colours", headers=admin, config=canary(str(upper)))
-            # both replicas serve version 2 now: every listing says so
-            for _ in range(10):
-                listed = requests.get(url + "/v1/models", timeout=10).json()["models"]
-                assert [(m["version"], m["ready"]) for m in listed] == [("1", True), ("2", True)]
-            index = client.get_model_repository_index(headers=admin)
-            assert {(e["name"], e.get("version"), e["state"]) for e in index} == {
-                ("colours", "1", "READY"),
-                ("colours", "2", "READY"),
-            }
-            mark = len(load.answers)
-            wait_for(
-                lambda: "2" in {v for _, v, _ in load.since(mark)},
-                60,
-                "version 2 answering",
-                cluster,
-            )
-            outside = str(tmp_path / "elsewhere.safetensors")
-            with pytest.raises(InferenceServerException) as refused:
-                client.load_model("colours", headers=admin, config=canary(outside))
-            assert (
-                refused.value.status() == "403"
-                and "outside the model roots" in refused.value.message()
-            )
-            broken = str(roots / "broken.safetensors")
-            with pytest.raises(InferenceServerException) as refused:
-                client.load_model("colours", headers=admin, config=canary(broken))
-            assert "could not be served" in refused.value.message(), refused.value.message()
-            listed = requests.get(url + "/v1/models", timeout=10).json()["models"]
-            assert [m["version"] for m in listed] == ["1", "2"]  # the canary serves on
-            client.unload_model("colours", headers=admin)
-            r = requests.post(
-                url + "/v1/classify?model=colours", files={"image": photo("red")[0]}, timeout=60
-            )
-            assert r.status_code == 404 and "no classify model" in r.json()["error"]["message"]
-            client.load_model("colours", headers=admin)  # back as the config has it
-            assert [
-                m["version"] for m in requests.get(url + "/v1/models", timeout=10).json()["models"]
-            ] == ["1"]
-        assert cluster.replicas() == replicas
+    with Load(cluster.url, RED) as load:
+        with pytest.raises(InferenceServerException) as refused:
+            client.load_model("colours", config=canary(cluster.upper))  # no admin key
+        assert "admin key" in refused.value.message()
+        client.load_model("colours", headers=ADMIN, config=canary(cluster.upper))
+        for _ in range(10):  # both replicas serve version 2 now: every listing says so
+            listed = cluster.models()["models"]
+            assert [(m["version"], m["ready"]) for m in listed] == [("1", True), ("2", True)]
+        index = client.get_model_repository_index(headers=ADMIN)
+        assert {(e["name"], e.get("version"), e["state"]) for e in index} == {
+            ("colours", "1", "READY"),
+            ("colours", "2", "READY"),
+        }
+        over_grpc = triton_grpc.InferenceServerClient(f"{HEAD_IP}:{cluster.grpc_port}")
+        index = over_grpc.get_model_repository_index(headers=ADMIN, as_json=True)
+        assert {(e["name"], e["version"]) for e in index["models"]} == {
+            ("colours", "1"),
+            ("colours", "2"),
+        }
+        mark = len(load.answers)
+        cluster.wait_for(
+            lambda: "2" in {v for _, v, _ in load.since(mark)}, 60, "version 2 answering"
+        )
+        with pytest.raises(InferenceServerException) as refused:
+            client.load_model("colours", headers=ADMIN, config=canary("/etc/elsewhere"))
+        assert refused.value.status() == "403"
+        assert "outside the model roots" in refused.value.message()
+        with pytest.raises(InferenceServerException) as refused:
+            broken = cluster.roots / "broken.safetensors"
+            client.load_model("colours", headers=ADMIN, config=canary(broken))
+        assert "could not be served" in refused.value.message(), refused.value.message()
+        assert [m["version"] for m in cluster.models()["models"]] == ["1", "2"]  # serving on
+        client.unload_model("colours", headers=ADMIN)
+        gone = requests.post(
+            cluster.url + "/v1/classify?model=colours",
+            data=RED,
+            timeout=60,
+            headers={"Content-Type": "image/jpeg"},
+        )
+        assert gone.status_code == 404 and "no classify model" in gone.json()["error"]["message"]
+        client.load_model("colours", headers=ADMIN)  # back as the config has it
+        assert [m["version"] for m in cluster.models()["models"]] == ["1"]
+    assert cluster.ray.replicas() == replicas
     failed = [a for a in load.answers if a[0] not in (200, 404)]
     assert not failed, (len(failed), failed[:5])

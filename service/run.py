@@ -217,6 +217,9 @@ def serve_until_stopped(
     # Logical CPUs: every server replica must fit on a small machine too.
     cpus = num_cpus or max(4, os.cpu_count() or 1)
     ray.init(
+        # a Ray of its own: never one named by RAY_ADDRESS, nor a dead cluster's leftover
+        # /tmp/ray/ray_current_cluster, which ray.init() would try to join
+        address="local",
         num_cpus=cpus,
         include_dashboard=False,
         _metrics_export_port=metrics_port,

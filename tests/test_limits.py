@@ -49,8 +49,13 @@ def service(tmp_path_factory):
     gateway = {"max_in_flight": MAX_IN_FLIGHT, "max_body_bytes": 2_000_000}
     grpc = {"grpc_options": {"port": free_port(), "grpc_servicer_functions": [SERVICER]}}
     folder = tmp_path_factory.mktemp("limits")
-    # and deployed through Ray's public calls, as where Ray moves its config deployment
-    env = {"RAY_SERVE_ENABLE_HA_PROXY": "0", "CONVNEXT_SERVE_PUBLIC_DEPLOY": "1"}
+    # and deployed through Ray's public calls, as where Ray moves its config deployment; with
+    # RAY_ADDRESS naming a cluster that is not there, which `run` must not try to join
+    env = {
+        "RAY_SERVE_ENABLE_HA_PROXY": "0",
+        "CONVNEXT_SERVE_PUBLIC_DEPLOY": "1",
+        "RAY_ADDRESS": "127.0.0.9:6999",
+    }
     for svc in run_service(folder, models, gateway, grpc, env=env):
         svc.grpc_url = f"127.0.0.1:{grpc['grpc_options']['port']}"
         yield svc

@@ -519,9 +519,11 @@ def test_failures_give_back_their_slots(service):
         )
         return send(service, case).status_code
 
-    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+    # half the limit at a time: a request another test left in flight (a slow body, held for
+    # its timeout) must not make this one's refusal a 503
+    with concurrent.futures.ThreadPoolExecutor(MAX_IN_FLIGHT // 2) as pool:
         statuses = list(pool.map(bad, range(3 * MAX_IN_FLIGHT)))
-    assert all(400 <= s < 500 for s in statuses), statuses
+    assert all(400 <= s < 500 for s in statuses), [s for s in statuses if not 400 <= s < 500]
     assert service.post("/v1/classify", [red()]).status_code == 200
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:  # the gauge is reported every second

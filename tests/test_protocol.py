@@ -368,13 +368,16 @@ def _endpoints_counted(service) -> set[str]:
 
 def test_every_route_of_the_table_is_answered_by_each_protocol(service):
     """Each path of the HTTP app answers (no 404 or 405: the table and the app agree), and each
-    RPC of the route table's gRPC entries answers over gRPC; the API ones of both are counted
-    in `convnext_serve_requests_total` under their endpoint."""
+    RPC of the route table's gRPC entries answers over gRPC (the model repository's with 403:
+    this service sets no admin keys); the API ones of both are counted in
+    `convnext_serve_requests_total` under their endpoint."""
+    from service.repository_api import router as repository_router
     from service.route_table import GRPC, route_of
     from service.routes import router
     from service.v2 import router as v2_router
 
-    for route in [*router.routes, *v2_router.routes]:
+    routers = [*router.routes, *v2_router.routes, *repository_router.routes]
+    for route in routers:
         path = route.path.replace("{name}", "colours").replace("{version}", "1")
         for method in route.methods:
             r = requests.request(method, service.url + path, headers=AUTH, timeout=60)
@@ -391,12 +394,22 @@ def test_every_route_of_the_table_is_answered_by_each_protocol(service):
         "ModelMetadata": lambda: grpc.get_model_metadata("colours", headers=key),
         "ModelInfer": lambda: grpc.infer("colours", [tensor], headers=key),
     }
-    assert set(calls) == set(GRPC)
+    repository = {
+        "RepositoryIndex": lambda: grpc.get_model_repository_index(headers=key),
+        "RepositoryModelLoad": lambda: grpc.load_model("colours", headers=key),
+        "RepositoryModelUnload": lambda: grpc.unload_model("colours", headers=key),
+    }
+    assert {*calls, *repository} == set(GRPC)
     for method, call in calls.items():
         assert call(), method
+    for method, call in repository.items():
+        with pytest.raises(InferenceServerException) as refused:
+            call()
+        assert refused.value.status() == "StatusCode.PERMISSION_DENIED", method
+        assert "repository API is off" in refused.value.message()
     api_http = {
         route_of(r.path.replace("{name}", "colours")).endpoint
-        for r in [*router.routes, *v2_router.routes]
+        for r in routers
         if route_of(r.path.replace("{name}", "colours")).api
     }
     wanted = api_http | {route.endpoint for route in GRPC.values() if route.api}
@@ -411,7 +424,10 @@ def _shades_counts(service) -> dict[tuple[str, str], float]:
     counts: dict[tuple[str, str], float] = {}
     for line in service.metrics().splitlines():
         if line.startswith("ray_convnext_serve_requests_total{") and 'model="shades"' in line:
-            key = (re.search(r'endpoint="(\w+)"', line)[1], re.search(r'version="(\w*)"', line)[1])
+            key = (
+                re.search(r'endpoint="(\w+)"', line)[1],
+                re.search(r'[{,]version="(\w*)"', line)[1],
+            )
             counts[key] = counts.get(key, 0) + float(line.rsplit(" ", 1)[1])
     return counts
 
@@ -438,10 +454,11 @@ def test_each_protocol_reaches_a_version_and_every_answer_names_it(service, clie
     grpc_client = triton_grpc.InferenceServerClient(service.grpc_url)
     tensor = triton_grpc.InferInput("image", [1], "BYTES")
     tensor.set_data_from_numpy(np.array([image], dtype=object))
-    answer = grpc_client.infer("shades", [tensor], model_version="2", headers=auth())
+    key = {"x-api-key": AUTH["X-API-Key"]}  # gRPC metadata keys are lower case
+    answer = grpc_client.infer("shades", [tensor], model_version="2", headers=key)
     assert answer.get_response().model_version == "2"
     assert answer.as_numpy("labels")[0][0] == b"RED"
-    unnamed = grpc_client.infer("shades", [tensor], headers=auth())
+    unnamed = grpc_client.infer("shades", [tensor], headers=key)
     assert unnamed.get_response().model_version == "1"
     r = requests.get(service.url + "/v2/models/shades/versions/3", headers=auth(), timeout=10)
     assert r.status_code == 404 and "has no version '3'" in r.json()["error"]

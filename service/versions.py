@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import random
 
-from .errors import ModelNotFound
+from .errors import ModelNotFound, Overloaded
 from .host import ModelHost
 
 
@@ -58,6 +58,11 @@ class ServedModel:
     def full(self) -> bool:
         """Whether every version that takes unnamed traffic has a full line."""
         return all(self.hosts[v].full() for v, _ in self._draw)
+
+    def overloaded(self) -> Overloaded:
+        """The refusal when it is `full`: its versions' lines are."""
+        retry_after_s = next(iter(self.hosts.values())).retry_after_s
+        return Overloaded(f"model {self.name!r} has a full queue", retry_after_s)
 
 
 def _fraction(client: str) -> float:

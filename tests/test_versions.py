@@ -161,3 +161,25 @@ def test_a_model_left_out_of_an_update_is_no_longer_served(tiny_checkpoints):
     assert sorted(models.models) == ["n"] and models.default["classify"].name == "n"
     with pytest.raises(ModelNotFound, match="no model 'm'; served: \\['n'\\]"):
         models.named("m")
+
+
+def test_a_model_is_full_when_every_version_taking_traffic_is(tiny_checkpoints):
+    """What the guard refuses before a request's body: every version with a weight has its
+    line full (a version of weight 0 does not count: unnamed requests never reach it)."""
+    model = ModelConfig(
+        name="m",
+        versions=[
+            {"version": 1, "checkpoint": tiny_checkpoints["v1"], "weight": 1},
+            {"version": 2, "checkpoint": tiny_checkpoints["v2"], "weight": 0},
+        ],
+        max_ongoing_requests=1,
+        max_queued_requests=0,
+        warmup_batches=0,
+    )
+    served = ServedModels([model], [], ServerConfig(retry_after_s=4)).models["m"]
+    assert not served.full()
+    served.hosts["1"].queue.in_flight = 1  # its one slot taken, no waiting room
+    assert served.full() and not served.hosts["2"].full()
+    refusal = served.overloaded()
+    assert refusal.status == 503 and refusal.headers == {"Retry-After": "4"}
+    assert refusal.message == "model 'm' has a full queue; retry shortly"

@@ -11,6 +11,7 @@ to the service what a Triton server instance is to Triton, and replicas scale as
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -18,12 +19,14 @@ import torch
 from fastapi import FastAPI
 from ray import serve
 
-from .config import AppConfig, ModelConfig, ServerConfig, TrainingModel
+from .config import AppConfig, ServerConfig, served_models
 from .data_plane import DataPlane
 from .grpc_api import GrpcInference
 from .repository import RepositoryState, RepositorySync
 from .routes import make_api
 from .served_models import ServedModels
+
+logger = logging.getLogger("ray.serve")
 
 
 @serve.deployment
@@ -45,17 +48,24 @@ class Server(GrpcInference):
     def reconfigure(self, user_config: dict) -> None:
         """The models, from the deployment's `user_config`. Serve calls this once before the
         replica takes requests, where the models load (a bad checkpoint fails the replica), and
-        again, without restarting the replica, for a deploy whose change is only the models:
-        then they are swapped in place, in the background (`ServedModels.update`, from the
-        replica's `RepositorySync`, which also applies the model repository's changes)."""
-        models = [ModelConfig.model_validate(m) for m in user_config.get("models", [])]
-        training = [TrainingModel.model_validate(t) for t in user_config.get("training", [])]
+        again, without restarting the replica, for a deploy whose change is only the
+        `user_config`: then they are swapped in place, in the background
+        (`ServedModels.update`, from the replica's `RepositorySync`, which also applies the
+        model repository's changes). A later `user_config` that is not valid is refused (and
+        listed under `update_errors`) while the models serve as they were."""
         if not self._configured:
+            models, training = served_models(user_config)
             self.plane.models.start(models, training)
             self.plane.repository.start_from(models, training)
             self._configured = True
-        else:
-            self.plane.repository.configure(models, training)
+            return
+        try:
+            models, training = served_models(user_config)
+        except ValueError as e:  # pydantic's ValidationError is one
+            logger.error("the server's new user_config is refused: %s", e)
+            self.plane.models.update_errors = {"user_config": f"refused: {e}"}
+            return
+        self.plane.repository.configure(models, training)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return make_api(self.plane)
@@ -114,8 +124,10 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         options["num_replicas"] = max(
             [limits.num_replicas, *(m.num_replicas for m in config.every_model())]
         )
-    # The models travel as the deployment's user_config: a deploy that changes only them is
-    # applied by `Server.reconfigure` in the running replicas, not by new ones.
+    # The models travel as the deployment's user_config, which a config's `deployments:` entry
+    # for `server` may set instead: Serve hands a change of it to the running replicas
+    # (`Server.reconfigure`). A change of `args` is a new version of the application's code
+    # to Serve, which replaces the replicas.
     options["user_config"] = {
         "models": [m.model_dump(mode="json") for m in config.models],
         "training": [t.model_dump(mode="json") for t in config.training],

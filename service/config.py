@@ -191,11 +191,12 @@ class TrainingModel(BaseModel):
 
 class AppConfig(BaseModel):
     """The application args: the models and the server replica's limits (`server`; the
-    deprecated name `gateway` is still read)."""
+    deprecated name `gateway` is still read). The models may come instead (or later) from the
+    server deployment's `user_config` (`served_models`), which Serve updates in place."""
 
     model_config = ConfigDict(extra="forbid")
 
-    models: list[ModelConfig] = Field(min_length=1)
+    models: list[ModelConfig] = Field(default_factory=list)
     training: list[TrainingModel] = Field(default_factory=list)
     server: ServerConfig = Field(default_factory=ServerConfig)
 
@@ -239,21 +240,49 @@ class AppConfig(BaseModel):
         from_env = ServerConfig().model_dump(exclude_unset=True)  # only what the env sets
         server = ServerConfig(**{**(args.pop("server", None) or {}), **from_env})
         config = cls(server=server, **args)
-        override = {
-            key: os.environ[f"CONVNEXT_SERVE_{key.upper()}"]
-            for key in ("precision", "device")
-            if os.environ.get(f"CONVNEXT_SERVE_{key.upper()}")
-        }
-        if override:
-
-            def overridden(m: ModelConfig) -> ModelConfig:
-                return m.model_validate({**m.model_dump(), **override})
-
-            config.models = [overridden(m) for m in config.models]
-            for t in config.training:
-                if t.serve_as is not None:
-                    t.serve_as = overridden(t.serve_as)
+        config.models, config.training = with_env_overrides(config.models, config.training)
         return config
+
+
+def with_env_overrides(
+    models: list[ModelConfig], training: list[TrainingModel]
+) -> tuple[list[ModelConfig], list[TrainingModel]]:
+    """The models with the environment's precision and device (`CONVNEXT_SERVE_PRECISION`,
+    `CONVNEXT_SERVE_DEVICE`), where set."""
+    override = {
+        key: os.environ[f"CONVNEXT_SERVE_{key.upper()}"]
+        for key in ("precision", "device")
+        if os.environ.get(f"CONVNEXT_SERVE_{key.upper()}")
+    }
+    if not override:
+        return models, training
+
+    def overridden(m: ModelConfig) -> ModelConfig:
+        return m.model_validate({**m.model_dump(), **override})
+
+    for t in training:
+        if t.serve_as is not None:
+            t.serve_as = overridden(t.serve_as)
+    return [overridden(m) for m in models], training
+
+
+def served_models(user_config: dict[str, Any]) -> tuple[list[ModelConfig], list[TrainingModel]]:
+    """The models of the server deployment's `user_config` (`{"models": [...], "training":
+    [...]}`, as `args` lists them), with the environment's overrides."""
+    unknown = set(user_config) - {"models", "training"}
+    if unknown:
+        raise ValueError(f"the server's user_config takes `models` and `training`, not {unknown}")
+    models = [ModelConfig.model_validate(m) for m in user_config.get("models") or []]
+    training = [TrainingModel.model_validate(t) for t in user_config.get("training") or []]
+    names = [m.name for m in [*models, *training]]
+    if len(names) != len(set(names)):
+        raise ValueError(f"model names must be unique: {names}")
+    if not names:
+        raise ValueError(
+            "no models: list them under the application's `args.models`, or under the `server` "
+            "deployment's `user_config.models` (updated in place)"
+        )
+    return with_env_overrides(models, training)
 
 
 def read_serve_config(path: str | Path) -> dict[str, Any]:
@@ -269,12 +298,18 @@ IMPORT_PATH = "service.app:build_app"  # the application builder a serve config 
 
 
 def app_configs(config: dict[str, Any]) -> list[AppConfig]:
-    """The args of a serve config's convnext-serve applications, in order."""
-    return [
-        AppConfig.from_args(app.get("args") or {})
-        for app in config["applications"]
-        if app.get("import_path") == IMPORT_PATH
-    ]
+    """The args of a serve config's convnext-serve applications, in order, each with the
+    models of its server deployment's `user_config` where that lists them."""
+    configs = []
+    for app in config["applications"]:
+        if app.get("import_path") != IMPORT_PATH:
+            continue
+        found = AppConfig.from_args(app.get("args") or {})
+        for deployment in app.get("deployments") or []:
+            if deployment.get("name") == "server" and deployment.get("user_config"):
+                found.models, found.training = served_models(deployment["user_config"])
+        configs.append(found)
+    return configs
 
 
 # Ray Serve logs a line per request by default; that took a tenth of a replica's event loop

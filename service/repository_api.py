@@ -96,7 +96,13 @@ async def load_model(plane: DataPlane, name: str, given: dict[str, Any] | None) 
     except ValidationError as e:
         raise InvalidParameter(f"model {name!r}: {e.errors()[0]['msg']}") from None
     if given is not None:
+        # what the config (or an earlier load) serves is trusted as it is; the rest must lie
+        # under the model roots
+        served = [*sync.models, *current.values()]
+        known = {v.checkpoint for m in served for v in m.served_versions()}
         for version in model.served_versions():
+            if version.checkpoint in known:
+                continue
             path = check_checkpoint(version.checkpoint, plane.config.model_roots)
             if not path.is_file():
                 raise InvalidParameter(f"no checkpoint file at {version.checkpoint!r}")

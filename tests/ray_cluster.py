@@ -120,22 +120,26 @@ class RayCluster:
         except requests.RequestException:
             return False
 
-    def _ray(self, command: str) -> str:
-        """A `ray` CLI command (its words split at spaces) against this cluster's dashboard."""
+    def _ray(self, command: str) -> list[dict]:
+        """A `ray` CLI command (its words split at spaces) against this cluster's dashboard:
+        its JSON answer."""
         args = [*command.split(), "--address", self.dashboard]
         out = subprocess.run(
             [str(BIN / "ray"), *args], env=self.env, capture_output=True, text=True, timeout=120
         )
-        if out.returncode != 0:
-            raise RuntimeError(f"ray {' '.join(args)}: {out.stderr[-2000:]}")
-        return out.stdout
+        try:
+            if out.returncode == 0:
+                return json.loads(out.stdout)
+        except ValueError:
+            pass  # a state API still starting can answer with nothing
+        raise RuntimeError(f"ray {' '.join(args)}: {out.stdout[-500:]} {out.stderr[-2000:]}")
 
     def alive_nodes(self) -> list[dict]:
         try:
             listed = self._ray("list nodes --format json --filter state=ALIVE")
         except RuntimeError:
             return []
-        return json.loads(listed)
+        return listed
 
     def replicas(self) -> dict[str, str]:
         """The server replicas alive: their process ids and the address of their node."""
@@ -143,7 +147,7 @@ class RayCluster:
         nodes = {n["node_id"]: n["node_ip"] for n in self.alive_nodes()}
         return {
             str(a["pid"]): nodes.get(a["node_id"], "?")
-            for a in json.loads(listed)
+            for a in listed
             if a["state"] == "ALIVE"
             and a["class_name"].startswith("ServeReplica:")
             and a["class_name"].endswith(":server")

@@ -46,13 +46,15 @@ class Cluster:
         )
 
     def deploy(self, *models: dict) -> None:
-        """`serve deploy` of the service with these models, two replicas."""
+        """`serve deploy` of the service with these models, two replicas; the models under the
+        server deployment's `user_config`, the form Serve updates in place."""
         server = {"num_replicas": 2, "model_roots": [str(self.roots)]}
         app = {
             "name": "convnext-serve",
             "route_prefix": "/",
             "import_path": "service.app:build_app",
-            "args": {"models": list(models), "server": server},
+            "args": {"server": server},
+            "deployments": [{"name": "server", "user_config": {"models": list(models)}}],
         }
         self.ray.deploy(
             {
@@ -224,7 +226,8 @@ def test_the_repository_api_loads_a_canary_and_unloads_it_in_every_replica(clust
             ("colours", "2", "READY"),
         }
         over_grpc = triton_grpc.InferenceServerClient(f"{HEAD_IP}:{cluster.grpc_port}")
-        index = over_grpc.get_model_repository_index(headers=ADMIN, as_json=True)
+        lower = {k.lower(): v for k, v in ADMIN.items()}  # gRPC metadata keys are lower case
+        index = over_grpc.get_model_repository_index(headers=lower, as_json=True)
         assert {(e["name"], e["version"]) for e in index["models"]} == {
             ("colours", "1"),
             ("colours", "2"),

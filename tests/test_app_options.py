@@ -58,3 +58,26 @@ def test_a_replica_asks_for_gpus_only_where_a_model_runs_on_one():
     assert _gpus_per_replica(config({"num_gpus": 0.25}, {"num_gpus": 0.5}, {})) == 0.5
     assert _gpus_per_replica(config({"device": "cuda"}, {})) == 1.0
     assert _gpus_per_replica(config({"device": "cpu"})) == 0.0
+
+
+def test_models_under_the_servers_user_config_replace_those_of_args():
+    """What `convnext-serve run` sizes HAProxy's limits from: the models a config's `server`
+    deployment lists in its user_config (the form Serve updates in place), over args'."""
+    from service.config import app_configs, served_models
+
+    user_config = {"models": [{"name": "u", "checkpoint": "demo:classify", "max_batch_size": 2}]}
+    app = {
+        "name": "convnext-serve",
+        "import_path": "service.app:build_app",
+        "args": {"models": [{"name": "a", "checkpoint": "demo:classify"}]},
+        "deployments": [{"name": "server", "user_config": user_config}],
+    }
+    [found] = app_configs({"applications": [app]})
+    assert [m.name for m in found.models] == ["u"]
+    assert found.server_capacity() == 32 + 64  # u's 32 calls and 64 waiting
+    with pytest.raises(ValueError, match="no models"):
+        served_models({"models": []})
+    with pytest.raises(ValueError, match="takes `models` and `training`, not"):
+        served_models({**user_config, "replicas": 2})
+    with pytest.raises(ValueError, match="must be unique"):
+        served_models({"models": user_config["models"] * 2})

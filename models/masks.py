@@ -10,7 +10,7 @@ from pycocotools import mask as mask_utils
 
 def encode_rle(mask: np.ndarray) -> dict:
     """A binary (H, W) mask as COCO compressed RLE: `{"size": [H, W], "counts": str}`."""
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8, copy=False)))
+    rle = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))  # copies only if needed
     return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode()}
 
 

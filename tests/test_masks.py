@@ -22,6 +22,14 @@ def test_rle_round_trips_any_mask(shape):
         assert decoded.dtype == bool and np.array_equal(decoded, mask)
 
 
+def test_a_binary_mask_of_any_integer_or_bool_type_encodes_alike():
+    mask = np.zeros((5, 7), bool)
+    mask[1:4, 2:6] = True
+    want = encode_rle(mask)
+    for dtype in (np.uint8, np.int32, np.int64):
+        assert encode_rle(mask.astype(dtype)) == want, dtype
+
+
 def test_the_rle_is_cocos_own():
     """pycocotools reads what the service writes, and the service reads pycocotools' bytes."""
     mask = np.zeros((6, 9), bool)

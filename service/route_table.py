@@ -75,8 +75,10 @@ def route_of(path: str) -> Route:
         if path.startswith("/v2/health/"):
             return Route("v2_health", api=False, protocol="v2")
         if path.startswith("/v2/models"):
-            last = path.rstrip("/").rpartition("/")[2]
-            endpoint = {"infer": "v2_infer", "ready": "v2_ready"}.get(last, "v2_metadata")
+            # what follows /v2/models/{name}: [versions/{v}/](infer|ready), or nothing
+            tail = path.rstrip("/").split("/")[4:]
+            action = tail[-1] if len(tail) in (1, 3) else ""
+            endpoint = {"infer": "v2_infer", "ready": "v2_ready"}.get(action, "v2_metadata")
             return Route(endpoint, api=True, protocol="v2")
         return Route("other", api=False, protocol="v2")
     if path.startswith("/v1/"):

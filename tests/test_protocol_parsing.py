@@ -183,6 +183,12 @@ def _bytes(*elements: bytes) -> bytes:
         (dict(shape=[1]), b"\xff\xff\xff\xffabc", InvalidParameter, "cut short"),
         (dict(shape=[1], data=[3]), None, InvalidParameter, "base64 strings"),
         (dict(shape=[1]), None, InvalidParameter, "input 'image' has neither data nor binary_data"),
+        (
+            dict(name="pixels", datatype="UINT8", shape=[1, 1, 1, 3]),
+            None,
+            InvalidParameter,
+            "input 'pixels' has neither data nor binary_data",
+        ),
         (dict(datatype="FP32", shape=[1]), b"1234", InvalidParameter, "not BYTES .* or UINT8"),
         (
             dict(name="pixels", datatype="UINT8", shape=[1, 2, 2, 4]),

@@ -39,6 +39,7 @@ from service.v2 import router as v2_router
         ("/v2/models/infer", "v2_metadata", True, "v2", None),  # a model named "infer"
         ("/v2/models/ready/versions/2", "v2_metadata", True, "v2", None),
         ("/v2/models/readyX", "v2_metadata", True, "v2", None),
+        ("/v2/models/m/inferX", "v2_metadata", True, "v2", None),
         ("/v2/models/m/versions/1/infer", "v2_infer", True, "v2", None),
         ("/v2/elsewhere", "other", False, "v2", None),
         ("/v2x/models", "other", False, "v1", None),

@@ -73,7 +73,15 @@ class Cluster:
         return {"name": "colours", "versions": listed, **SETTINGS}
 
     def models(self) -> dict:
-        return requests.get(self.url + "/v1/models", timeout=10).json()
+        """`/v1/models`; while the application is still deploying (Serve's proxy answers for
+        it, not JSON), no models."""
+        try:
+            r = requests.get(self.url + "/v1/models", timeout=10)
+            if r.status_code == 200:
+                return r.json()
+        except (requests.RequestException, ValueError):
+            pass
+        return {"models": [], "update_errors": {}}
 
     def wait_for(self, done, timeout_s: float, what: str) -> None:
         deadline = time.monotonic() + timeout_s

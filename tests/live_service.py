@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -193,3 +194,32 @@ def closed_loop(
     for thread in threads:
         thread.join()
     return results
+
+
+def request_counts(service: Service, by: tuple[str, ...], **match: str) -> dict[tuple, float]:
+    """`convnext_serve_requests_total`, summed by the labels `by`, over the series whose
+    labels equal `match` (each label read as a label of its own: Ray adds others, such as
+    `otel_scope_version`, whose names end like ours)."""
+    counts: dict[tuple, float] = {}
+    for line in service.metrics().splitlines():
+        if not line.startswith("ray_convnext_serve_requests_total{"):
+            continue
+        labels = dict(re.findall(r'[{,](\w+)="([^"]*)"', line))
+        if all(labels.get(k) == v for k, v in match.items()):
+            key = tuple(labels.get(name, "") for name in by)
+            counts[key] = counts.get(key, 0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def counted_since(
+    service: Service, before: dict[tuple, float], wanted: dict[tuple, float], by, **match
+) -> dict[tuple, float]:
+    """How many requests of each `wanted` key were counted since `before`, once that is
+    `wanted` or 60 s have passed (the counter is reported every second, exported later)."""
+    deadline = time.monotonic() + 60
+    while True:
+        after = request_counts(service, by, **match)
+        seen = {k: after.get(k, 0) - before.get(k, 0) for k in wanted}
+        if seen == wanted or time.monotonic() > deadline:
+            return seen
+        time.sleep(1)

@@ -52,10 +52,10 @@ class RayCluster:
     def __enter__(self) -> RayCluster:
         try:
             self._start_node(HEAD_IP, head=True)
-            self._wait(lambda: self._dashboard_up(), 120, "the head's dashboard")
+            self.wait(lambda: self._dashboard_up(), 120, "the head's dashboard")
             if self.nodes > 1:
                 self._start_node(WORKER_IP, head=False)
-            self._wait(lambda: len(self.alive_nodes()) == self.nodes, 120, "every node")
+            self.wait(lambda: len(self.alive_nodes()) == self.nodes, 120, "every node")
         except BaseException:
             self.stop()
             raise
@@ -168,14 +168,14 @@ class RayCluster:
         )
         assert out.returncode == 0, out.stdout + out.stderr
 
-    @staticmethod
-    def _wait(done, timeout_s: float, what: str) -> None:
+    def wait(self, done, timeout_s: float, what: str) -> None:
+        """Until `done()`; fails after `timeout_s` with the nodes' logs."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if done():
                 return
             time.sleep(0.5)
-        raise TimeoutError(f"{what} not up within {timeout_s:g} s")
+        raise TimeoutError(f"{what}: not within {timeout_s:g} s\n{self.log_tail()}")
 
     def log_tail(self, chars: int = 3000) -> str:
         return "\n".join(p.read_text(errors="replace")[-chars:] for p in self.logs if p.exists())

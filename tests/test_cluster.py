@@ -84,12 +84,7 @@ class Cluster:
         return {"models": [], "update_errors": {}}
 
     def wait_for(self, done, timeout_s: float, what: str) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if done():
-                return
-            time.sleep(0.5)
-        raise AssertionError(f"{what}: not within {timeout_s:g} s\n{self.ray.log_tail()}")
+        self.ray.wait(done, timeout_s, what)
 
     def ready(self) -> None:
         self.wait_for(lambda: _status(self.url + "/readyz") == 200, 300, "the service ready")

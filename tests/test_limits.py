@@ -11,8 +11,6 @@ HTTP, and its requests are counted in the same metrics.
 from __future__ import annotations
 
 import concurrent.futures
-import re
-import time
 
 import numpy as np
 import pytest
@@ -22,7 +20,7 @@ from tritonclient.utils import InferenceServerException
 
 from service.grpc_api import SERVICER
 
-from .live_service import AUTH, free_port, run_service
+from .live_service import AUTH, counted_since, free_port, request_counts, run_service
 from .service_models import service_checkpoints
 from .test_faults import png_rows
 from .test_service import error_of, photo
@@ -126,15 +124,7 @@ def test_grpc_meets_a_full_model_queue(service):
     assert all(a.startswith("StatusCode.UNAVAILABLE") and "full queue" in a for a in refused)
 
 
-def _grpc_counts(service) -> dict[tuple[str, str], float]:
-    """`convnext_serve_requests_total` of the gRPC inference endpoint, by (model, status)."""
-    counts: dict[tuple[str, str], float] = {}
-    for line in service.metrics().splitlines():
-        ours = line.startswith("ray_convnext_serve_requests_total{")
-        if ours and 'endpoint="grpc_infer"' in line:
-            key = (re.search(r'model="([^"]*)"', line)[1], re.search(r'status="(\d+)"', line)[1])
-            counts[key] = counts.get(key, 0) + float(line.rsplit(" ", 1)[1])
-    return counts
+GRPC_INFER = {"by": ("model", "status"), "endpoint": "grpc_infer"}
 
 
 def test_grpc_meets_the_replicas_in_flight_limit_and_is_counted(service):
@@ -142,7 +132,7 @@ def test_grpc_meets_the_replicas_in_flight_limit_and_is_counted(service):
     rest refused UNAVAILABLE at the in-flight limit; each counted in
     `convnext_serve_requests_total` under `grpc_infer`: the answered under the model, the
     refused (before any model was resolved, as HTTP's are) under `unknown`."""
-    before = _grpc_counts(service)
+    before = request_counts(service, **GRPC_INFER)
     answers = _slow_grpc_requests(service, "colours", 3 * MAX_IN_FLIGHT, 6)
     refused = [a for a in answers if a != "ok"]
     assert answers.count("ok") >= 1 and len(refused) >= 3, answers
@@ -150,11 +140,5 @@ def test_grpc_meets_the_replicas_in_flight_limit_and_is_counted(service):
         a.startswith("StatusCode.UNAVAILABLE") and "in-flight request limit" in a for a in refused
     ), refused
     wanted = {("colours", "200"): answers.count("ok"), ("unknown", "503"): len(refused)}
-    deadline = time.monotonic() + 60  # the counter is reported every second, exported later
-    while time.monotonic() < deadline:
-        after = _grpc_counts(service)
-        seen = {k: after.get(k, 0) - before.get(k, 0) for k in wanted}
-        if seen == wanted:
-            break
-        time.sleep(1)
+    seen = counted_since(service, before, wanted, **GRPC_INFER)
     assert seen == wanted, (seen, answers)

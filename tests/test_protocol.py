@@ -24,7 +24,7 @@ from models.train.progress import write_progress
 from service.grpc_api import SERVICER
 
 from .colour_shapes import COLOURS
-from .live_service import AUTH, free_port, get_json, run_service
+from .live_service import AUTH, counted_since, free_port, get_json, request_counts, run_service
 from .service_models import relabelled, service_checkpoints
 from .test_service import photo
 
@@ -419,24 +419,14 @@ def test_every_route_of_the_table_is_answered_by_each_protocol(service):
     assert wanted <= _endpoints_counted(service), wanted - _endpoints_counted(service)
 
 
-def _shades_counts(service) -> dict[tuple[str, str], float]:
-    """`convnext_serve_requests_total` of model "shades", by (endpoint, version)."""
-    counts: dict[tuple[str, str], float] = {}
-    for line in service.metrics().splitlines():
-        if line.startswith("ray_convnext_serve_requests_total{") and 'model="shades"' in line:
-            key = (
-                re.search(r'endpoint="(\w+)"', line)[1],
-                re.search(r'[{,]version="(\w*)"', line)[1],
-            )
-            counts[key] = counts.get(key, 0) + float(line.rsplit(" ", 1)[1])
-    return counts
+SHADES = {"by": ("endpoint", "version"), "model": "shades"}
 
 
 def test_each_protocol_reaches_a_version_and_every_answer_names_it(service, client):
     """Unnamed, "shades" answers with version 1 (version 2 has weight 0); named, version 2
     answers (its labels in capitals), and says so in `X-Model-Version`, in `/v1`'s JSON and in
     the protocol's `model_version`, over REST and gRPC; each counted under its version."""
-    before = _shades_counts(service)
+    before = request_counts(service, **SHADES)
     image = photo("red", box=BIG)[0]
     for version, label in ((None, "red"), ("2", "RED"), ("1", "red")):
         params = {"model": "shades", **({"version": version} if version else {})}
@@ -469,11 +459,4 @@ def test_each_protocol_reaches_a_version_and_every_answer_names_it(service, clie
         ("grpc_infer", "2"): 1,
         ("grpc_infer", "1"): 1,
     }
-    deadline = time.monotonic() + 60  # the counter is reported every second, exported later
-    while time.monotonic() < deadline:
-        after = _shades_counts(service)
-        seen = {k: after.get(k, 0) - before.get(k, 0) for k in wanted}
-        if seen == wanted:
-            break
-        time.sleep(1)
-    assert seen == wanted
+    assert counted_since(service, before, wanted, **SHADES) == wanted

@@ -19,7 +19,7 @@ import torch
 from fastapi import FastAPI
 from ray import serve
 
-from .config import AppConfig, ServerConfig, served_models
+from .config import SIZING, AppConfig, ServerConfig, served_models
 from .data_plane import DataPlane
 from .grpc_api import GrpcInference
 from .repository import RepositoryState, RepositorySync
@@ -27,6 +27,7 @@ from .routes import make_api
 from .served_models import ServedModels
 
 logger = logging.getLogger("ray.serve")
+HEAD_RESOURCE = "node:__internal_head__"  # the resource Ray gives its head node alone
 
 
 @serve.deployment
@@ -90,7 +91,10 @@ def repository_state() -> tuple[Any, str]:
         return RepositoryState(), "local"
     import ray
 
-    actor = ray.remote(num_cpus=0)(RepositoryState).options(
+    # On the head node, as Serve's controller: the repository's changes outlive the loss of
+    # any worker node, which an actor there would take with it. (Ray's own libraries place
+    # their state actors so; a soft node affinity to the head was not kept.)
+    actor = ray.remote(num_cpus=0, resources={HEAD_RESOURCE: 0.001})(RepositoryState).options(
         name=f"convnext-serve-repository:{context.app_name}",
         namespace="convnext-serve",
         lifetime="detached",
@@ -128,9 +132,12 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     # for `server` may set instead: Serve hands a change of it to the running replicas
     # (`Server.reconfigure`). A change of `args` is a new version of the application's code
     # to Serve, which replaces the replicas.
+    # (Without what sized the replicas above, which a user_config may not set.)
     options["user_config"] = {
-        "models": [m.model_dump(mode="json") for m in config.models],
-        "training": [t.model_dump(mode="json") for t in config.training],
+        "models": [m.model_dump(mode="json", exclude=SIZING) for m in config.models],
+        "training": [
+            t.model_dump(mode="json", exclude={"serve_as": SIZING}) for t in config.training
+        ],
     }
     return Server.options(**options).bind(limits.model_dump(mode="json"))
 
@@ -139,7 +146,9 @@ def server_autoscaling(config: AppConfig) -> dict[str, Any] | None:
     """The server's autoscaling from its models': a replica holds every model, so it scales
     between the largest minimum and maximum, and its target of requests in flight is the sum
     of the models' targets."""
-    configs = [m.autoscaling_config for m in config.every_model() if m.autoscaling_config]
+    configs = [config.server.autoscaling_config]
+    configs += [m.autoscaling_config for m in config.every_model()]
+    configs = [c for c in configs if c]
     if not configs:
         return None
     merged = {k: v for c in configs for k, v in c.items()}
@@ -154,8 +163,9 @@ def server_autoscaling(config: AppConfig) -> dict[str, Any] | None:
 
 
 def _gpus_per_replica(config: AppConfig) -> float:
-    """A replica's GPUs: the most any model asks for, or one whole GPU when the cluster has
-    GPUs (or a model is forced onto CUDA) and no model says.
+    """A replica's GPUs: the most the server or any model asks for, or one whole GPU when the
+    cluster has GPUs (or a model is forced onto CUDA) and none says. Models that come with
+    the `user_config` are not known yet: they run where the device is left to them.
 
     Decided from the cluster's resources, not this process's devices: on KubeRay the app is
     built on a head node without GPUs while the replicas run on GPU workers.
@@ -163,12 +173,15 @@ def _gpus_per_replica(config: AppConfig) -> float:
     import ray
 
     models = config.every_model()
-    asked = [m.num_gpus for m in models if m.num_gpus is not None]
+    asked = [g for g in [config.server.num_gpus, *(m.num_gpus for m in models)] if g is not None]
     if asked:
         return max(asked)
     gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
     if not gpus and torch.cuda.is_available():
         gpus = torch.cuda.device_count()
     forced = any(m.device == "cuda" for m in models)
-    on_gpu = any(m.device != "cpu" for m in models)
+    if models:
+        on_gpu = any(m.device != "cpu" for m in models)
+    else:
+        on_gpu = os.environ.get("CONVNEXT_SERVE_DEVICE", "auto") != "cpu"
     return 1.0 if (gpus or forced) and on_gpu else 0.0

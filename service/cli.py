@@ -120,18 +120,16 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .run import serve_until_stopped
+    from .run import deploy_onto_cluster, serve_config, serve_until_stopped
 
     if args.pretrained and args.config:
         raise SystemExit("convnext-serve run: --pretrained or --config, not both")
-    return serve_until_stopped(
-        args.config,
-        args.host,
-        args.port,
-        args.metrics_port,
-        args.num_cpus,
-        pretrained=args.pretrained,
-    )
+    if args.address and args.num_cpus:
+        raise SystemExit("convnext-serve run: --num-cpus is for a Ray of its own, not --address")
+    config = serve_config(args.config, args.host, args.port, args.pretrained)
+    if args.address:
+        return deploy_onto_cluster(config, args.address)
+    return serve_until_stopped(config, args.metrics_port, args.num_cpus)
 
 
 def _demo_models(args: argparse.Namespace) -> int:
@@ -182,14 +180,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "run",
         help="serve models over HTTP (Ray Serve) until Ctrl-C",
-        description="Starts a local Ray and the Serve application of a Ray Serve config file; "
-        "without --config, the bundled demo models (trained on first use).",
+        description="Starts a local Ray and the Serve application of a Ray Serve config file "
+        "(with --address, deploys it onto a running Ray cluster instead); without --config, the "
+        "bundled demo models (trained on first use).",
     )
     p.add_argument("--config", help="Ray Serve config (e.g. deploy/serve_config.yaml)")
     p.add_argument("--host", help="bind address (default: the config's, else 127.0.0.1)")
     p.add_argument("--port", type=int, help="HTTP port (default: the config's, else 8000)")
     p.add_argument("--metrics-port", type=int, default=8080, help="Prometheus metrics port")
     p.add_argument("--num-cpus", type=int, help="logical CPUs Ray schedules (default: >= 4)")
+    p.add_argument(
+        "--address",
+        help="a running Ray cluster (e.g. 10.0.0.5:6379; its token in RAY_AUTH_TOKEN): deploy "
+        "onto it, as `serve deploy` does, and return once ready (without it: a Ray of its own)",
+    )
     p.add_argument(
         "--pretrained",
         action="append",

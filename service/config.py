@@ -161,7 +161,15 @@ class ServerConfig(BaseSettings):
         600.0, gt=0, description="how long a repository load or unload waits for every replica"
     )
     num_replicas: int = Field(1, ge=1, description="server replicas, at least")
+    autoscaling_config: dict[str, Any] | None = Field(
+        None,
+        description="Ray Serve's autoscaling of the server replicas (`min_replicas`, "
+        "`max_replicas`, `target_ongoing_requests`, ...); the models' own merge over it",
+    )
     num_cpus: float = Field(0.5, ge=0, description="CPUs a server replica reserves, at least")
+    num_gpus: float | None = Field(
+        None, ge=0, description="GPUs a server replica reserves; default: 1 when GPUs exist"
+    )
     retry_after_s: int = Field(1, ge=1, description="the Retry-After of a 503 overloaded")
 
 
@@ -266,6 +274,11 @@ def with_env_overrides(
     return [overridden(m) for m in models], training
 
 
+# A model's settings that size the server replicas (its resources and how many): read from
+# `args` when the application is built; a `user_config` cannot change them.
+SIZING = {"num_replicas", "autoscaling_config", "num_cpus", "num_gpus"}
+
+
 def served_models(user_config: dict[str, Any]) -> tuple[list[ModelConfig], list[TrainingModel]]:
     """The models of the server deployment's `user_config` (`{"models": [...], "training":
     [...]}`, as `args` lists them), with the environment's overrides."""
@@ -274,6 +287,13 @@ def served_models(user_config: dict[str, Any]) -> tuple[list[ModelConfig], list[
         raise ValueError(f"the server's user_config takes `models` and `training`, not {unknown}")
     models = [ModelConfig.model_validate(m) for m in user_config.get("models") or []]
     training = [TrainingModel.model_validate(t) for t in user_config.get("training") or []]
+    for m in [*models, *(t.serve_as for t in training if t.serve_as is not None)]:
+        sizing = sorted(m.model_fields_set & SIZING)
+        if sizing:
+            raise ValueError(
+                f"model {m.name!r}: {', '.join(sizing)} size the replicas, which an in-place "
+                "update cannot change: set them under `args.server`"
+            )
     names = [m.name for m in [*models, *training]]
     if len(names) != len(set(names)):
         raise ValueError(f"model names must be unique: {names}")
@@ -297,6 +317,15 @@ def read_serve_config(path: str | Path) -> dict[str, Any]:
 IMPORT_PATH = "service.app:build_app"  # the application builder a serve config names
 
 
+def model_lists(app: dict[str, Any]) -> dict[str, Any]:
+    """Where a serve config's application lists its models (`models`, `training`): the server
+    deployment's `user_config` where it has one, else `args`; the dict itself, to edit."""
+    for deployment in app.get("deployments") or []:
+        if deployment.get("name") == "server" and deployment.get("user_config"):
+            return deployment["user_config"]
+    return app.setdefault("args", {})
+
+
 def app_configs(config: dict[str, Any]) -> list[AppConfig]:
     """The args of a serve config's convnext-serve applications, in order, each with the
     models of its server deployment's `user_config` where that lists them."""
@@ -305,9 +334,9 @@ def app_configs(config: dict[str, Any]) -> list[AppConfig]:
         if app.get("import_path") != IMPORT_PATH:
             continue
         found = AppConfig.from_args(app.get("args") or {})
-        for deployment in app.get("deployments") or []:
-            if deployment.get("name") == "server" and deployment.get("user_config"):
-                found.models, found.training = served_models(deployment["user_config"])
+        lists = model_lists(app)
+        if lists is not app.get("args"):
+            found.models, found.training = served_models(lists)
         configs.append(found)
     return configs
 

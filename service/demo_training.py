@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .config import model_lists
+
 DEMO_PREFIX = "demo:"
 # The background training yields the CPU to the service: on two cores, a model joining while the
 # next one trained took minutes to load and warm up.
@@ -33,8 +35,8 @@ def demo_tasks(config: dict[str, Any]) -> list[str]:
     """The demo tasks a serve config names, in training order."""
     tasks = {
         demo_task(model)
-        for app in config["applications"]
-        for model in (app.get("args") or {}).get("models", [])
+        for app in copy.deepcopy(config)["applications"]
+        for model in model_lists(app).get("models", [])
     } - {None}
     order = ["classify", "detect", "segment"]
     return sorted(tasks, key=order.index)
@@ -47,13 +49,13 @@ def with_training(config: dict[str, Any], tasks: list[str]) -> dict[str, Any]:
 
     config = copy.deepcopy(config)
     for app in config["applications"]:
-        args = app.get("args") or {}
-        later = [m for m in args.get("models", []) if demo_task(m) in tasks]
+        lists = model_lists(app)
+        later = [m for m in lists.get("models", []) if demo_task(m) in tasks]
         if not later:
             continue
-        args["models"] = [m for m in args["models"] if m not in later]
-        args["training"] = [
-            *args.get("training", []),
+        lists["models"] = [m for m in lists["models"] if m not in later]
+        lists["training"] = [
+            *lists.get("training", []),
             *(
                 {
                     "name": m["name"],

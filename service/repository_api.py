@@ -80,7 +80,12 @@ async def load_model(plane: DataPlane, name: str, given: dict[str, Any] | None) 
     _, changes = await _ask(sync.state.get, sync.base)
     current = {m.name: m for m in overlay(sync.models, changes)}
     configured = {m.name: m for m in sync.models}
-    base = current.get(name) or configured.get(name)
+    # without settings: as the config has it, dropping earlier loads' (Triton reloads the
+    # repository's own config); with them: over what serves now
+    if given is None:
+        base = configured.get(name) or current.get(name)
+    else:
+        base = current.get(name) or configured.get(name)
     if base is None and given is None:
         raise ModelNotFound(f"no model {name!r} in the config; give its settings in `config`")
     settings = base.model_dump() if base is not None else {}

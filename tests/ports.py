@@ -9,6 +9,8 @@ import socket
 # HAProxy stats and metrics; its workers listen on 10002-19999.
 RAY_PORTS = {6379, 8076, 8265, 8404, 9101, 10001, 52365}
 LOWEST = 20000
+# The worker ports of the nodes tests/ray_cluster.py starts, 200 a node: never handed out here.
+WORKER_PORTS = range(21000, 22000)
 _handed_out: set[int] = set()
 
 
@@ -29,7 +31,11 @@ def free_port() -> int:
     agent's default, 52365, lies in that range), so such a pick can be taken from under it."""
     low, high = _ephemeral_range()
     taken = RAY_PORTS | _handed_out
-    candidates = [p for p in range(LOWEST, 65536) if not low <= p <= high and p not in taken]
+    candidates = [
+        p
+        for p in range(LOWEST, 65536)
+        if not low <= p <= high and p not in taken and p not in WORKER_PORTS
+    ]
     random.shuffle(candidates)
     for port in candidates:
         with socket.socket() as s:

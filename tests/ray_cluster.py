@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -23,7 +24,7 @@ import psutil
 import requests
 import yaml
 
-from .ports import free_port
+from .ports import WORKER_PORTS, free_port
 
 HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
 BIN = Path(sys.executable).parent
@@ -45,7 +46,9 @@ class RayCluster:
         self.gcs_port, self.dashboard_port = free_port(), free_port()
         self.dashboard = f"http://{HEAD_IP}:{self.dashboard_port}"
         self.nodes_started: list[subprocess.Popen] = []
+        self.node_of: dict[str, subprocess.Popen] = {}
         self.logs: list[Path] = []
+        self.left_running: list[int] = []  # after stop(): processes that would not end
 
     # ------------------------------------------------------------------- lifecycle
 
@@ -61,15 +64,19 @@ class RayCluster:
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind, *exc) -> None:
         self.stop()
+        if kind is None:  # kept where the cluster failed, for its logs
+            shutil.rmtree(self.folder, ignore_errors=True)
 
     def _start_node(self, ip: str, head: bool) -> None:
         named = ["node-manager", "object-manager", "runtime-env-agent", "dashboard-agent-grpc"]
         named += ["dashboard-agent-listen", "metrics-export"]
         ports = [x for name in named for x in (f"--{name}-port", free_port())]
-        # 200 worker ports a node, apart for each node, outside the kernel's ephemeral range
-        low = 21000 if head else 21200
+        # 200 worker ports a node (a restarted node's apart from its predecessor's, whose
+        # sockets may linger), outside the kernel's ephemeral range
+        low = WORKER_PORTS.start + 200 * len(self.nodes_started)
+        assert low + 199 < WORKER_PORTS.stop, "more nodes started than there are worker ports"
         ports += ["--min-worker-port", low, "--max-worker-port", low + 199]
         args = [str(BIN / "ray"), "start", "--block", "--node-ip-address", ip]
         args += ["--num-cpus", str(self.cpus), "--disable-usage-stats"]
@@ -82,31 +89,48 @@ class RayCluster:
             args += ["--address", f"{HEAD_IP}:{self.gcs_port}"]
         args += [str(p) for p in ports]
         log = self.folder / f"node-{ip}.log"
-        self.logs.append(log)
-        with open(log, "wb") as out:
+        if log not in self.logs:
+            self.logs.append(log)
+        with open(log, "ab") as out:
             proc = subprocess.Popen(args, env=self.env, stdout=out, stderr=subprocess.STDOUT)
         self.nodes_started.append(proc)
+        self.node_of[ip] = proc
 
-    def stop(self) -> None:
-        """Stop each node's `ray start` (SIGTERM: it stops its node's processes), then any
-        process of theirs still running, by process id."""
+    def kill_worker(self) -> None:
+        """SIGKILL the worker node, every process of it at once, as a machine or pod lost."""
+        node = psutil.Process(self.node_of[WORKER_IP].pid)
+        family = [node, *node.children(recursive=True)]
+        for p in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        psutil.wait_procs(family, timeout=30)
+        self.node_of[WORKER_IP].wait()
+
+    def restart_worker(self) -> None:
+        """A new worker node on the worker's address, as Kubernetes restarts a lost pod."""
+        self._start_node(WORKER_IP, head=False)
+
+    def stop(self, grace_s: float = 10) -> None:
+        """SIGTERM to every process of the nodes at once (each `ray start` and all its
+        descendants: a node stopping on its own stops its processes one by one, each with a
+        grace period of its own), SIGKILL to those still running after `grace_s`; by process
+        id."""
         family = []
         for proc in self.nodes_started:
             with contextlib.suppress(psutil.NoSuchProcess):
-                family += psutil.Process(proc.pid).children(recursive=True)
-        for proc in reversed(self.nodes_started):
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in reversed(self.nodes_started):
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        _, alive = psutil.wait_procs(family, timeout=30)
+                node = psutil.Process(proc.pid)
+                family += [node, *node.children(recursive=True)]
+        for p in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.terminate()
+        _, alive = psutil.wait_procs(family, timeout=grace_s)
         for p in alive:
-            p.kill()
-        psutil.wait_procs(alive, timeout=30)
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        _, alive = psutil.wait_procs(alive, timeout=30)
+        for proc in self.nodes_started:
+            proc.wait(timeout=30)  # reaped
+        self.left_running = [p.pid for p in alive]
         self.nodes_started = []
 
     # ---------------------------------------------------------------------- state

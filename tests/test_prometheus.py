@@ -34,6 +34,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from service.config import model_lists
 from tests.live_service import proxy_ports_env
 from tests.ports import free_port
 from tests.test_deploy import DEPLOY, dashboard_queries, promql_metric_names
@@ -105,7 +106,7 @@ def serve_config_for(checkpoints: dict[str, Path]) -> dict:
     """deploy/serve_config.yaml with the test's checkpoints in place of the demo models."""
     config = yaml.safe_load((DEPLOY / "serve_config.yaml").read_text())
     for app in config["applications"]:
-        for model in app["args"]["models"]:
+        for model in model_lists(app)["models"]:
             task = model["checkpoint"].removeprefix("demo:")
             model["checkpoint"] = str(checkpoints[task])
             model["warmup_batches"] = 1

@@ -103,6 +103,10 @@ class TrainConfig(BaseModel):
     num_workers: int = 0
     gpus_per_worker: float = 0.0
     address: str | None = None
+    placement: Literal["PACK", "SPREAD"] = Field(
+        "PACK",
+        description="Ray Train workers on as few nodes as fit (PACK) or one a node (SPREAD)",
+    )
 
     @classmethod
     def for_task(cls, task: str, **kw) -> TrainConfig:

@@ -8,6 +8,7 @@ existing Ray cluster (e.g. `ray://head:10001` or `auto`); without it a local Ray
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 from .config import TrainConfig
@@ -16,6 +17,8 @@ from .config import TrainConfig
 def _worker_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
+    import ray.util
+    import torch.distributed
 
     from .loop import Worker, fit
 
@@ -27,8 +30,11 @@ def _worker_loop(config: dict) -> None:
     )
     cfg = TrainConfig.model_validate(config)
     metrics = fit(cfg, worker)
-    if worker.is_main:  # hand the metrics back to the driver through a small file next to out
-        Path(cfg.out).with_suffix(".metrics.json").write_text(json.dumps(metrics))
+    nodes: list[str | None] = [None] * worker.world_size  # where each rank ran, for the log
+    torch.distributed.all_gather_object(nodes, ray.util.get_node_ip_address())
+    if worker.is_main:  # hand the results back to the driver through a small file next to out
+        result = {"metrics": metrics, "nodes": nodes}
+        Path(cfg.out).with_suffix(".metrics.json").write_text(json.dumps(result))
 
 
 def fit_with_ray(cfg: TrainConfig) -> dict:
@@ -48,12 +54,18 @@ def fit_with_ray(cfg: TrainConfig) -> dict:
         train_loop_config=config.model_dump(mode="json"),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources
+            num_workers=cfg.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=cfg.placement,
         ),
         run_config=RunConfig(name=f"convnext-serve-{out.stem}", storage_path=str(out.parent)),
     )
     trainer.fit()
     metrics_file = out.with_suffix(".metrics.json")
-    metrics = json.loads(metrics_file.read_text())
+    result = json.loads(metrics_file.read_text())
     metrics_file.unlink()
-    return metrics
+    by_node = Counter(result["nodes"])
+    placed = ", ".join(f"{n} on {node}" for node, n in sorted(by_node.items()))
+    print(f"Ray Train: {cfg.num_workers} workers: {placed}", flush=True)
+    return result["metrics"]

@@ -12,20 +12,22 @@ from models.checkpoint import CheckpointMeta, Provenance
 from models.cpu import cpu_description, has_native_bf16
 from models.masks import encode_rle
 from service import render
-from service.config import AppConfig, read_serve_config
+from service.config import AppConfig, app_configs, read_serve_config
 from service.runtime import INFERENCE_THREAD, BatchItem, ModelRunner
 from service.tasks import ClassifyOptions, SegmentOptions
 
 
 def test_the_shipped_serve_config_parses():
+    """Its server settings in `args`, its models under the server deployment's user_config."""
     config = read_serve_config("deploy/serve_config.yaml")
-    app = AppConfig.from_args(config["applications"][0]["args"])
+    [app] = app_configs(config)
     assert [m.name for m in app.models] == [
         "shapes-classifier",
         "shapes-detector",
         "shapes-segmenter",
     ]
     assert app.server.max_body_bytes == 20 * 1024 * 1024
+    assert AppConfig.from_args(config["applications"][0]["args"]).models == []
 
 
 def test_environment_overrides_the_config(monkeypatch):

@@ -19,7 +19,14 @@ import torch
 from fastapi import FastAPI
 from ray import serve
 
-from .config import SIZING, AppConfig, ServerConfig, served_models
+from .config import (
+    SIZING,
+    AppConfig,
+    ServerConfig,
+    check_pipeline_tasks,
+    served_models,
+    served_pipelines,
+)
 from .data_plane import DataPlane
 from .grpc_api import GrpcInference
 from .repository import RepositoryState, RepositorySync
@@ -56,17 +63,30 @@ class Server(GrpcInference):
         listed under `update_errors`) while the models serve as they were."""
         if not self._configured:
             models, training = served_models(user_config)
+            pipelines = served_pipelines(user_config)
             self.plane.models.start(models, training)
+            check_pipeline_tasks(pipelines, self._tasks(training))
+            self.plane.pipelines = {p.name: p for p in pipelines}
             self.plane.repository.start_from(models, training)
             self._configured = True
             return
         try:
             models, training = served_models(user_config)
+            pipelines = served_pipelines(user_config)
+            check_pipeline_tasks(pipelines, self._tasks(training))
         except ValueError as e:  # pydantic's ValidationError is one
             logger.error("the server's new user_config is refused: %s", e)
             self.plane.models.update_errors = {"user_config": f"refused: {e}"}
             return
+        # the pipelines change at once: a model of theirs not served yet answers as such
+        self.plane.pipelines = {p.name: p for p in pipelines}
         self.plane.repository.configure(models, training)
+
+    def _tasks(self, training: list) -> dict[str, str]:
+        """The task of each model served or training (a new config's models not loaded yet
+        are checked once they serve)."""
+        tasks = {name: served.meta.task for name, served in self.plane.models.models.items()}
+        return {**tasks, **{t.name: t.task for t in training}}
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return make_api(self.plane)
@@ -138,6 +158,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         "training": [
             t.model_dump(mode="json", exclude={"serve_as": SIZING}) for t in config.training
         ],
+        "pipelines": [p.model_dump(mode="json") for p in config.pipelines],
     }
     return Server.options(**options).bind(limits.model_dump(mode="json"))
 

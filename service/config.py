@@ -1,10 +1,10 @@
 """Service configuration: the application args of a standard Ray Serve config file.
 
-`deploy/serve_config.yaml` lists the models and the server's limits under
-`applications[0].args`; the same file works with `convnext-serve run --config`, `serve run`,
-`serve deploy` and as a KubeRay `serveConfigV2`. Environment variables override the server's
-settings (`CONVNEXT_SERVE_MAX_BODY_BYTES`, ...) and every model's precision and device
-(`CONVNEXT_SERVE_PRECISION`, `CONVNEXT_SERVE_DEVICE`).
+`deploy/serve_config.yaml` lists the server's limits under `applications[0].args` and the
+models (and pipelines) under the server deployment's `user_config`; the same file works with
+`convnext-serve run --config`, `serve run`, `serve deploy` and as a KubeRay `serveConfigV2`.
+Environment variables override the server's settings (`CONVNEXT_SERVE_MAX_BODY_BYTES`, ...)
+and every model's precision and device (`CONVNEXT_SERVE_PRECISION`, `CONVNEXT_SERVE_DEVICE`).
 """
 
 from __future__ import annotations
@@ -197,6 +197,69 @@ class TrainingModel(BaseModel):
         return self
 
 
+class PipelineStep(BaseModel):
+    """A pipeline's second model, run on the crop of each box of the detector's `classes`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="a served classify or segment model")
+    classes: list[str] | None = Field(
+        None, description="the detector's labels it runs on; default: every label"
+    )
+    top_k: int = Field(5, ge=1, le=1000, description="a classifier's classes per box")
+
+
+class PipelineConfig(BaseModel):
+    """A chain in one request: the detector finds the objects, and each box's crop of the
+    decoded image goes to the first step that takes the box's label, batched with the other
+    requests of that model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="the name requests use (`/v1/pipelines/{name}`); not a model's",
+    )
+    detector: str = Field(description="a served detect model")
+    steps: list[PipelineStep] = Field(
+        min_length=1, description="second models; a box goes to the first that takes its label"
+    )
+    score_threshold: float = Field(0.5, ge=0, le=1, description="the detector's")
+    max_boxes: int = Field(
+        16,
+        ge=1,
+        le=1000,
+        description="boxes an image sends on, the highest scored (the others are answered "
+        "without a second model)",
+    )
+    margin: float = Field(
+        0.1, ge=0, le=2, description="context around a box: this fraction of its size, each side"
+    )
+    max_crop_pixels: int = Field(
+        16_000_000,
+        ge=1,
+        description="pixels of a request's crops, in score order; a box beyond is answered "
+        "with a reason instead",
+    )
+
+
+def check_pipelines(pipelines: list[PipelineConfig], models: list[str]) -> None:
+    """Each pipeline's models are served, its name is its own; a clear error naming the
+    field otherwise (the tasks are checked where the models are loaded)."""
+    names = [p.name for p in pipelines]
+    for i, p in enumerate(pipelines):
+        where = f"pipelines[{i}] ({p.name!r})"
+        if p.name in models:
+            raise ValueError(f"{where}.name: {p.name!r} is also a model's name")
+        if names.count(p.name) > 1:
+            raise ValueError(f"{where}.name: pipeline names must be unique")
+        fields = [("detector", p.detector)]
+        fields += [(f"steps[{j}].model", s.model) for j, s in enumerate(p.steps)]
+        for field, model in fields:
+            if model not in models:
+                raise ValueError(f"{where}.{field}: no model {model!r} is configured")
+
+
 class AppConfig(BaseModel):
     """The application args: the models and the server replica's limits (`server`; the
     deprecated name `gateway` is still read). The models may come instead (or later) from the
@@ -206,6 +269,7 @@ class AppConfig(BaseModel):
 
     models: list[ModelConfig] = Field(default_factory=list)
     training: list[TrainingModel] = Field(default_factory=list)
+    pipelines: list[PipelineConfig] = Field(default_factory=list)
     server: ServerConfig = Field(default_factory=ServerConfig)
 
     @model_validator(mode="after")
@@ -213,6 +277,8 @@ class AppConfig(BaseModel):
         names = [m.name for m in [*self.models, *self.training]]
         if len(names) != len(set(names)):
             raise ValueError(f"model names must be unique: {names}")
+        if self.models or self.training:  # else the models come with the user_config
+            check_pipelines(self.pipelines, names)
         return self
 
     def every_model(self) -> list[ModelConfig]:
@@ -282,9 +348,11 @@ SIZING = {"num_replicas", "autoscaling_config", "num_cpus", "num_gpus"}
 def served_models(user_config: dict[str, Any]) -> tuple[list[ModelConfig], list[TrainingModel]]:
     """The models of the server deployment's `user_config` (`{"models": [...], "training":
     [...]}`, as `args` lists them), with the environment's overrides."""
-    unknown = set(user_config) - {"models", "training"}
+    unknown = set(user_config) - {"models", "training", "pipelines"}
     if unknown:
-        raise ValueError(f"the server's user_config takes `models` and `training`, not {unknown}")
+        raise ValueError(
+            f"the server's user_config takes `models`, `training` and `pipelines`, not {unknown}"
+        )
     models = [ModelConfig.model_validate(m) for m in user_config.get("models") or []]
     training = [TrainingModel.model_validate(t) for t in user_config.get("training") or []]
     for m in [*models, *(t.serve_as for t in training if t.serve_as is not None)]:
@@ -303,6 +371,31 @@ def served_models(user_config: dict[str, Any]) -> tuple[list[ModelConfig], list[
             "deployment's `user_config.models` (updated in place)"
         )
     return with_env_overrides(models, training)
+
+
+def served_pipelines(user_config: dict[str, Any]) -> list[PipelineConfig]:
+    """The pipelines of the server deployment's `user_config`, over its models."""
+    models, training = served_models(user_config)
+    pipelines = [PipelineConfig.model_validate(p) for p in user_config.get("pipelines") or []]
+    check_pipelines(pipelines, [m.name for m in [*models, *training]])
+    return pipelines
+
+
+def check_pipeline_tasks(pipelines: list[PipelineConfig], tasks: dict[str, str]) -> None:
+    """Each pipeline's detector detects and its steps classify or segment, by the tasks of
+    the models served (`tasks`: name -> task); a clear error naming the field otherwise."""
+    for i, p in enumerate(pipelines):
+        fields = [("detector", p.detector, ("detect",))]
+        fields += [
+            (f"steps[{j}].model", s.model, ("classify", "segment")) for j, s in enumerate(p.steps)
+        ]
+        for field, model, wanted in fields:
+            task = tasks.get(model)
+            if task is not None and task not in wanted:
+                raise ValueError(
+                    f"pipelines[{i}] ({p.name!r}).{field}: {model!r} is a {task} model, not "
+                    + " or ".join(wanted)
+                )
 
 
 def read_serve_config(path: str | Path) -> dict[str, Any]:
@@ -337,6 +430,7 @@ def app_configs(config: dict[str, Any]) -> list[AppConfig]:
         lists = model_lists(app)
         if lists is not app.get("args"):
             found.models, found.training = served_models(lists)
+            found.pipelines = served_pipelines(lists)
         configs.append(found)
     return configs
 

@@ -17,8 +17,8 @@ from typing import Any
 
 from models.images import ImageError
 
-from .config import ServerConfig
-from .errors import Forbidden, Overloaded, Unauthorized, image_error
+from .config import PipelineConfig, ServerConfig
+from .errors import Forbidden, ModelNotFound, Overloaded, Unauthorized, image_error
 from .host import ModelHost
 from .metrics import request_metrics
 from .route_table import Route
@@ -42,6 +42,7 @@ class DataPlane:
         self.config, self.models, self.api_keys = config, models, api_keys
         self.admin_keys = admin_keys
         self.repository: Any = None  # the replica's `RepositorySync`, once it has models
+        self.pipelines: dict[str, PipelineConfig] = {}
         self.metrics = request_metrics()
         self.in_flight: dict[str, int] = {}  # by endpoint
         # API requests by (endpoint, model, version, status) since they were last reported
@@ -148,6 +149,12 @@ class DataPlane:
             if isinstance(result, ImageError):
                 raise image_error(result, i, len(results))
         return results
+
+    def pipeline(self, name: str) -> PipelineConfig:
+        pipeline = self.pipelines.get(name)
+        if pipeline is None:
+            raise ModelNotFound(f"no pipeline {name!r}; served: {sorted(self.pipelines)}")
+        return pipeline
 
     # ----------------------------------------------------------------------- state
 

@@ -79,6 +79,30 @@ class ModelMetrics:
             metric.set_default_tags(dict(tags))  # Ray adds its tags to the dict in place
 
 
+class PipelineMetrics:
+    def __init__(self):
+        self.stage = Histogram(
+            "convnext_serve_pipeline_stage_seconds",
+            description="Time a pipeline request spent in each stage: decode (the images), "
+            "detect (the detector) and second (every box's second model).",
+            boundaries=LATENCY_BUCKETS,
+            tag_keys=("pipeline", "stage"),
+        )
+        self.boxes = Counter(
+            "convnext_serve_pipeline_boxes_total",
+            description="Boxes a pipeline found, by what became of them: sent (to a second "
+            "model), unmatched (no step takes the label) or held_back (beyond the bounds, "
+            "empty).",
+            tag_keys=("pipeline", "outcome"),
+        )
+
+
+@cache
+def pipeline_metrics() -> PipelineMetrics:
+    """The pipeline metrics of this process."""
+    return PipelineMetrics()
+
+
 @cache
 def request_metrics() -> RequestMetrics:
     """The request metrics of this process (Ray's metrics are registered once a process)."""

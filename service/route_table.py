@@ -49,6 +49,7 @@ EXACT: dict[str, Route] = {
 API_PREFIXES = ("/v1/", "/v2/models")
 OTHER = Route("other", api=False)
 REPOSITORY = Route("v2_repository", api=True, protocol="v2", admin=True)
+PIPELINE = Route("pipeline", api=True)
 # the RPCs of the Open Inference Protocol's gRPC service, as the HTTP routes they mirror
 GRPC: dict[str, Route] = {
     "ServerLive": Route("grpc_health", api=False, protocol="grpc"),
@@ -82,5 +83,7 @@ def route_of(path: str) -> Route:
             return Route(endpoint, api=True, protocol="v2")
         return Route("other", api=False, protocol="v2")
     if path.startswith("/v1/"):
+        if path.startswith("/v1/pipelines/"):
+            return PIPELINE
         return Route("other", api=True)
     return OTHER

@@ -25,6 +25,7 @@ from .data_plane import DataPlane
 from .errors import install_error_handlers, response_for
 from .guard import GuardMiddleware
 from .host import ModelHost
+from .pipelines import run_pipeline
 from .repository_api import router as repository_router
 from .schemas import (
     ClassifyResponse,
@@ -32,6 +33,7 @@ from .schemas import (
     ErrorResponse,
     Health,
     ModelsResponse,
+    PipelineResponse,
     Readiness,
     SegmentResponse,
 )
@@ -268,6 +270,22 @@ async def segment(
         return Response(draw.class_map_png(maps[0]), media_type="image/png")
     results = await asyncio.to_thread(lambda: [host.task.result(host.meta, m) for m in maps])
     return JSONResponse(answer(host, results))
+
+
+@router.post(
+    "/v1/pipelines/{name}",
+    summary="Detect, then classify or segment each object found, in one request",
+    openapi_extra=IMAGE_BODY,
+    response_model=PipelineResponse,
+    responses=V1_ERRORS,
+)
+async def pipeline(request: Request, name: str, plane: DataPlane = PLANE) -> JSONResponse:
+    config = plane.pipeline(name)
+    request.state.model, request.state.version = name, ""
+    images = await read_images(request, plane.config)
+    return JSONResponse(
+        await run_pipeline(plane, config, images, request.headers.get("x-client-id"))
+    )
 
 
 def _render_detections(data: bytes, result: dict, meta) -> bytes:

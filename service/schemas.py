@@ -98,6 +98,61 @@ class DetectResponse(BaseModel):
     results: list[DetectResult]
 
 
+class ModelVersion(BaseModel):
+    model: str
+    version: str
+
+
+class PipelineClassify(ClassifyResult):
+    model: str
+    version: str
+
+
+class PipelineDetection(Detection):
+    classify: PipelineClassify | None = Field(None, description="a classify step's answer")
+    segment: dict[str, Any] | None = Field(
+        None, description="a segment step's answer (as /v1/segment's, for the crop)"
+    )
+    error: str | None = Field(None, description="why the box has no second model's answer")
+
+
+class PipelineResult(BaseModel):
+    width: int
+    height: int
+    detections: list[PipelineDetection]
+
+
+class PipelineResponse(BaseModel):
+    model_config = _example(
+        {
+            "pipeline": "shapes-inside-boxes",
+            "detector": {"model": "shapes-detector", "version": "1"},
+            "results": [
+                {
+                    "width": 640,
+                    "height": 480,
+                    "detections": [
+                        {
+                            "label": "shape",
+                            "class_id": 0,
+                            "score": 0.97,
+                            "box": [12.5, 40.0, 210.0, 230.5],
+                            "classify": {
+                                "model": "shapes-classifier",
+                                "version": "1",
+                                "predictions": [{"label": "star", "class_id": 3, "score": 0.9}],
+                            },
+                        }
+                    ],
+                }
+            ],
+        }
+    )
+    pipeline: str
+    detector: ModelVersion
+    results: list[PipelineResult] = Field(description="one per input image, in input order")
+
+
 class SegmentClass(BaseModel):
     class_id: int
     label: str

@@ -84,11 +84,12 @@ def run_service(
     extra: dict | None = None,
     training: list[dict] | None = None,
     env: dict[str, str] | None = None,
+    pipelines: list[dict] | None = None,
 ) -> Iterator[Service]:
     """The service with these models and server settings (`limits`; API keys on; `extra`: more
     of the serve config; `training`: models listed as still training; `env`: more of the
-    environment), until the caller is done; fails the test with the service's log when it
-    does not become ready."""
+    environment; `pipelines`: the config's), until the caller is done; fails the test with the
+    service's log when it does not become ready."""
     port, metrics_port = free_port(), free_port()
     config = {
         "http_options": {"host": "127.0.0.1", "port": port},
@@ -97,7 +98,12 @@ def run_service(
                 "name": "convnext-serve",
                 "route_prefix": "/",
                 "import_path": "service.app:build_app",
-                "args": {"server": limits, "models": models, "training": training or []},
+                "args": {
+                    "server": limits,
+                    "models": models,
+                    "training": training or [],
+                    "pipelines": pipelines or [],
+                },
             }
         ],
         **(extra or {}),

@@ -100,7 +100,7 @@ def test_models_under_the_servers_user_config_replace_those_of_args():
     assert found.server_capacity() == 32 + 64  # u's 32 calls and 64 waiting
     with pytest.raises(ValueError, match="no models"):
         served_models({"models": []})
-    with pytest.raises(ValueError, match="takes `models` and `training`, not"):
+    with pytest.raises(ValueError, match="takes `models`, `training` and `pipelines`, not"):
         served_models({**user_config, "replicas": 2})
     with pytest.raises(ValueError, match="must be unique"):
         served_models({"models": user_config["models"] * 2})

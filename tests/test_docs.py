@@ -15,7 +15,14 @@ from pathlib import Path
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from service.config import ModelConfig, ServerConfig, TrainingModel, VersionConfig
+from service.config import (
+    ModelConfig,
+    PipelineConfig,
+    PipelineStep,
+    ServerConfig,
+    TrainingModel,
+    VersionConfig,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "configuration.md"
@@ -24,6 +31,8 @@ TABLES = {
     "versions": VersionConfig,
     "server": ServerConfig,
     "training": TrainingModel,
+    "pipelines": PipelineConfig,
+    "pipeline_steps": PipelineStep,
 }
 
 
@@ -54,14 +63,14 @@ def config_table(model: type[BaseModel], env_prefix: str | None = None) -> str:
 
 def tables() -> dict[str, str]:
     return {
-        "models": config_table(ModelConfig),
-        "server": config_table(ServerConfig, "CONVNEXT_SERVE_"),
-        "training": config_table(TrainingModel),
+        name: config_table(model, "CONVNEXT_SERVE_" if model is ServerConfig else None)
+        for name, model in TABLES.items()
     }
 
 
 def _marked(name: str) -> re.Pattern:
-    return re.compile(rf"(<!-- table:{name} -->\n)(.*?)(\n<!-- end -->)", re.S)
+    # an empty table (a new one) is the marker line, then the end marker's
+    return re.compile(rf"(<!-- table:{name} -->\n)(.*?)\n?(<!-- end -->)", re.S)
 
 
 def test_every_config_key_is_documented_as_the_code_says():
@@ -98,5 +107,5 @@ def test_the_site_builds_strict(tmp_path):
 if __name__ == "__main__":
     page = PAGE.read_text()
     for name, table in tables().items():
-        page = _marked(name).sub(lambda m, t=table: m.group(1) + t + m.group(3), page)
+        page = _marked(name).sub(lambda m, t=table: m.group(1) + t + "\n" + m.group(3), page)
     PAGE.write_text(page)

@@ -72,7 +72,8 @@ def service(tmp_path_factory):
     # room for three 320x240 images as JSON numbers
     gateway = {"max_body_bytes": 8_000_000, "max_pixels": 4_000_000}
     grpc = {"grpc_options": {"port": free_port(), "grpc_servicer_functions": [SERVICER]}}
-    for svc in run_service(folder, models, gateway, grpc, training=training):
+    pipelines = [{"name": "colours-in-boxes", "detector": "boxes", "steps": [{"model": "colours"}]}]
+    for svc in run_service(folder, models, gateway, grpc, training=training, pipelines=pipelines):
         svc.grpc_url = f"127.0.0.1:{grpc['grpc_options']['port']}"
         yield svc
 
@@ -378,7 +379,8 @@ def test_every_route_of_the_table_is_answered_by_each_protocol(service):
 
     routers = [*router.routes, *v2_router.routes, *repository_router.routes]
     for route in routers:
-        path = route.path.replace("{name}", "colours").replace("{version}", "1")
+        path = route.path.replace("/pipelines/{name}", "/pipelines/colours-in-boxes")
+        path = path.replace("{name}", "colours").replace("{version}", "1")
         for method in route.methods:
             r = requests.request(method, service.url + path, headers=AUTH, timeout=60)
             assert r.status_code not in (404, 405), (method, path, r.status_code, r.text[:200])

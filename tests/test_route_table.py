@@ -21,6 +21,8 @@ from service.v2 import router as v2_router
         ("/v1/segment", "segment", True, "v1", "segment"),
         ("/v1/models", "models", True, "v1", None),
         ("/v1/nothing", "other", True, "v1", None),  # a key is asked before the 404
+        ("/v1/pipelines/shapes", "pipeline", True, "v1", None),
+        ("/v1/pipelines", "other", True, "v1", None),
         ("/healthz", "healthz", False, "v1", None),
         ("/readyz", "readyz", False, "v1", None),
         ("/", "root", False, "v1", None),

@@ -90,7 +90,17 @@ def service(tmp_path_factory):
             "serve_as": later,
         }
     ]
-    started = run_service(folder, models, gateway, training=training)
+    chain = {
+        "name": "colour-boxes",
+        "detector": "boxes",
+        "steps": [{"model": "colours", "top_k": 3}],
+    }
+    pipelines = [
+        chain,
+        {**chain, "name": "one-box", "max_boxes": 1},
+        {**chain, "name": "no-room", "max_crop_pixels": 1},
+    ]
+    started = run_service(folder, models, gateway, training=training, pipelines=pipelines)
     service = next(started)
     yield service
     # Ctrl-C stops everything, checked once the module's tests are done with the service
@@ -517,3 +527,149 @@ def test_http_enters_through_haproxy(service):
         if c.status == "LISTEN" and c.laddr.port == port
     ]
     assert listeners and set(listeners) == {"haproxy"}, listeners
+
+
+# --------------------------------------------------------------------------- pipelines
+
+
+def scene_png(*objects: tuple[str, tuple[int, int, int, int], bool], size=(160, 120)) -> bytes:
+    """A PNG (lossless: a client's crops hold the pixels the replica's do) of these objects
+    (colour, box, disc) on the training data's kind of background."""
+    image = background(np.random.default_rng(5), size[1], size[0])
+    for colour, box, disc in objects:
+        draw(image, colour, box, disc)
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def two_objects() -> bytes:
+    return scene_png(("red", (12, 14, 62, 64), False), ("blue", (92, 46, 146, 100), True))
+
+
+def client_crop(pixels: np.ndarray, box: list[float], margin: float) -> bytes:
+    """What a client does without pipelines: cut the box with its margin, encode it (PNG)."""
+    height, width = pixels.shape[:2]
+    x1, y1, x2, y2 = box
+    w, h = x2 - x1, y2 - y1
+    left, top = max(0, int(np.floor(x1 - margin * w))), max(0, int(np.floor(y1 - margin * h)))
+    right = min(width, int(np.ceil(x2 + margin * w)))
+    bottom = min(height, int(np.ceil(y2 + margin * h)))
+    buf = io.BytesIO()
+    Image.fromarray(pixels[top:bottom, left:right]).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_a_pipeline_answers_as_detect_then_classify_of_each_crop_would(service):
+    """The pipeline's boxes are /v1/detect's, and each box's classes are what /v1/classify
+    answers for the client's own crop of it: labels exact, scores to a tolerance (batches of
+    other sizes round differently)."""
+    from service.schemas import PipelineResponse
+
+    data = two_objects()
+    r = service.post("/v1/pipelines/colour-boxes", [data])
+    assert r.status_code == 200, r.text
+    answer = PipelineResponse.model_validate(r.json())
+    assert (answer.pipeline, answer.detector.model) == ("colour-boxes", "boxes")
+    piped = r.json()["results"][0]["detections"]
+    detected = service.post("/v1/detect", [data], params={"masks": "false"}).json()
+    assert [(d["label"], d["box"]) for d in piped] == [
+        (d["label"], d["box"]) for d in detected["results"][0]["detections"]
+    ]
+    assert {d["label"] for d in piped} == {"red", "blue"}, piped
+    pixels = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    for d in piped:
+        crop = client_crop(pixels, d["box"], margin=0.1)
+        alone = service.post("/v1/classify", [crop], params={"model": "colours", "top_k": 3})
+        expected = alone.json()["results"][0]["predictions"]
+        got = d["classify"]["predictions"]
+        assert [p["label"] for p in got] == [p["label"] for p in expected]
+        assert np.allclose([p["score"] for p in got], [p["score"] for p in expected], atol=1e-3)
+        assert (d["classify"]["model"], d["classify"]["version"]) == ("colours", "1")
+        assert got[0]["label"] == d["label"]  # the colour inside each box
+
+
+def test_a_pipelines_bounds_are_answered_on_each_box(service):
+    """Boxes beyond `max_boxes` and crops beyond `max_crop_pixels` are answered with the
+    reason on the box, the request with 200, and counted by what became of them; a pipeline
+    not served is a 404."""
+
+    def counted() -> dict[tuple[str, str], float]:
+        text = service.metrics()
+        boxes = {
+            (p, o): _sample(text, "ray_convnext_serve_pipeline_boxes_total", pipeline=p, outcome=o)
+            for p in ("one-box", "no-room")
+            for o in ("sent", "held_back")
+        }
+        stage = "ray_convnext_serve_pipeline_stage_seconds_count"
+        boxes[("one-box", "second stage")] = _sample(
+            text, stage, pipeline="one-box", stage="second"
+        )
+        return boxes
+
+    before = counted()
+    data = two_objects()
+    r = service.post("/v1/pipelines/one-box", [data])
+    first, *rest = r.json()["results"][0]["detections"]
+    assert "classify" in first and "error" not in first and rest
+    for d in rest:
+        assert "classify" not in d
+        assert d["error"] == "not sent on: the pipeline takes 1 boxes an image (max_boxes)"
+    r = service.post("/v1/pipelines/no-room", [data])
+    assert r.status_code == 200
+    held = r.json()["results"][0]["detections"]
+    for d in held:
+        assert "classify" not in d and "(max_crop_pixels)" in d["error"]
+    expected = {
+        ("one-box", "sent"): 1,
+        ("one-box", "held_back"): len(rest),
+        ("no-room", "sent"): 0,
+        ("no-room", "held_back"): len(held),
+        ("one-box", "second stage"): 1,
+    }
+    deadline = time.monotonic() + 60
+    grown = {}
+    while time.monotonic() < deadline:
+        now = counted()
+        grown = {key: now[key] - before[key] for key in expected}
+        if grown == expected:
+            break
+        time.sleep(1)
+    assert grown == expected
+    r = service.post("/v1/pipelines/nowhere", [data])
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert "no pipeline 'nowhere'" in r.json()["error"]["message"]
+
+
+def test_crops_of_different_requests_share_the_second_models_batches(service):
+    """Requests of one object each, sent together: the classifier's batches hold more crops
+    than any one request sends (so crops of several requests), and each answer is its own
+    object's colour."""
+    from service.metrics import BATCH_BUCKETS
+
+    def larger_batches() -> dict[int, float]:
+        """Batches of more than each bucket's bound (as far as the histogram's buckets tell)."""
+        text = service.metrics()
+        name = "ray_convnext_serve_batch_size_bucket"
+        every = _sample(text, name, model="colours", le="+Inf")
+        return {b: every - _sample(text, name, model="colours", le=f"{b}.0") for b in BATCH_BUCKETS}
+
+    before = larger_batches()
+    colours = ["red", "green", "blue"] * 8
+    images = {c: scene_png((c, (40, 30, 100, 90), False)) for c in set(colours)}
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        responses = list(
+            pool.map(lambda c: service.post("/v1/pipelines/colour-boxes", [images[c]]), colours)
+        )
+    most = 0  # the most crops one request sent on
+    for colour, r in zip(colours, responses, strict=True):
+        assert r.status_code == 200, r.text
+        [best, *others] = r.json()["results"][0]["detections"]
+        assert best["classify"]["predictions"][0]["label"] == colour
+        most = max(most, 1 + sum("classify" in d for d in others))
+    bound = next(b for b in BATCH_BUCKETS if b >= most)
+    assert bound < 8, most  # the classifier's batches are of 8 at most
+    deadline = time.monotonic() + 60
+    while larger_batches()[bound] <= before[bound] and time.monotonic() < deadline:
+        time.sleep(1)
+    assert larger_batches()[bound] > before[bound], (most, before)

@@ -470,10 +470,21 @@ def pretrained_serve_config(names: list[str]) -> dict[str, Any]:
 
 
 def demo_serve_config(port: int = 8000, host: str = "127.0.0.1") -> dict[str, Any]:
-    """The config `convnext-serve run` uses without --config: the three demo models."""
+    """The config `convnext-serve run` uses without --config: the three demo models, and the
+    pipeline of the detector and the classifier."""
     models = [
         {"name": "shapes-classifier", "checkpoint": "demo:classify"},
         {"name": "shapes-detector", "checkpoint": "demo:detect", "max_batch_size": 4},
         {"name": "shapes-segmenter", "checkpoint": "demo:segment", "max_batch_size": 4},
     ]
-    return app_serve_config(models, host=host, port=port)
+    config = app_serve_config(models, host=host, port=port)
+    config["applications"][0]["args"]["pipelines"] = [DEMO_PIPELINE]
+    return config
+
+
+# the demo pipeline (also in deploy/serve_config.yaml): each box the detector finds, classified
+DEMO_PIPELINE = {
+    "name": "shapes-inside-boxes",
+    "detector": "shapes-detector",
+    "steps": [{"model": "shapes-classifier", "top_k": 3}],
+}

@@ -102,6 +102,9 @@ def make_checkpoints(folder: Path) -> dict[str, Path]:
     return paths
 
 
+PIPELINE = "shapes-inside-boxes"  # the shipped config's
+
+
 def serve_config_for(checkpoints: dict[str, Path]) -> dict:
     """deploy/serve_config.yaml with the test's checkpoints in place of the demo models."""
     config = yaml.safe_load((DEPLOY / "serve_config.yaml").read_text())
@@ -110,6 +113,8 @@ def serve_config_for(checkpoints: dict[str, Path]) -> dict:
             task = model["checkpoint"].removeprefix("demo:")
             model["checkpoint"] = str(checkpoints[task])
             model["warmup_batches"] = 1
+        for pipeline in model_lists(app)["pipelines"]:
+            pipeline["score_threshold"] = 0.0  # this untrained detector's boxes go on too
     return config
 
 
@@ -156,7 +161,8 @@ def post(url: str, files: list[tuple[str, bytes, str]] | None = None, raw=None) 
 
 
 def send_round(base: str, seed: int) -> list[int]:
-    """One request of each kind: classify (2 images), detect, segment, and one bad image (400)."""
+    """One request of each kind: classify (2 images), detect, segment, the pipeline, and one
+    bad image (400)."""
     png = image_bytes("PNG", (120, 90), seed)
     jpeg = image_bytes("JPEG", (100, 80), seed + 1)
     return [
@@ -166,6 +172,7 @@ def send_round(base: str, seed: int) -> list[int]:
         ),
         post(f"{base}/v1/detect", raw=(png, "image/png")),
         post(f"{base}/v1/segment", files=[("c.jpg", jpeg, "image/jpeg")]),
+        post(f"{base}/v1/pipelines/{PIPELINE}", raw=(png, "image/png")),
         post(f"{base}/v1/classify", raw=(b"not an image", "image/png")),
     ]
 
@@ -288,7 +295,7 @@ def stack(tmp_path_factory):
 
         wait_for("Prometheus /-/ready", ready(f"{prom_url}/-/ready"), 60, logs)
         wait_for("convnext-serve /readyz", ready(f"{serve_url}/readyz"), READY_TIMEOUT_S, logs)
-        assert send_round(serve_url, 0) == [200, 200, 200, 400]
+        assert send_round(serve_url, 0) == [200, 200, 200, 200, 400]
 
         # Traffic keeps flowing while the queries are checked, so every rate() has increases
         # to see; bounded in time and paced so that it leaves the CPUs to the service.

@@ -63,7 +63,7 @@ class Server(GrpcInference):
         listed under `update_errors`) while the models serve as they were."""
         if not self._configured:
             models, training = served_models(user_config)
-            pipelines = served_pipelines(user_config)
+            pipelines = served_pipelines(user_config, models, training)
             self.plane.models.start(models, training)
             check_pipeline_tasks(pipelines, self._tasks(training))
             self.plane.pipelines = {p.name: p for p in pipelines}
@@ -72,7 +72,7 @@ class Server(GrpcInference):
             return
         try:
             models, training = served_models(user_config)
-            pipelines = served_pipelines(user_config)
+            pipelines = served_pipelines(user_config, models, training)
             check_pipeline_tasks(pipelines, self._tasks(training))
         except ValueError as e:  # pydantic's ValidationError is one
             logger.error("the server's new user_config is refused: %s", e)

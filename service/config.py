@@ -373,9 +373,11 @@ def served_models(user_config: dict[str, Any]) -> tuple[list[ModelConfig], list[
     return with_env_overrides(models, training)
 
 
-def served_pipelines(user_config: dict[str, Any]) -> list[PipelineConfig]:
-    """The pipelines of the server deployment's `user_config`, over its models."""
-    models, training = served_models(user_config)
+def served_pipelines(
+    user_config: dict[str, Any], models: list[ModelConfig], training: list[TrainingModel]
+) -> list[PipelineConfig]:
+    """The pipelines of the server deployment's `user_config`, over its models (those
+    `served_models` read from it)."""
     pipelines = [PipelineConfig.model_validate(p) for p in user_config.get("pipelines") or []]
     check_pipelines(pipelines, [m.name for m in [*models, *training]])
     return pipelines
@@ -430,7 +432,7 @@ def app_configs(config: dict[str, Any]) -> list[AppConfig]:
         lists = model_lists(app)
         if lists is not app.get("args"):
             found.models, found.training = served_models(lists)
-            found.pipelines = served_pipelines(lists)
+            found.pipelines = served_pipelines(lists, found.models, found.training)
         configs.append(found)
     return configs
 

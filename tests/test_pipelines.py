@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from service.config import AppConfig, check_pipeline_tasks, served_pipelines
+from service.config import AppConfig, check_pipeline_tasks, served_models, served_pipelines
 from service.pipelines import crop_rect, step_for
+
+
+def pipelines_of(user_config: dict) -> list:
+    """The pipelines of a server's user_config, as a replica reads them."""
+    return served_pipelines(user_config, *served_models(user_config))
+
 
 MODELS = [
     {"name": "boxes", "checkpoint": "demo:detect"},
@@ -38,17 +44,17 @@ def test_a_pipeline_that_cannot_run_is_a_config_error_naming_the_field(settings,
     assert error in str(refused.value)
     # the same, under the server deployment's user_config
     with pytest.raises(ValueError) as refused:
-        served_pipelines({"models": MODELS, "pipelines": [pipeline(**settings)]})
+        pipelines_of({"models": MODELS, "pipelines": [pipeline(**settings)]})
     assert error in str(refused.value)
 
 
 def test_two_pipelines_of_one_name_are_refused():
     with pytest.raises(ValueError, match=r"pipelines\[0\] \('chain'\).name: .* must be unique"):
-        served_pipelines({"models": MODELS, "pipelines": [pipeline(), pipeline()]})
+        pipelines_of({"models": MODELS, "pipelines": [pipeline(), pipeline()]})
 
 
 def test_a_pipeline_checks_its_models_tasks_once_they_are_loaded():
-    [chain] = served_pipelines({"models": MODELS, "pipelines": [pipeline()]})
+    [chain] = pipelines_of({"models": MODELS, "pipelines": [pipeline()]})
     tasks = {"boxes": "detect", "shapes": "classify", "regions": "segment"}
     check_pipeline_tasks([chain], tasks)  # as configured: fine
     segmenting = chain.model_copy(
@@ -80,7 +86,7 @@ def test_a_crop_is_the_box_with_its_margin_within_the_image():
 
 
 def test_a_box_goes_to_the_first_step_that_takes_its_label():
-    [chain] = served_pipelines(
+    [chain] = pipelines_of(
         {
             "models": MODELS,
             "pipelines": [

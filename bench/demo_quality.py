@@ -4,7 +4,8 @@ figures: how right they are on what people show them, not only on their generato
     python bench/demo_quality.py [--demo-dir DIR]
 
 DIR defaults to the service's demo folder (`make demo-models` trains it). Prints one row a
-model; the images a model got wrong follow the table.
+model, then the demo pipeline (the detector's boxes, each crop classified) on held-out scenes
+of several shapes; what each got wrong follows.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.checkpoint import read_checkpoint_meta
 from models.demo import DEMO_RECIPES, demo_checkpoint, demo_dir
-from tests.demo_quality import SCORES, runner_for
-from tests.drawn_shapes import held_out
+from tests.demo_quality import SCORES, pipeline_scores, runner_for
+from tests.drawn_shapes import held_out, held_out_scenes
 
 VAL_METRICS = ("top1", "bbox_AP", "bbox_AP50", "segm_AP50", "mIoU", "pixel_acc")
 
@@ -46,6 +47,15 @@ def main() -> None:
         figures = ", ".join(f"{k} {v:.3f}" for k, v in scores.figures.items())
         print(f"{task:<10} {val!s:<42} {figures}")
         wrong[task] = scores.wrong
+    paths = {task: demo_checkpoint(task, args.demo_dir or demo_dir()) for task in DEMO_RECIPES}
+    if paths["detect"].is_file() and paths["classify"].is_file():
+        scenes = held_out_scenes()
+        objects = sum(len(s.shapes) for s in scenes)
+        detector = runner_for(paths["detect"], "detect")
+        scores = pipeline_scores(detector, runner_for(paths["classify"], "classify"), scenes)
+        figures = ", ".join(f"{k} {v:.3f}" for k, v in scores.figures.items())
+        print(f"\npipeline shapes-inside-boxes, {len(scenes)} scenes, {objects} shapes: {figures}")
+        wrong["pipeline"] = scores.wrong
     for task, lines in wrong.items():
         print(f"\n{task}: {len(lines)} wrong")
         for line in lines:

@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.config import ModelConfig
+from service.config import DEMO_PIPELINE, ModelConfig, PipelineConfig
+from service.pipelines import select_crops
 from service.runtime import BatchItem, ModelRunner
-from service.tasks import ADAPTERS
+from service.tasks import ADAPTERS, ClassifyOptions
 
 from .drawn_shapes import KINDS, Drawn, box_iou, box_of
 
@@ -27,6 +28,10 @@ def runner_for(checkpoint, name: str = "heldout") -> ModelRunner:
 def outputs(runner: ModelRunner, drawn: list[Drawn], **options) -> list:
     task = ADAPTERS[runner.meta.task]
     entries = [BatchItem(d.png(), task.options(**options)) for d in drawn]
+    return _run(runner, entries)
+
+
+def _run(runner: ModelRunner, entries: list[BatchItem]) -> list:
     results = []
     for start in range(0, len(entries), 8):
         results += runner.run_batch(entries[start : start + 8])
@@ -90,6 +95,48 @@ def segment_scores(runner: ModelRunner, drawn: list[Drawn]) -> Scores:
         if iou < 0.5:
             wrong.append(f"{d.name}: IoU {iou:.2f}")
     return Scores({"shape IoU": float(np.mean(ious))}, wrong)
+
+
+def pipeline_scores(
+    detector: ModelRunner,
+    classifier: ModelRunner,
+    scenes: list[Drawn],
+    pipeline: PipelineConfig | None = None,
+) -> Scores:
+    """The demo pipeline on scenes of several shapes, each box's crop cut as the service cuts
+    it (`service.pipelines.select_crops`): of all the shapes, how many a box found (IoU >= 0.5)
+    and how many the classifier then named right from that box's crop; and the boxes that
+    found no shape."""
+    pipeline = pipeline or PipelineConfig(**DEMO_PIPELINE)
+    task = ADAPTERS["detect"]
+    found_by = outputs(detector, scenes, score_threshold=pipeline.score_threshold)
+    results = [task.result(detector.meta, out) for out in found_by]
+    jobs, _ = select_crops(pipeline, [s.image for s in scenes], results)
+    crops = [job for items in jobs.values() for job in items]
+    named = _run(classifier, [BatchItem(crop, ClassifyOptions(1)) for _, _, crop in crops])
+    for (detection, _, _), ((class_id, _),) in zip(crops, named, strict=True):
+        detection["named"] = classifier.meta.labels[class_id]
+    found, right, extra, wrong = [], [], 0, []
+    for scene, result in zip(scenes, results, strict=True):
+        boxes = [d["box"] for d in result["detections"]]
+        used = set()
+        for kind, mask in scene.shapes:
+            ious = [box_iou(box, box_of(mask)) for box in boxes]
+            best = int(np.argmax(ious)) if ious else -1
+            hit = best >= 0 and ious[best] >= 0.5
+            said = result["detections"][best].get("named") if hit else None
+            found.append(hit)
+            right.append(said == kind)
+            used.add(best)
+            if said != kind:
+                wrong.append(f"{scene.name}: {kind} named {said or 'nothing: not found'}")
+        extra += len(boxes) - len(used - {-1})
+    figures = {
+        "found": float(np.mean(found)),
+        "named right": float(np.mean(right)),
+        "extra boxes": extra / len(scenes),
+    }
+    return Scores(figures, wrong)
 
 
 SCORES = {"classify": classify_scores, "detect": detect_scores, "segment": segment_scores}

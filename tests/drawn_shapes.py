@@ -195,3 +195,30 @@ def box_iou(a, b) -> float:
     """The IoU of two (x0, y0, x1, y1) boxes."""
     boxes = torch.from_numpy(np.array([a, b], np.float64))
     return float(ops.box_iou(boxes[:1], boxes[1:]))
+
+
+def drawn_scene(rng: np.random.Generator, index: int, count: int) -> Drawn:
+    """`count` shapes of random kinds, 12-25% of the frame's short side across, apart from
+    each other (a pipeline's detector finds each, its classifier names each crop)."""
+    width, height = FRAMES[index % len(FRAMES)]
+    image = _ground(rng, width, height)
+    short = min(width, height)
+    shapes, placed = [], []
+    while len(shapes) < count:
+        kind = KINDS[int(rng.integers(len(KINDS)))]
+        r = rng.uniform(0.12, 0.25) * short
+        cx, cy = rng.uniform(r + 2, width - r - 2), rng.uniform(r + 2, height - r - 2)
+        if any(np.hypot(cx - x, cy - y) < r + q + 6 for x, y, q in placed):
+            continue  # apart: a box of one holds none of another
+        placed.append((cx, cy, r))
+        box = (int(cx - r), int(cy - r), int(cx + r), int(cy + r))
+        angle = -np.pi / 2 + (rng.uniform(-0.3, 0.3) if rng.random() < 0.5 else 0.0)
+        shapes.append((kind, _draw(image, kind, _contrasting(rng, image, box), cx, cy, r, angle)))
+    return Drawn(f"scene {index}", np.asarray(image).copy(), shapes)
+
+
+def held_out_scenes(count: int = 40, seed: int = 2027) -> list[Drawn]:
+    """The page's scene sample, then `count` scenes of 2 to 4 shapes."""
+    rng = np.random.default_rng(seed)
+    scenes = [drawn_scene(rng, i, 2 + i % 3) for i in range(count)]
+    return [page_sample("scene"), *scenes]

@@ -17,10 +17,11 @@ from .demo_quality import (
     classify_scores,
     detect_scores,
     outputs,
+    pipeline_scores,
     runner_for,
     segment_scores,
 )
-from .drawn_shapes import KINDS, box_iou, box_of, held_out, page_sample
+from .drawn_shapes import KINDS, box_iou, box_of, held_out, held_out_scenes, page_sample
 
 pytestmark = [pytest.mark.slow, pytest.mark.needs_models("demo")]
 
@@ -69,3 +70,14 @@ def test_the_page_scene_is_detected_and_segmented_shape_by_shape(checkpoints):
         said = class_map == segmenter.meta.labels.index(kind)
         assert (said & mask).sum() / (said | mask).sum() >= 0.5, kind
     assert np.mean(class_map[~np.any([m for _, m in scene.shapes], axis=0)] == 0) > 0.95
+
+
+def test_the_demo_pipeline_finds_and_names_each_shape_of_drawn_scenes(checkpoints):
+    """The detector's boxes, each cropped and classified as the service's pipeline does it."""
+    detector = runner_for(checkpoints["detect"], "detector")
+    classifier = runner_for(checkpoints["classify"], "classifier")
+    scores = pipeline_scores(detector, classifier, held_out_scenes())
+    assert scores.figures["found"] >= 0.90, scores
+    assert scores.figures["named right"] >= 0.85, scores
+    assert scores.figures["extra boxes"] <= 0.5, scores
+    assert not [w for w in scores.wrong if w.startswith("page ")], scores  # the page's sample

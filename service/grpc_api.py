@@ -19,6 +19,7 @@ from google.protobuf import json_format
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
+from . import protocol_models
 from .data_plane import DataPlane
 from .errors import InvalidParameter, ServiceError
 from .protocol import (
@@ -26,7 +27,6 @@ from .protocol import (
     SERVER_VERSION,
     RequestInput,
     model_input,
-    model_metadata,
     output_names,
     raw_tensor,
     tensor_images,
@@ -81,13 +81,11 @@ class GrpcInference:
 
     async def ModelReady(self, request: pb.ModelReadyRequest, grpc_context) -> Any:
         async def ready(call: _Call) -> Any:
-            served = self.plane.models.models.get(request.name)
-            if served is None:
-                return pb.ModelReadyResponse(ready=False)
-            hosts = served.hosts.values()
-            if request.version:
-                hosts = [served.hosts[request.version]] if request.version in served.hosts else []
-            return pb.ModelReadyResponse(ready=bool(hosts) and all(h.ready for h in hosts))
+            try:
+                _, ready = protocol_models.readiness(self.plane, request.name, request.version)
+            except ServiceError:  # no such model or version (or still training): not ready
+                ready = False
+            return pb.ModelReadyResponse(ready=ready)
 
         return await self._rpc("ModelReady", grpc_context, pb.ModelReadyResponse(), ready)
 
@@ -102,9 +100,7 @@ class GrpcInference:
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, grpc_context) -> Any:
         async def metadata(call: _Call) -> Any:
-            served = self.plane.models.served(request.name)
-            host = served.version(request.version) if request.version else served.choose()
-            found = model_metadata(served.name, served.numbers(), host.task, host.meta)
+            found = protocol_models.metadata(self.plane, request.name, request.version)
             del found["parameters"]  # not a field of the gRPC message
             return json_format.ParseDict(found, pb.ModelMetadataResponse())
 
@@ -115,26 +111,23 @@ class GrpcInference:
         async def infer(call: _Call) -> Any:
             plane = self.plane
             client = call.headers.get("x-client-id")
-            host = plane.models.named(request.model_name, request.model_version, client)
+            model = protocol_models.target(plane, request.model_name, request.model_version, client)
             # a full queue's refusal is counted under the version, as HTTP's
-            call.model, call.version = host.name, host.version
-            if host.full():
-                raise host.overloaded()
+            call.model, call.version = model.name, model.version
+            model.admit()
             inputs = [
                 RequestInput(name=t.name, shape=list(t.shape), datatype=t.datatype)
                 for t in request.inputs
             ]
-            tensor = model_input(inputs, host.name)
+            tensor = model_input(inputs, model.name)
             if len(request.raw_input_contents) != 1:
                 raise InvalidParameter("send the input's data as raw_input_contents")
             images = tensor_images(tensor, request.raw_input_contents[0], plane.config)
-            options = host.task.options_from(_parameters(request.parameters))
-            outputs = await plane.infer(host, images, options)
-            tensors = host.task.tensors(host.meta, outputs, options)
-            names = output_names(host.name, [o.name for o in request.outputs], tensors)
-            datatypes = {n: d for n, d, _ in host.task.tensor_outputs(host.meta)}
+            tensors = await model.infer(images, _parameters(request.parameters))
+            names = output_names(model.name, [o.name for o in request.outputs], tensors)
+            datatypes = model.datatypes()
             response = pb.ModelInferResponse(
-                model_name=host.name, model_version=host.version, id=request.id
+                model_name=model.name, model_version=model.version, id=request.id
             )
             for name in names:
                 response.outputs.add(

@@ -11,6 +11,7 @@ answered with the reason on that box, not as a failed request.
 from __future__ import annotations
 
 import asyncio
+import base64
 import math
 import time
 from typing import Any
@@ -99,6 +100,7 @@ def select_crops(
                 left, top, right, bottom = rect
                 budget -= (right - left) * (bottom - top)
                 sent += 1
+                detection["crop"] = list(rect)
                 crop = np.ascontiguousarray(image[top:bottom, left:right])
                 jobs.setdefault(step.model, []).append((detection, step, crop))
             outcomes["held_back" if "error" in detection else "sent"] += 1
@@ -158,3 +160,81 @@ async def run_pipeline(
 
 def _second_result(host: ModelHost, output: Any) -> dict[str, Any]:
     return {"model": host.name, "version": host.version, **host.task.result(host.meta, output)}
+
+
+# ------------------------------------------------------------ the Open Inference Protocol
+
+PLATFORM = "convnext-serve_pipeline"
+VERSION = "1"  # a pipeline is config, not weights: one version
+
+
+def tensor_outputs(pipeline: PipelineConfig, tasks: dict[str, str]) -> list[tuple[str, str, list]]:
+    """(name, datatype, shape) of a pipeline's output tensors, by image and box (-1: any
+    size): the detector's boxes, then each box's crop and second model's answer. `tasks`: the
+    task of each step's model."""
+    outputs = [
+        ("boxes", "FP32", [-1, -1, 4]),
+        ("scores", "FP32", [-1, -1]),
+        ("class_ids", "INT32", [-1, -1]),
+        ("labels", "BYTES", [-1, -1]),
+        ("num_detections", "INT32", [-1]),
+        ("crop_boxes", "INT32", [-1, -1, 4]),
+        ("box_models", "BYTES", [-1, -1]),
+        ("box_errors", "BYTES", [-1, -1]),
+    ]
+    step_tasks = {tasks[step.model] for step in pipeline.steps}
+    if "classify" in step_tasks:
+        outputs += [
+            ("box_class_ids", "INT32", [-1, -1, -1]),
+            ("box_scores", "FP32", [-1, -1, -1]),
+            ("box_labels", "BYTES", [-1, -1, -1]),
+        ]
+    if "segment" in step_tasks:
+        outputs.append(("box_class_maps", "BYTES", [-1, -1]))
+    return outputs
+
+
+def tensors(pipeline: PipelineConfig, tasks: dict[str, str], answer: dict) -> dict[str, Any]:
+    """A pipeline's answer (`run_pipeline`'s) as its output tensors: [images, boxes, ...],
+    padded to the most boxes of an image (`num_detections` says how many are real) and a
+    classifier's answers to the largest `top_k` of its steps; padding is 0, -1 for ids and
+    empty for BYTES. A box held back has crop [0, 0, 0, 0] and its reason in `box_errors`."""
+    results = answer["results"]
+    n, m = len(results), max((len(r["detections"]) for r in results), default=0)
+    k = max((s.top_k for s in pipeline.steps if tasks[s.model] == "classify"), default=0)
+    out: dict[str, Any] = {
+        "boxes": np.zeros((n, m, 4), np.float32),
+        "scores": np.zeros((n, m), np.float32),
+        "class_ids": np.full((n, m), -1, np.int32),
+        "labels": [[b""] * m for _ in range(n)],
+        "num_detections": np.zeros(n, np.int32),
+        "crop_boxes": np.zeros((n, m, 4), np.int32),
+        "box_models": [[b""] * m for _ in range(n)],
+        "box_errors": [[b""] * m for _ in range(n)],
+    }
+    if k:
+        out["box_class_ids"] = np.full((n, m, k), -1, np.int32)
+        out["box_scores"] = np.zeros((n, m, k), np.float32)
+        out["box_labels"] = [[[b""] * k for _ in range(m)] for _ in range(n)]
+    if "segment" in {tasks[s.model] for s in pipeline.steps}:
+        out["box_class_maps"] = [[b""] * m for _ in range(n)]
+    for i, result in enumerate(results):
+        out["num_detections"][i] = len(result["detections"])
+        for j, d in enumerate(result["detections"]):
+            out["boxes"][i, j], out["scores"][i, j] = d["box"], d["score"]
+            out["class_ids"][i, j], out["labels"][i][j] = d["class_id"], d["label"].encode()
+            out["box_errors"][i][j] = d.get("error", "").encode()
+            if "crop" in d:
+                out["crop_boxes"][i, j] = d["crop"]
+            if "classify" in d:
+                second = d["classify"]
+                out["box_models"][i][j] = second["model"].encode()
+                for c, p in enumerate(second["predictions"]):
+                    out["box_class_ids"][i, j, c] = p["class_id"]
+                    out["box_scores"][i, j, c] = p["score"]
+                    out["box_labels"][i][j][c] = p["label"].encode()
+            elif "segment" in d:
+                second = d["segment"]
+                out["box_models"][i][j] = second["model"].encode()
+                out["box_class_maps"][i][j] = base64.b64decode(second["mask"]["data"])
+    return out

@@ -22,6 +22,8 @@ from .body import read_body
 from .config import ModelConfig
 from .data_plane import DataPlane
 from .errors import InvalidParameter, ModelNotFound, Timeout
+from .pipelines import VERSION
+from .protocol_models import readiness
 from .repository import check_checkpoint, overlay
 
 router = APIRouter(prefix="/v2/repository", tags=["Model repository"])
@@ -56,7 +58,8 @@ async def unload(request: Request, name: str) -> Response:
 
 def repository_index(plane: DataPlane) -> list[dict[str, Any]]:
     """Every model version served, with its state; configured models not served; models
-    whose last update could not be served, with the reason."""
+    whose last update could not be served, with the reason; the pipelines, as Triton lists
+    its ensembles (ready when all their models are)."""
     sync = plane.repository
     entries: list[dict[str, Any]] = []
     for served in plane.models.models.values():
@@ -70,6 +73,9 @@ def repository_index(plane: DataPlane) -> list[dict[str, Any]]:
             entries.append({"name": name, "state": "UNAVAILABLE", "reason": "unloaded"})
     for name, reason in plane.models.update_errors.items():
         entries.append({"name": name, "state": "UNAVAILABLE", "reason": reason})
+    for name in plane.pipelines:
+        _, ready = readiness(plane, name, None)
+        entries.append({"name": name, "version": VERSION, "state": "READY" if ready else "LOADING"})
     return entries
 
 

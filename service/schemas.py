@@ -109,6 +109,11 @@ class PipelineClassify(ClassifyResult):
 
 
 class PipelineDetection(Detection):
+    crop: list[int] | None = Field(
+        None,
+        description="the pixels sent on (left, top, right, bottom): the box with its margin, "
+        "where a segment step's map goes",
+    )
     classify: PipelineClassify | None = Field(None, description="a classify step's answer")
     segment: dict[str, Any] | None = Field(
         None, description="a segment step's answer (as /v1/segment's, for the crop)"
@@ -133,10 +138,11 @@ class PipelineResponse(BaseModel):
                     "height": 480,
                     "detections": [
                         {
-                            "label": "shape",
-                            "class_id": 0,
+                            "label": "star",
+                            "class_id": 3,
                             "score": 0.97,
                             "box": [12.5, 40.0, 210.0, 230.5],
+                            "crop": [0, 21, 230, 250],
                             "classify": {
                                 "model": "shapes-classifier",
                                 "version": "1",

@@ -33,11 +33,11 @@ from .protocol import (
     Ready,
     ServerMetadata,
     model_input,
-    model_metadata,
     parse_request,
     response_body,
     tensor_images,
 )
+from .protocol_models import metadata, readiness, target
 
 V2_ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ProtocolError, "description": text}
@@ -96,19 +96,15 @@ async def server_metadata() -> dict:
 @router.get("/models/{name}", summary="Model metadata", response_model=ModelMetadata)
 @router.get("/models/{name}/versions/{version}", include_in_schema=False)
 async def get_model_metadata(request: Request, name: str, version: str | None = None) -> dict:
-    served = _plane(request).models.served(name)
-    host = served.version(version) if version else served.choose()
-    return model_metadata(served.name, served.numbers(), host.task, host.meta)
+    return metadata(_plane(request), name, version)
 
 
 @router.get("/models/{name}/ready", summary="Model readiness", response_model=ModelReady)
 @router.get("/models/{name}/versions/{version}/ready", include_in_schema=False)
 async def model_ready(request: Request, name: str, version: str | None = None) -> JSONResponse:
-    """Ready: the version named, or every version of the model, warm."""
-    served = _plane(request).models.served(name)
-    hosts = [served.version(version)] if version else list(served.hosts.values())
-    ready = all(host.ready for host in hosts)
-    body = {"name": served.name, "ready": ready}
+    """Ready: the version named, or every version of the model (of a pipeline's models), warm."""
+    name, ready = readiness(_plane(request), name, version)
+    body = {"name": name, "ready": ready}
     return JSONResponse(body) if ready else _not_ready(body)
 
 
@@ -121,19 +117,17 @@ async def model_ready(request: Request, name: str, version: str | None = None) -
 @router.post("/models/{name}/versions/{version}/infer", include_in_schema=False)
 async def infer(request: Request, name: str, version: str | None = None) -> Response:
     plane = _plane(request)
-    host = plane.model(None, name, version, request.headers.get("x-client-id"))
-    request.state.model, request.state.version = host.name, host.version
+    model = target(plane, name, version, request.headers.get("x-client-id"))
+    request.state.model, request.state.version = model.name, model.version
+    model.admit()
     body = await read_body(request, plane.config)
     header_length = request.headers.get("inference-header-content-length")
     # a large JSON body takes a while to parse: off the event loop, where other requests wait
-    parse = functools.partial(_request_images, body, header_length, host.name, plane.config)
+    parse = functools.partial(_request_images, body, header_length, model.name, plane.config)
     infer_request, images = parse() if len(body) < LARGE_BODY else await asyncio.to_thread(parse)
-    options = host.task.options_from(infer_request.parameters or {})
-    outputs = await plane.infer(host, images, options)
-    tensors = host.task.tensors(host.meta, outputs, options)
-    datatypes = {n: d for n, d, _ in host.task.tensor_outputs(host.meta)}
+    tensors = await model.infer(images, infer_request.parameters or {})
     content, header_length = response_body(
-        host.name, host.version, infer_request, tensors, datatypes
+        model.name, model.version, infer_request, tensors, model.datatypes()
     )
     if header_length is None:
         return Response(content, media_type="application/json")

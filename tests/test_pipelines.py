@@ -105,3 +105,53 @@ def test_a_box_goes_to_the_first_step_that_takes_its_label():
     assert step_for(chain, "square") is chain.steps[2]
     only = chain.model_copy(update={"steps": chain.steps[:2]})
     assert step_for(only, "square") is None
+
+
+def test_a_pipeline_answer_as_tensors_pads_boxes_and_classes_and_keeps_each_reason():
+    """Two images (two boxes, none): boxes padded to the most of an image, a classifier's
+    classes to the largest top_k of its steps, a segment step's map as its PNG, a held-back
+    box's reason in `box_errors` with an empty crop."""
+    import base64
+
+    import numpy as np
+
+    from service.config import PipelineConfig
+    from service.pipelines import tensor_outputs, tensors
+
+    config = PipelineConfig(
+        name="chain",
+        detector="boxes",
+        steps=[
+            {"model": "shapes", "classes": ["square"], "top_k": 2},
+            {"model": "regions"},
+        ],
+    )
+    tasks = {"shapes": "classify", "regions": "segment"}
+    png = b"\x89PNG not really"
+    square = {"label": "square", "class_id": 1, "score": 0.9, "box": [1, 2, 30, 40]}
+    square["crop"] = [0, 0, 33, 44]
+    square["classify"] = {
+        "model": "shapes",
+        "version": "1",
+        "predictions": [{"label": "square", "class_id": 1, "score": 0.8}],
+    }
+    star = {"label": "star", "class_id": 3, "score": 0.7, "box": [50, 50, 60, 60]}
+    star["crop"] = [49, 49, 61, 61]
+    star["segment"] = {"model": "regions", "mask": {"data": base64.b64encode(png).decode()}}
+    held = {"label": "star", "class_id": 3, "score": 0.6, "box": [5, 5, 5, 9]}
+    held["error"] = "not sent on: the box is empty"
+    answer = {"results": [{"detections": [square, star, held]}, {"detections": []}]}
+
+    out = tensors(config, tasks, answer)
+    assert set(out) == {name for name, _, _ in tensor_outputs(config, tasks)}
+    assert out["num_detections"].tolist() == [3, 0]
+    assert out["boxes"].shape == (2, 3, 4) and out["box_class_ids"].shape == (2, 3, 2)
+    assert out["labels"][0] == [b"square", b"star", b"star"] and out["labels"][1] == [b""] * 3
+    assert out["crop_boxes"][0].tolist() == [[0, 0, 33, 44], [49, 49, 61, 61], [0, 0, 0, 0]]
+    assert out["box_models"][0] == [b"shapes", b"regions", b""]
+    assert out["box_class_ids"][0].tolist() == [[1, -1], [-1, -1], [-1, -1]]
+    assert np.allclose(out["box_scores"][0, 0], [0.8, 0.0])
+    assert out["box_labels"][0][0] == [b"square", b""]
+    assert out["box_class_maps"][0] == [b"", png, b""]
+    assert out["box_errors"][0] == [b"", b"", b"not sent on: the box is empty"]
+    assert (out["class_ids"][1] == -1).all()

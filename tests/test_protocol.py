@@ -26,7 +26,7 @@ from service.grpc_api import SERVICER
 from .colour_shapes import COLOURS
 from .live_service import AUTH, counted_since, free_port, get_json, request_counts, run_service
 from .service_models import relabelled, service_checkpoints
-from .test_service import photo
+from .test_service import photo, two_objects
 
 pytestmark = pytest.mark.needs_models("service")
 
@@ -360,6 +360,77 @@ def test_grpc_answers_every_task_as_http_does(service, client):
             outputs=[triton_grpc.InferRequestedOutput("nonsense")],
         )
     assert grpc.is_server_live()
+
+
+def test_a_pipeline_is_a_model_of_the_protocol_over_rest_and_grpc(service, client):
+    """`colours-in-boxes` with tritonclient, as any model: metadata that says it is a
+    pipeline, ready, and tensors holding what `/v1/pipelines` answers (the detector's boxes,
+    each box's crop and classes), over REST (JSON and binary) and gRPC; only version 1."""
+    name = "colours-in-boxes"
+    before = request_counts(service, ("endpoint", "version", "status"), model=name)
+    images = [two_objects(), photo("blue", box=BIG)[0]]
+    v1 = service.post(f"/v1/pipelines/{name}", images).json()["results"]
+    assert sum(len(r["detections"]) for r in v1) >= 2, v1
+    meta = client.get_model_metadata(name, headers=auth())
+    assert (meta["platform"], meta["versions"]) == ("convnext-serve_pipeline", ["1"])
+    assert meta["parameters"]["detector"] == "boxes"
+    assert [(s["model"], s["task"]) for s in meta["parameters"]["steps"]] == [
+        ("colours", "classify")
+    ]
+    assert {t["name"] for t in meta["inputs"]} == {"image", "pixels"}
+    names = [t["name"] for t in meta["outputs"]]
+    assert {"boxes", "labels", "crop_boxes", "box_labels", "box_scores", "box_errors"} <= set(names)
+    assert "box_class_maps" not in names  # no segment step
+    assert client.is_model_ready(name, headers=auth())
+
+    grpc = triton_grpc.InferenceServerClient(service.grpc_url)
+    key = {"x-api-key": AUTH["X-API-Key"]}
+    assert grpc.get_model_metadata(name, headers=key).platform == "convnext-serve_pipeline"
+    assert grpc.is_model_ready(name, headers=key)
+    tensor = triton_grpc.InferInput("image", [len(images)], "BYTES")
+    tensor.set_data_from_numpy(np.array(images, dtype=object))
+    answers = {
+        "json": client.infer(name, [image_input(images, False)], headers=auth()),
+        "binary": client.infer(
+            name, [image_input(images, True)], outputs=outputs(names, True), headers=auth()
+        ),
+        "grpc": grpc.infer(name, [tensor], headers=key),
+    }
+    for how, result in answers.items():
+        got = {n: result.as_numpy(n) for n in names}
+        assert got["num_detections"].tolist() == [len(r["detections"]) for r in v1], how
+        for i, r in enumerate(v1):
+            for j, d in enumerate(r["detections"]):
+                np.testing.assert_allclose(got["boxes"][i, j], d["box"], atol=0.01)
+                assert _text(got["labels"][i, j]) == d["label"], how
+                assert got["crop_boxes"][i, j].tolist() == d["crop"], how
+                assert _text(got["box_models"][i, j]) == "colours", how
+                predictions = d["classify"]["predictions"]
+                k = len(predictions)
+                assert [_text(x) for x in got["box_labels"][i, j, :k]] == [
+                    p["label"] for p in predictions
+                ], how
+                assert got["box_class_ids"][i, j, :k].tolist() == [
+                    p["class_id"] for p in predictions
+                ]
+                np.testing.assert_allclose(
+                    got["box_scores"][i, j, :k], [p["score"] for p in predictions], atol=1e-5
+                )
+                assert (got["box_class_ids"][i, j, k:] == -1).all()
+            assert (got["class_ids"][i, len(r["detections"]) :] == -1).all(), how
+    # a pipeline has version 1 only, and is counted under its name
+    r = requests.get(f"{service.url}/v2/models/{name}/versions/2", headers=auth(), timeout=10)
+    assert r.status_code == 404 and "no version '2'" in r.json()["error"], r.text
+    with pytest.raises(InferenceServerException, match="no version '2'"):
+        grpc.infer(name, [tensor], model_version="2", headers=key)
+    assert not grpc.is_model_ready(name, "2", headers=key)
+    by = ("endpoint", "version", "status")
+    counted = counted_since(service, before, {("v2_infer", "1", "200"): 2}, by, model=name)
+    assert counted == {("v2_infer", "1", "200"): 2}
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _endpoints_counted(service) -> set[str]:

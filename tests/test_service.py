@@ -547,8 +547,9 @@ def two_objects() -> bytes:
     return scene_png(("red", (12, 14, 62, 64), False), ("blue", (92, 46, 146, 100), True))
 
 
-def client_crop(pixels: np.ndarray, box: list[float], margin: float) -> bytes:
-    """What a client does without pipelines: cut the box with its margin, encode it (PNG)."""
+def client_crop(pixels: np.ndarray, box: list[float], margin: float) -> tuple[bytes, list[int]]:
+    """What a client does without pipelines: cut the box with its margin, encode it (PNG);
+    and where it cut."""
     height, width = pixels.shape[:2]
     x1, y1, x2, y2 = box
     w, h = x2 - x1, y2 - y1
@@ -557,7 +558,7 @@ def client_crop(pixels: np.ndarray, box: list[float], margin: float) -> bytes:
     bottom = min(height, int(np.ceil(y2 + margin * h)))
     buf = io.BytesIO()
     Image.fromarray(pixels[top:bottom, left:right]).save(buf, format="PNG")
-    return buf.getvalue()
+    return buf.getvalue(), [left, top, right, bottom]
 
 
 def test_a_pipeline_answers_as_detect_then_classify_of_each_crop_would(service):
@@ -579,7 +580,8 @@ def test_a_pipeline_answers_as_detect_then_classify_of_each_crop_would(service):
     assert {d["label"] for d in piped} == {"red", "blue"}, piped
     pixels = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
     for d in piped:
-        crop = client_crop(pixels, d["box"], margin=0.1)
+        crop, rect = client_crop(pixels, d["box"], margin=0.1)
+        assert d["crop"] == rect
         alone = service.post("/v1/classify", [crop], params={"model": "colours", "top_k": 3})
         expected = alone.json()["results"][0]["predictions"]
         got = d["classify"]["predictions"]

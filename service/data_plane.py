@@ -172,8 +172,9 @@ class DataPlane:
         return True, {"status": "ready", "models": sorted(self.models.models), **extra}
 
     def listing(self) -> dict[str, Any]:
-        """What `/v1/models` says: every served model version, those still training, and the
-        models whose last update could not be served (they serve as before)."""
+        """What `/v1/models` says: every served model version, those still training, the
+        models whose last update could not be served (they serve as before), and the
+        pipelines."""
         return {
             "models": [
                 host.describe(served.weights[version])
@@ -182,6 +183,7 @@ class DataPlane:
             ],
             "training": self.models.training_status(),
             "update_errors": dict(self.models.update_errors),
+            "pipelines": [p.model_dump() for p in self.pipelines.values()],
         }
 
 

@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .config import PipelineConfig
+
 
 def _example(example: dict) -> ConfigDict:
     return ConfigDict(json_schema_extra={"examples": [example]})
@@ -241,6 +243,9 @@ class ModelsResponse(BaseModel):
     update_errors: dict[str, str] = Field(
         default_factory=dict,
         description="by model: why its last update could not be served (it serves as before)",
+    )
+    pipelines: list[PipelineConfig] = Field(
+        default_factory=list, description="the pipelines served (`/v1/pipelines/{name}`)"
     )
 
 

@@ -1,8 +1,9 @@
 """The page for people (`GET /`) in a real headless Chromium against the real service with the
 demo models, as a person meets it: the API key asked for, each sample button answered rightly
 (the classifier names each shape, the detector and the segmenter find the four of the scene,
-drawn on the canvas), the samples drawn as `drawn_shapes.py` draws them, an uploaded file's
-answer drawn, a bad file's error shown as the service words it.
+the demo pipeline boxes and names each, drawn on the canvas), the samples drawn as
+`drawn_shapes.py` draws them, an uploaded file's answer drawn, a bad file's error shown as the
+service words it.
 
 Needs Debian's `chromium` and `chromium-driver` (`.ci/run` installs them); skipped without.
 With CONVNEXT_SERVE_SCREENSHOTS=<folder> it saves a screenshot of each task (the docs').
@@ -51,7 +52,8 @@ def service(tmp_path_factory):
     progress = folder / "later.progress.json"  # as a training run writes it
     write_progress(progress, state="training", epoch=1, epochs=2, fraction=0.4, eta_s=300)
     training = [{"name": "later-boxes", "task": "detect", "progress_file": str(progress)}]
-    yield from run_service(folder, models, {}, training=training)
+    pipeline = {"name": "shapes-inside-boxes", "detector": "boxes", "steps": [{"model": "shapes"}]}
+    yield from run_service(folder, models, {}, training=training, pipelines=[pipeline])
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +110,7 @@ def run(browser, tmp_path: Path, task: str, data: bytes, name: str = "photo.jpg"
 
 def run_sample(browser, task: str, sample: str) -> None:
     Select(browser.find_element(By.ID, "task")).select_by_value(task)
-    button = browser.find_element(By.CSS_SELECTOR, f"[data-sample='{sample}']")
+    button = browser.find_element(By.CSS_SELECTOR, f"[data-sample='{sample}']:not([data-task])")
     answered(browser, button.click)
     assert not browser.find_element(By.ID, "error").text
 
@@ -212,6 +214,30 @@ def test_segment_colours_the_four_shapes_of_the_scene(page):
         assert changed[mask].mean() > 0.8
     assert changed[110:130, 140:180].mean() < 0.05
     screenshot(page, "segment")
+
+
+def test_the_pipeline_sample_boxes_each_shape_with_what_the_classifier_says_of_it(page):
+    """The sample that runs the demo pipeline: the task switches to it, the scene's four
+    shapes are boxed, each box labelled with what the classifier said of its crop."""
+    button = page.find_element(By.CSS_SELECTOR, "[data-sample='scene'][data-task='pipeline']")
+    answered(page, button.click)
+    assert not page.find_element(By.ID, "error").text
+    assert Select(page.find_element(By.ID, "task")).first_selected_option.text == "pipeline"
+    assert "shapes-inside-boxes" in page.find_element(By.ID, "time").text
+    assert "4 box(es)" in page.find_element(By.CSS_SELECTOR, ".result .side").text
+    items = [li.text for li in page.find_elements(By.CSS_SELECTOR, ".result .boxes li")]
+    # "<detector's label> <score> → <classifier's label> <score>"
+    said = [(item.split()[0], item.split("→ ")[1].split()[0]) for item in items]
+    assert sorted(named for _, named in said) == sorted(KINDS), items
+    assert all(found == named for found, named in said), items
+    changed = changed_by_answer(page, "scene")
+    for _, mask in page_sample("scene").shapes:
+        ys, xs = np.nonzero(mask)
+        top, left, right = ys.min(), xs.min(), xs.max()
+        edge = changed[max(0, top - 4) : top + 4, left + 5 : right - 5]
+        assert edge.any(axis=0).mean() > 0.8  # the box's top edge, drawn along its width
+    assert changed[110:130, 140:180].mean() < 0.05
+    screenshot(page, "pipeline")
 
 
 def test_an_uploaded_file_is_answered_and_drawn(page, tmp_path):

@@ -16,6 +16,8 @@ JPEG photos of 640x480 as the input:
     .venv/bin/python bench/serve_bench.py [--precision fp32] [--seconds 20]
     # the service's own cost, with a model too cheap to matter (what bounds it on a GPU):
     .venv/bin/python bench/serve_bench.py --arch convnext_atto --image-size 64 --skip-naive
+    # a pipeline in the replica against the client's round trip (bench/pipeline_bench.py):
+    .venv/bin/python bench/serve_bench.py --pipeline [--demo-dir DIR]
 """
 
 from __future__ import annotations
@@ -710,6 +712,15 @@ def main() -> None:
     )
     parser.add_argument("--raw-only", action="store_true", help="(a) only: the raw model")
     parser.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="instead: the demo pipeline in the replica against the client's round trip "
+        "(detect, crop, classify each) at 1 and 8 objects an image (`bench/pipeline_bench.py`)",
+    )
+    parser.add_argument(
+        "--demo-dir", help="--pipeline: the demo models' folder (default: the service's)"
+    )
+    parser.add_argument(
         "--floor",
         action="store_true",
         help="(e): the same load on Ray Serve's front end answering at once "
@@ -717,6 +728,11 @@ def main() -> None:
         "service could reach (on a GPU node, with the first --gpu-replicas)",
     )
     args = parser.parse_args()
+    if args.pipeline:
+        from bench.pipeline_bench import run
+
+        run(args)
+        return
     if args.raw_body and (args.client != "wrk" or args.images_per_request != [1]):
         parser.error("--raw-body takes the wrk client and one image a request")
     if args.protocol == "v2" and args.client != "wrk":

@@ -210,6 +210,8 @@ class CascadeRoIHeads(nn.Module):
             {"boxes": b, "labels": c, "scores": s}
             for b, s, c in zip(boxes, scores, labels, strict=True)
         ]
+        if self.mask_roi_pool is None:  # boxes only (as torchvision's heads without masks)
+            return result
         pooled = self.mask_roi_pool(features, boxes, image_shapes)  # once for every stage
         probs = [
             maskrcnn_inference(predictor(head(pooled)), labels)

@@ -189,6 +189,20 @@ def _per_image(value: float | int | Sequence, n: int) -> list:
     return list(value) if isinstance(value, Sequence) else [value] * n
 
 
+def _roi_heads(heads: nn.Module, features, proposals, image_sizes, masks: bool) -> list[dict]:
+    """The RoI heads' detections; without their mask branch when no image wants masks (it
+    runs on every box the heads keep, down to their 0.05 score floor). Both torchvision's
+    heads and `CascadeRoIHeads` skip it while `mask_roi_pool` is None."""
+    if masks:
+        return heads(features, proposals, image_sizes)[0]
+    pool = heads.mask_roi_pool
+    heads.mask_roi_pool = None
+    try:
+        return heads(features, proposals, image_sizes)[0]
+    finally:
+        heads.mask_roi_pool = pool
+
+
 @torch.inference_mode()
 def detect(
     model: MaskRCNN,
@@ -228,7 +242,7 @@ def detect(
         batch = ImageList(tensors, [input_sizes[i] for i in group])
         features = model.backbone(batch.tensors)
         proposals, _ = model.rpn(batch, features)
-        found, _ = heads(features, proposals, batch.image_sizes)
+        found = _roi_heads(heads, features, proposals, batch.image_sizes, any(want_masks))
         for i, det in zip(group, found, strict=True):
             raw[i] = det
 
@@ -238,7 +252,7 @@ def detect(
         height, width = (int(s) for s in sizes[i])
         boxes = resize_boxes(det["boxes"][keep], input_sizes[i], (height, width))
         rles = None
-        if want_masks[i]:
+        if want_masks[i]:  # (the heads ran the mask branch: some image wanted masks)
             rles = paste_masks_rle(det["masks"][keep, 0], boxes, height, width)
         results.append(
             Detections(

@@ -152,3 +152,28 @@ def test_convnext_serve_train_detect_trains_a_cascade(tmp_path, capsys):
         == 0
     )
     assert "bbox_AP50" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("arch", ["maskrcnn_convnext_atto", "cascade_maskrcnn_convnext_atto"])
+def test_boxes_without_masks_skip_the_mask_branch_and_equal_those_with(arch):
+    """No image of the batch wants masks: the mask head does not run, the boxes, scores and
+    classes are those of a run with masks, and the model keeps its mask branch."""
+    torch.manual_seed(0)
+    model = build_model(arch, num_classes=2, min_size=96, max_size=160).eval()
+    heads = model.roi_heads
+    pool = heads.mask_roi_pool
+    calls = []
+    pool.register_forward_hook(lambda *_: calls.append(1))
+    images = [(torch.rand(3, 120, 200) * 255).to(torch.uint8) for _ in range(2)]
+    with_masks = detect(model, images, score_threshold=0.0, max_detections=7)
+    assert calls
+    calls.clear()
+    boxes_only = detect(model, images, score_threshold=0.0, max_detections=7, masks=False)
+    assert not calls and heads.mask_roi_pool is pool
+    for a, b in zip(with_masks, boxes_only, strict=True):
+        assert b.masks is None and len(a.scores) == 7
+        np.testing.assert_array_equal(a.boxes, b.boxes)
+        np.testing.assert_array_equal(a.scores, b.scores)
+        np.testing.assert_array_equal(a.class_ids, b.class_ids)
+    mixed = detect(model, images, score_threshold=0.0, max_detections=7, masks=[False, True])
+    assert calls and mixed[0].masks is None and len(mixed[1].masks) == 7

@@ -148,7 +148,7 @@ class PipelineResponse(BaseModel):
                             "classify": {
                                 "model": "shapes-classifier",
                                 "version": "1",
-                                "predictions": [{"label": "star", "class_id": 3, "score": 0.9}],
+                                "predictions": [{"label": "star", "class_id": 2, "score": 0.9}],
                             },
                         }
                     ],

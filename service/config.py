@@ -256,6 +256,11 @@ def check_pipelines(pipelines: list[PipelineConfig], models: list[str]) -> None:
         fields = [("detector", p.detector)]
         fields += [(f"steps[{j}].model", s.model) for j, s in enumerate(p.steps)]
         for field, model in fields:
+            if model in names:  # chains of pipelines could loop; one detector and its steps
+                raise ValueError(
+                    f"{where}.{field}: {model!r} is a pipeline; a pipeline runs models, "
+                    "not other pipelines"
+                )
             if model not in models:
                 raise ValueError(f"{where}.{field}: no model {model!r} is configured")
 

@@ -33,6 +33,11 @@ def pipeline(**settings) -> dict:
             "pipelines[0] ('chain').steps[1].model: no model 'gone'",
         ),
         ({"name": "shapes"}, "pipelines[0] ('shapes').name: 'shapes' is also a model's name"),
+        (
+            {"steps": [{"model": "chain"}]},
+            "pipelines[0] ('chain').steps[0].model: 'chain' is a pipeline; a pipeline runs "
+            "models, not other pipelines",
+        ),
         ({"steps": []}, "steps\n  List should have at least 1 item"),
         ({"margin": -0.1}, "margin\n  Input should be greater than or equal to 0"),
         ({"stages": []}, "stages\n  Extra inputs are not permitted"),

@@ -26,7 +26,7 @@ from service.grpc_api import SERVICER
 from .colour_shapes import COLOURS
 from .live_service import AUTH, counted_since, free_port, get_json, request_counts, run_service
 from .service_models import relabelled, service_checkpoints
-from .test_service import photo, two_objects
+from .test_service import client_crop, photo, two_objects
 
 pytestmark = pytest.mark.needs_models("service")
 
@@ -72,7 +72,15 @@ def service(tmp_path_factory):
     # room for three 320x240 images as JSON numbers
     gateway = {"max_body_bytes": 8_000_000, "max_pixels": 4_000_000}
     grpc = {"grpc_options": {"port": free_port(), "grpc_servicer_functions": [SERVICER]}}
-    pipelines = [{"name": "colours-in-boxes", "detector": "boxes", "steps": [{"model": "colours"}]}]
+    pipelines = [
+        {"name": "colours-in-boxes", "detector": "boxes", "steps": [{"model": "colours"}]},
+        # by label: blue boxes segmented, the others classified
+        {
+            "name": "blue-segmented",
+            "detector": "boxes",
+            "steps": [{"model": "regions", "classes": ["blue"]}, {"model": "colours", "top_k": 2}],
+        },
+    ]
     for svc in run_service(folder, models, gateway, grpc, training=training, pipelines=pipelines):
         svc.grpc_url = f"127.0.0.1:{grpc['grpc_options']['port']}"
         yield svc
@@ -427,6 +435,41 @@ def test_a_pipeline_is_a_model_of_the_protocol_over_rest_and_grpc(service, clien
     by = ("endpoint", "version", "status")
     counted = counted_since(service, before, {("v2_infer", "1", "200"): 2}, by, model=name)
     assert counted == {("v2_infer", "1", "200"): 2}
+
+
+def test_a_segment_step_answers_its_labels_boxes_with_the_crops_class_map(service, client):
+    """A box goes to the first step that takes its label: the blue disc's box to the
+    segmenter, whose map of the crop is what /v1/segment answers for the client's own crop of
+    it, placed by `crop`; the red square's to the classifier. The protocol carries the map as
+    the box's PNG."""
+    name = "blue-segmented"
+    data = two_objects()
+    r = service.post(f"/v1/pipelines/{name}", [data])
+    assert r.status_code == 200, r.text
+    detections = r.json()["results"][0]["detections"]
+    by_label = {d["label"]: d for d in detections}
+    assert len(detections) == 2 and set(by_label) == {"red", "blue"}, detections
+    blue, red = by_label["blue"], by_label["red"]
+    assert "classify" not in blue and blue["segment"]["model"] == "regions"
+    assert "segment" not in red and red["classify"]["predictions"][0]["label"] == "red"
+    pixels = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    crop, rect = client_crop(pixels, blue["box"], margin=0.1)
+    assert blue["crop"] == rect
+    piped = np.asarray(Image.open(io.BytesIO(base64.b64decode(blue["segment"]["mask"]["data"]))))
+    alone = service.post("/v1/segment", [crop], params={"model": "regions"}).json()["results"][0]
+    expected = np.asarray(Image.open(io.BytesIO(base64.b64decode(alone["mask"]["data"]))))
+    assert piped.shape == (rect[3] - rect[1], rect[2] - rect[0])
+    assert (piped == expected).all()
+    assert "blue" in {c["label"] for c in blue["segment"]["classes"]}
+
+    result = client.infer(name, [image_input([data], True)], headers=auth())
+    j = [d["label"] for d in detections].index("blue")
+    maps = result.as_numpy("box_class_maps")
+    png = np.asarray(Image.open(io.BytesIO(maps[0, j])))
+    assert (png == piped).all()
+    assert _text(result.as_numpy("box_models")[0, j]) == "regions"
+    assert (result.as_numpy("box_class_ids")[0, j] == -1).all()  # no classes for this box
+    assert _text(maps[0, 1 - j]) == ""  # the classified box has no map
 
 
 def _text(value) -> str:

@@ -53,9 +53,14 @@ def step_for(pipeline: PipelineConfig, label: str) -> PipelineStep | None:
     return next((s for s in pipeline.steps if s.classes is None or label in s.classes), None)
 
 
-def _decode(images: list[bytes], max_pixels: int) -> list[np.ndarray]:
+def _decode(images: list[bytes | np.ndarray], max_pixels: int) -> list[np.ndarray]:
+    """Each image's RGB pixels: encoded bytes decoded, pixels a client decoded (the
+    protocol's `pixels` input, checked against the limits already) as they are."""
     pixels = []
     for i, data in enumerate(images):
+        if isinstance(data, np.ndarray):
+            pixels.append(data)
+            continue
         try:
             pixels.append(decode_image(data, max_pixels).pixels)
         except ImageError as e:
@@ -108,7 +113,10 @@ def select_crops(
 
 
 async def run_pipeline(
-    plane: DataPlane, pipeline: PipelineConfig, images: list[bytes], client: str | None
+    plane: DataPlane,
+    pipeline: PipelineConfig,
+    images: list[bytes | np.ndarray],
+    client: str | None,
 ) -> dict[str, Any]:
     """The detector's answer for each image, each box with its second model's result (or
     the reason it has none)."""

@@ -53,7 +53,8 @@ def service(tmp_path_factory):
     write_progress(progress, state="training", epoch=1, epochs=2, fraction=0.4, eta_s=300)
     training = [{"name": "later-boxes", "task": "detect", "progress_file": str(progress)}]
     pipeline = {"name": "shapes-inside-boxes", "detector": "boxes", "steps": [{"model": "shapes"}]}
-    yield from run_service(folder, models, {}, training=training, pipelines=[pipeline])
+    segmented = {**pipeline, "name": "regions-inside-boxes", "steps": [{"model": "regions"}]}
+    yield from run_service(folder, models, {}, training=training, pipelines=[pipeline, segmented])
 
 
 @pytest.fixture(scope="module")
@@ -238,6 +239,23 @@ def test_the_pipeline_sample_boxes_each_shape_with_what_the_classifier_says_of_i
         assert edge.any(axis=0).mean() > 0.8  # the box's top edge, drawn along its width
     assert changed[110:130, 140:180].mean() < 0.05
     screenshot(page, "pipeline")
+
+
+def test_a_segment_pipeline_colours_each_box_with_the_map_of_its_crop(page):
+    """A pipeline chosen in the list, its second model a segmenter: each box's map, placed by
+    its crop, colours the shape inside it, and the list names the class it found there."""
+    Select(page.find_element(By.ID, "task")).select_by_value("pipeline")
+    Select(page.find_element(By.ID, "model")).select_by_value("regions-inside-boxes")
+    button = page.find_element(By.CSS_SELECTOR, "[data-sample='scene']:not([data-task])")
+    answered(page, button.click)
+    assert not page.find_element(By.ID, "error").text
+    assert "regions-inside-boxes" in page.find_element(By.ID, "time").text
+    items = [li.text for li in page.find_elements(By.CSS_SELECTOR, ".result .boxes li")]
+    assert len(items) == 4 and all(i.split()[0] in i.split("→ ")[1] for i in items), items
+    changed = changed_by_answer(page, "scene")
+    for _, mask in page_sample("scene").shapes:
+        assert changed[mask].mean() > 0.8  # the map, blended over the shape
+    assert changed[110:130, 140:180].mean() < 0.05
 
 
 def test_an_uploaded_file_is_answered_and_drawn(page, tmp_path):

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from models.demo import demo_checkpoint, demo_dir  # noqa: E402
-from service.config import DEMO_PIPELINE, LOGGING_CONFIG, PipelineConfig  # noqa: E402
+from service.config import DEMO_PIPELINE, PipelineConfig, app_serve_config  # noqa: E402
 from service.pipelines import crop_rect  # noqa: E402
 from tests.ports import free_port  # noqa: E402
 
@@ -174,18 +174,8 @@ def config(folder: Path, port: int) -> Path:
             "max_batch_size": 32,
         },
     ]
-    serve = {
-        "http_options": {"host": "127.0.0.1", "port": port},
-        "applications": [
-            {
-                "name": "bench",
-                "route_prefix": "/",
-                "import_path": "service.app:build_app",
-                "logging_config": LOGGING_CONFIG,
-                "args": {"models": models, "pipelines": [DEMO_PIPELINE]},
-            }
-        ],
-    }
+    serve = app_serve_config(models, host="127.0.0.1", port=port)
+    serve["applications"][0]["args"]["pipelines"] = [DEMO_PIPELINE]
     path = Path(tempfile.mkdtemp(prefix="pipeline-bench-")) / "config.yaml"
     path.write_text(yaml.safe_dump(serve))
     return path

@@ -127,24 +127,35 @@ class InferenceResponse(BaseModel):
 # ----------------------------------------------------------------------------- models
 
 
-def model_metadata(name: str, versions: list[str], task: Any, meta: Any) -> dict[str, Any]:
-    """A model's metadata (`ModelMetadata`'s fields) from its versions, its task adapter and
-    a version's checkpoint."""
+def metadata(
+    name: str,
+    versions: list[str],
+    platform: str,
+    outputs: list[tuple[str, str, list[int]]],
+    parameters: dict[str, Any],
+) -> dict[str, Any]:
+    """`ModelMetadata`'s fields of anything served as a protocol model: the service's two
+    inputs, and its own (name, datatype, shape) outputs."""
     return {
         "name": name,
         "versions": versions,
-        "platform": f"convnext-serve_{task.name}",
+        "platform": platform,
         "inputs": [{"name": n, "datatype": d, "shape": s} for n, (d, s) in INPUTS.items()],
-        "outputs": [
-            {"name": n, "datatype": d, "shape": s} for n, d, s in task.tensor_outputs(meta)
-        ],
-        "parameters": {
-            "task": task.name,
-            "arch": meta.arch,
-            "image_size": meta.image_size,
-            "num_classes": meta.num_classes,
-        },
+        "outputs": [{"name": n, "datatype": d, "shape": s} for n, d, s in outputs],
+        "parameters": parameters,
     }
+
+
+def model_metadata(name: str, versions: list[str], task: Any, meta: Any) -> dict[str, Any]:
+    """A model's metadata from its versions, its task adapter and a version's checkpoint."""
+    parameters = {
+        "task": task.name,
+        "arch": meta.arch,
+        "image_size": meta.image_size,
+        "num_classes": meta.num_classes,
+    }
+    outputs = task.tensor_outputs(meta)
+    return metadata(name, versions, f"convnext-serve_{task.name}", outputs, parameters)
 
 
 def model_input(inputs: list[RequestInput], model: str) -> RequestInput:

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import protocol
 from .config import PipelineConfig
 from .data_plane import DataPlane
 from .errors import ModelNotFound
 from .host import ModelHost
 from .pipelines import PLATFORM, VERSION, run_pipeline, tensor_outputs, tensors
-from .protocol import INPUTS, model_metadata
 
 
 class ModelTarget:
@@ -82,23 +82,16 @@ def metadata(plane: DataPlane, name: str, version: str | None) -> dict[str, Any]
     if pipeline is None:
         served = plane.models.served(name)
         host = served.version(version) if version else served.choose()
-        return model_metadata(served.name, served.numbers(), host.task, host.meta)
+        return protocol.model_metadata(served.name, served.numbers(), host.task, host.meta)
     _check_version(pipeline, version)
     tasks = step_tasks(plane, pipeline)
-    return {
-        "name": pipeline.name,
-        "versions": [VERSION],
-        "platform": PLATFORM,
-        "inputs": [{"name": n, "datatype": d, "shape": s} for n, (d, s) in INPUTS.items()],
-        "outputs": [
-            {"name": n, "datatype": d, "shape": s} for n, d, s in tensor_outputs(pipeline, tasks)
-        ],
-        "parameters": {
-            "task": "pipeline",
-            "detector": pipeline.detector,
-            "steps": [{**s.model_dump(), "task": tasks[s.model]} for s in pipeline.steps],
-        },
+    parameters = {
+        "task": "pipeline",
+        "detector": pipeline.detector,
+        "steps": [{**s.model_dump(), "task": tasks[s.model]} for s in pipeline.steps],
     }
+    outputs = tensor_outputs(pipeline, tasks)
+    return protocol.metadata(pipeline.name, [VERSION], PLATFORM, outputs, parameters)
 
 
 def readiness(plane: DataPlane, name: str, version: str | None) -> tuple[str, bool]:
